@@ -1,0 +1,84 @@
+# ModelFleet developer entry points.  `make help` lists them.
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_BIN := $(VENV)/bin
+PY := $(VENV_BIN)/python
+PYTEST := $(VENV_BIN)/pytest
+PY_PACKAGES := operator/modelfleet server/modelfleet
+PY_SOURCES := $(PY_PACKAGES) tests hack
+# Test modules assert on the Kubernetes client's Optional-typed models; mypy checks the code they rely on.
+MYPY_TARGETS := $(PY_PACKAGES) hack tests/support
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV_BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV_BIN)/pip install --quiet --upgrade pip
+
+.PHONY: install
+install: install-system install-python tools ## Install everything: Debian packages, the venv, the pinned Go-built tools
+
+.PHONY: install-system
+install-system: ## Debian packages used by the tests (redis-server, prometheus, shellcheck)
+	hack/install-system-deps.sh
+
+.PHONY: install-python
+install-python: $(VENV_BIN)/python ## The venv with modelfleet[dev] installed editable
+	$(VENV_BIN)/pip install --quiet -e '.[dev]'
+
+.PHONY: tools
+tools: ## Build (or reuse) the pinned kube-*, kubectl, etcd, kwok, kwokctl and helm
+	$(PYTHON) hack/build_tools.py
+
+.PHONY: lint
+lint: ## ruff check, ruff format --check, mypy, shellcheck
+	$(VENV_BIN)/ruff check $(PY_SOURCES)
+	$(VENV_BIN)/ruff format --check $(PY_SOURCES)
+	$(VENV_BIN)/mypy $(MYPY_TARGETS)
+	shellcheck hack/*.sh .ci/run
+
+.PHONY: format
+format: ## Apply ruff's fixes and formatting
+	$(VENV_BIN)/ruff check --fix $(PY_SOURCES)
+	$(VENV_BIN)/ruff format $(PY_SOURCES)
+
+.PHONY: test
+test: lint test-unit test-integration test-e2e ## Everything CI runs: lint, unit, integration, e2e
+
+.PHONY: test-unit
+test-unit: ## Pure-logic tests
+	$(PYTEST) -m unit tests/unit
+
+.PHONY: test-integration
+test-integration: ## Tests against real local services (Redis, Prometheus) on 127.0.0.1
+	$(PYTEST) -m integration tests/integration
+
+.PHONY: test-e2e
+test-e2e: ## Tests against the local kwok cluster (brought up if needed)
+	$(PYTEST) -m e2e tests/e2e
+
+.PHONY: cluster-up
+cluster-up: ## Start the local cluster modelfleet-dev (kubeconfig: .cache/kubeconfig)
+	hack/cluster.sh up
+
+.PHONY: cluster-down
+cluster-down: ## Stop the local cluster and every process it started
+	hack/cluster.sh down
+
+.PHONY: demo
+demo: cluster-up ## Bring the local cluster up and show its nodes and GPU capacity
+	@echo
+	@echo "Nodes of modelfleet-dev (fake kwok nodes, real control plane):"
+	@.cache/bin/kubectl --kubeconfig .cache/kubeconfig get nodes \
+	  -L nvidia.com/gpu.present,node.kubernetes.io/instance-type
+	@echo
+	@echo "Allocatable capacity:"
+	@.cache/bin/kubectl --kubeconfig .cache/kubeconfig get nodes -o custom-columns='NODE:.metadata.name,GPU:.status.allocatable.nvidia\.com/gpu,CPU:.status.allocatable.cpu,MEMORY:.status.allocatable.memory,TAINTS:.spec.taints[*].key'
+	@echo
+	@echo "Try: kubectl --kubeconfig .cache/kubeconfig get pods -A"

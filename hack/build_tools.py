@@ -1,0 +1,286 @@
+#!/usr/bin/env python3
+"""Build ModelFleet's pinned tools from their Go modules, cached by version.
+
+Every version comes from hack/versions.env.  A binary is built once into
+``$MODELFLEET_TOOLS_CACHE/<tool>/<version>/`` (default ``~/.cache/modelfleet/tools``),
+which lives outside the work tree so that a fresh clone on the same machine reuses it,
+and then linked into ``.cache/bin`` of the checkout.  A rerun only checks files.
+
+Some modules (k8s.io/kubernetes, etcd's server) cannot be ``go install``ed: their go.mod
+replaces sibling modules with local paths that do not exist in the module zip.  For those
+we generate a small wrapper module that requires the tool and replaces each local-path
+replacement with the published module of the matching version.
+
+Usage: build_tools.py [TOOL ...]        (default: every tool but the optional ones)
+       build_tools.py --bin-dir         print the directory of linked binaries
+Stdlib only: this runs before any virtualenv exists.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VERSIONS_FILE = REPO_ROOT / "hack" / "versions.env"
+BIN_DIR = REPO_ROOT / ".cache" / "bin"
+
+
+# Built only on request: kind needs a Docker engine, which these machines do not have.
+OPTIONAL_TOOLS = frozenset({"kind"})
+
+
+class ToolError(Exception):
+    """A failure that is reported as one clear line."""
+
+
+def read_versions(path: Path = VERSIONS_FILE) -> dict[str, str]:
+    versions: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ToolError(f"{path}: malformed line {raw!r}")
+        versions[key.strip()] = value.strip()
+    return versions
+
+
+@dataclass(frozen=True)
+class GoTool:
+    """One binary, built from one package of one Go module."""
+
+    name: str
+    module: str
+    version: str
+    package: str  # full import path of the main package
+    ldflags: tuple[str, ...] = ()
+    # How a locally replaced sibling module maps to its published version, or None
+    # when the module has no local replacements and can be ``go install``ed directly.
+    sibling_version: str | None = None
+
+
+def k8s_staging_version(kubernetes_version: str) -> str:
+    """k8s.io/kubernetes v1.36.3 publishes its staging modules as v0.36.3."""
+    match = re.fullmatch(r"v1\.(\d+)\.(\d+)", kubernetes_version)
+    if not match:
+        raise ToolError(f"KUBERNETES_VERSION {kubernetes_version!r} is not of the form v1.MINOR.PATCH")
+    return f"v0.{match.group(1)}.{match.group(2)}"
+
+
+def kubernetes_ldflags(version: str) -> tuple[str, ...]:
+    # kwokctl reads `kube-apiserver --version` to pick flags, so the binaries must know
+    # their release; a plain module build would report v0.0.0-master.
+    major, minor = version.lstrip("v").split(".")[:2]
+    flags = []
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [
+            f"-X {pkg}.gitVersion={version}",
+            f"-X {pkg}.gitMajor={major}",
+            f"-X {pkg}.gitMinor={minor}",
+            f"-X {pkg}.gitTreeState=clean",
+        ]
+    return tuple(flags)
+
+
+def tool_catalog(versions: dict[str, str]) -> dict[str, GoTool]:
+    k8s = versions["KUBERNETES_VERSION"]
+    etcd = versions["ETCD_VERSION"]
+    kwok = versions["KWOK_VERSION"]
+    helm = versions["HELM_VERSION"]
+    kind = versions["KIND_VERSION"]
+    tools = [
+        *(
+            GoTool(
+                name=name,
+                module="k8s.io/kubernetes",
+                version=k8s,
+                package=f"k8s.io/kubernetes/cmd/{name}",
+                ldflags=kubernetes_ldflags(k8s),
+                sibling_version=k8s_staging_version(k8s),
+            )
+            for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+        ),
+        GoTool(
+            name="etcd",
+            module="go.etcd.io/etcd/server/v3",
+            version=etcd,
+            package="go.etcd.io/etcd/server/v3",
+            sibling_version=etcd,
+        ),
+        *(
+            GoTool(
+                name=name,
+                module="sigs.k8s.io/kwok",
+                version=kwok,
+                package=f"sigs.k8s.io/kwok/cmd/{name}",
+                ldflags=(
+                    f"-X sigs.k8s.io/kwok/pkg/consts.Version={kwok}",
+                    f"-X sigs.k8s.io/kwok/pkg/consts.KubeVersion={k8s}",
+                ),
+            )
+            for name in ("kwok", "kwokctl")
+        ),
+        GoTool(
+            name="helm",
+            module="helm.sh/helm/v3",
+            version=helm,
+            package="helm.sh/helm/v3/cmd/helm",
+            ldflags=(f"-X helm.sh/helm/v3/internal/version.version={helm}",),
+        ),
+        GoTool(name="kind", module="sigs.k8s.io/kind", version=kind, package="sigs.k8s.io/kind"),
+    ]
+    return {tool.name: tool for tool in tools}
+
+
+def cache_root() -> Path:
+    configured = os.environ.get("MODELFLEET_TOOLS_CACHE")
+    if configured:
+        return Path(configured)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "modelfleet" / "tools"
+
+
+def go_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Static binaries, no surprise toolchain downloads, and no VCS stamping of a wrapper module.
+    env.update({"CGO_ENABLED": "0", "GOTOOLCHAIN": "local", "GOFLAGS": "-buildvcs=false"})
+    return env
+
+
+def run_go(args: list[str], cwd: Path, what: str, extra_env: dict[str, str] | None = None) -> None:
+    env = go_env() | (extra_env or {})
+    proc = subprocess.run(["go", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        detail = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        fetch_failure = any(
+            marker in proc.stderr
+            for marker in (
+                "proxy.golang.org",
+                "dial tcp",
+                "no such host",
+                "unknown revision",
+                "410 Gone",
+                "404 Not Found",
+            )
+        )
+        kind = "cannot fetch" if fetch_failure else "failed to build"
+        last = detail[-1] if detail else f"go exited with {proc.returncode}"
+        log = Path(tempfile.mkstemp(prefix=f"modelfleet-{what}-", suffix=".log")[1])
+        log.write_text(proc.stdout + proc.stderr)
+        raise ToolError(f"{kind} {what}: {last} (full log: {log})")
+
+
+def module_go_mod(module: str, version: str, workdir: Path) -> str:
+    """Download a module's go.mod through the module proxy and return its text."""
+    proc = subprocess.run(
+        ["go", "mod", "download", "-json", f"{module}@{version}"],
+        cwd=workdir,
+        env=go_env(),
+        capture_output=True,
+        text=True,
+    )
+    match = re.search(r'"GoMod":\s*"([^"]+)"', proc.stdout)
+    if proc.returncode != 0 or not match:
+        err = re.search(r'"Error":\s*"([^"]+)"', proc.stdout)
+        reason = err.group(1) if err else (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise ToolError(f"cannot fetch {module}@{version} from the Go module proxy: {reason}")
+    return Path(match.group(1)).read_text()
+
+
+def local_replacements(go_mod_text: str) -> list[str]:
+    """Module paths that a go.mod replaces with a local directory (./x or ../x)."""
+    modules = []
+    for line in go_mod_text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("replace "):
+            stripped = stripped[len("replace ") :].strip()
+        match = re.fullmatch(r"(\S+)(?:\s+\S+)?\s+=>\s+(\.\.?/\S*)", stripped)
+        if match and "FORBIDDEN_DEPENDENCY" not in match.group(2):
+            modules.append(match.group(1))
+    return modules
+
+
+def build_tool(tool: GoTool, dest: Path) -> None:
+    ldflags = " ".join(("-s", "-w", *tool.ldflags))
+    with tempfile.TemporaryDirectory(prefix=f"modelfleet-build-{tool.name}-") as tmp:
+        work = Path(tmp)
+        if tool.sibling_version is None:
+            gobin = work / "bin"
+            run_go(
+                ["install", "-trimpath", f"-ldflags={ldflags}", f"{tool.package}@{tool.version}"],
+                work,
+                f"{tool.name}@{tool.version}",
+                {"GOBIN": str(gobin)},
+            )
+            built = gobin / tool.package.rsplit("/", 1)[-1]
+        else:
+            run_go(["mod", "init", f"modelfleet.local/tools/{tool.name}"], work, f"{tool.name} wrapper module")
+            upstream = module_go_mod(tool.module, tool.version, work)
+            edits = [f"-require={tool.module}@{tool.version}"]
+            for sibling in local_replacements(upstream):
+                edits.append(f"-replace={sibling}={sibling}@{tool.sibling_version}")
+            run_go(["mod", "edit", *edits], work, f"{tool.name} wrapper module")
+            built = work / tool.name
+            run_go(
+                ["build", "-mod=mod", "-trimpath", f"-ldflags={ldflags}", "-o", str(built), tool.package],
+                work,
+                f"{tool.name}@{tool.version}",
+            )
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_suffix(".partial")
+        shutil.copy2(built, partial)
+        partial.chmod(0o755)
+        partial.replace(dest)
+
+
+def ensure(tool: GoTool) -> Path:
+    dest = cache_root() / tool.name / tool.version / tool.name
+    if dest.is_file() and os.access(dest, os.X_OK):
+        print(f"  {tool.name:<24} {tool.version:<9} cached   {dest}", flush=True)
+    else:
+        print(f"  {tool.name:<24} {tool.version:<9} building from {tool.module} ...", flush=True)
+        started = time.monotonic()
+        build_tool(tool, dest)
+        print(f"  {tool.name:<24} {tool.version:<9} built in {time.monotonic() - started:.1f}s", flush=True)
+    BIN_DIR.mkdir(parents=True, exist_ok=True)
+    link = BIN_DIR / tool.name
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(dest)
+    return dest
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--bin-dir"]:
+        print(BIN_DIR)
+        return 0
+    try:
+        if shutil.which("go") is None:
+            raise ToolError("Go is not installed or not on PATH; install Go 1.26+ (https://go.dev/doc/install)")
+        catalog = tool_catalog(read_versions())
+        wanted = argv or [name for name in catalog if name not in OPTIONAL_TOOLS]
+        unknown = [name for name in wanted if name not in catalog]
+        if unknown:
+            raise ToolError(f"unknown tool(s) {', '.join(unknown)}; known: {', '.join(catalog)}")
+        print(f"tools: cache {cache_root()}, links in {BIN_DIR}", flush=True)
+        started = time.monotonic()
+        for name in wanted:
+            ensure(catalog[name])
+        print(f"tools: ready in {time.monotonic() - started:.1f}s", flush=True)
+    except ToolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The local Kubernetes of ModelFleet: kwokctl's binary runtime (etcd, kube-apiserver,
+# kube-controller-manager, kube-scheduler and kwok, all as local processes, no Docker),
+# with two fake GPU nodes and one CPU node.
+#
+#   hack/cluster.sh up       create it, or return at once if it is already running
+#   hack/cluster.sh down     stop every process it started and delete its state
+#   hack/cluster.sh status   exit 0 if it is running and is the one `up` created
+#
+# The kubeconfig goes to .cache/kubeconfig; .cache/cluster.env records the identity
+# (API server URL and kube-system UID) that the test guard checks before touching it.
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cluster_name=modelfleet-dev
+cache_dir="$repo_root/.cache"
+kubeconfig="$cache_dir/kubeconfig"
+identity_file="$cache_dir/cluster.env"
+bin_dir="$cache_dir/bin"
+# Cluster state lives with the checkout, so that two clones never share or delete each other's cluster.
+export KWOK_WORKDIR="$cache_dir/kwok"
+
+log() { printf 'cluster: %s\n' "$*" >&2; }
+die() { printf 'cluster: error: %s\n' "$*" >&2; exit 1; }
+
+kubectl_() { "$bin_dir/kubectl" --kubeconfig "$kubeconfig" --context "kwok-$cluster_name" "$@"; }
+
+kwokctl_() { "$bin_dir/kwokctl" --name "$cluster_name" "$@"; }
+
+is_healthy() {
+  [[ -f "$kubeconfig" && -f "$identity_file" && -x "$bin_dir/kubectl" ]] || return 1
+  kubectl_ get --raw /readyz --request-timeout=3s >/dev/null 2>&1 || return 1
+  local recorded_uid current_uid
+  recorded_uid=$(sed -n 's/^KUBE_SYSTEM_UID=//p' "$identity_file")
+  current_uid=$(kubectl_ get namespace kube-system -o jsonpath='{.metadata.uid}' --request-timeout=3s 2>/dev/null) || return 1
+  [[ -n "$recorded_uid" && "$recorded_uid" == "$current_uid" ]]
+}
+
+remove_stale() {
+  if [[ -d "$KWOK_WORKDIR/clusters/$cluster_name" ]]; then
+    log "removing a stale $cluster_name (its processes are gone or it is not the recorded cluster)"
+    kwokctl_ delete cluster --kubeconfig "$kubeconfig" >/dev/null 2>&1 || true
+    # kwokctl stops what its pid files name; a process that lost its pid file is found by its work dir.
+    pkill -f -- "$KWOK_WORKDIR/clusters/$cluster_name" 2>/dev/null || true
+    rm -rf "$KWOK_WORKDIR/clusters/$cluster_name"
+  fi
+  rm -f "$identity_file"
+}
+
+up() {
+  local started=$SECONDS
+  if is_healthy; then
+    log "$cluster_name is already running ($(sed -n 's/^SERVER=//p' "$identity_file"))"
+    return 0
+  fi
+  python3 "$repo_root/hack/build_tools.py" etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwokctl
+  remove_stale
+  mkdir -p "$cache_dir"
+  log "creating $cluster_name with kwokctl --runtime binary"
+  kwokctl_ create cluster \
+    --config "$repo_root/hack/cluster/kwokctl.yaml" \
+    --runtime binary \
+    --kubeconfig "$kubeconfig" \
+    --etcd-binary "$bin_dir/etcd" \
+    --kube-apiserver-binary "$bin_dir/kube-apiserver" \
+    --kube-controller-manager-binary "$bin_dir/kube-controller-manager" \
+    --kube-scheduler-binary "$bin_dir/kube-scheduler" \
+    --kwok-controller-binary "$bin_dir/kwok" \
+    --kube-authorization=true \
+    --kube-admission=true \
+    --wait 120s
+  kubectl_ apply -f "$repo_root/hack/cluster/nodes.yaml" >/dev/null
+  kubectl_ wait --for=condition=Ready node --all --timeout=120s >/dev/null
+  # Pods need the default ServiceAccount, which the controller-manager creates.
+  local deadline=$((SECONDS + 60))
+  until kubectl_ get serviceaccount default -n default >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "the controller-manager did not create the default ServiceAccount within 60s"
+    sleep 0.5
+  done
+  {
+    printf 'CLUSTER_NAME=%s\n' "$cluster_name"
+    printf 'CONTEXT=kwok-%s\n' "$cluster_name"
+    printf 'SERVER=%s\n' "$(kubectl_ config view --minify -o jsonpath='{.clusters[0].cluster.server}')"
+    printf 'KUBE_SYSTEM_UID=%s\n' "$(kubectl_ get namespace kube-system -o jsonpath='{.metadata.uid}')"
+  } >"$identity_file"
+  log "$cluster_name is up in $((SECONDS - started))s; kubeconfig: $kubeconfig"
+  kubectl_ get nodes -o custom-columns='NAME:.metadata.name,STATUS:.status.conditions[?(@.type=="Ready")].status,GPU:.status.allocatable.nvidia\.com/gpu,CPU:.status.allocatable.cpu,MEMORY:.status.allocatable.memory' >&2
+}
+
+down() {
+  if [[ -d "$KWOK_WORKDIR/clusters/$cluster_name" ]]; then
+    log "deleting $cluster_name"
+    kwokctl_ delete cluster --kubeconfig "$kubeconfig" >/dev/null 2>&1 || true
+  fi
+  pkill -f -- "$KWOK_WORKDIR/clusters/$cluster_name" 2>/dev/null || true
+  rm -rf "${KWOK_WORKDIR:?}/clusters/$cluster_name"
+  rm -f "$identity_file" "$kubeconfig"
+  log "$cluster_name is down"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) if is_healthy; then log "$cluster_name is running"; else log "$cluster_name is not running"; exit 1; fi ;;
+  *) die "usage: $0 up|down|status" ;;
+esac

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# For users with a Docker engine: a kind cluster shaped like the local kwok cluster.
+# ModelFleet's CI cannot run this (its machines have no Docker engine); it is kept simple so
+# that it can be reviewed line by line.
+#
+#   hack/kind-up.sh          create (or reuse) the kind cluster modelfleet-kind
+#   hack/kind-up.sh down     delete it
+#
+# Worker nodes cannot have real GPUs here, so the two "GPU" workers advertise nvidia.com/gpu
+# as an extended resource (the documented way to advertise a node-level resource by hand),
+# carry the GPU label and taint, and can schedule GPU-requesting pods that never use a GPU.
+# Environment: KIND_NODE_IMAGE to pin the node image (default: kind's own default).
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cluster_name=modelfleet-kind
+kubeconfig="$repo_root/.cache/kind-kubeconfig"
+
+command -v docker >/dev/null 2>&1 || { echo "kind-up: error: docker is not installed" >&2; exit 1; }
+docker info >/dev/null 2>&1 || { echo "kind-up: error: no Docker engine answers (docker info failed)" >&2; exit 1; }
+
+if command -v kind >/dev/null 2>&1; then
+  kind_bin=$(command -v kind)
+else
+  python3 "$repo_root/hack/build_tools.py" kind
+  kind_bin="$repo_root/.cache/bin/kind"
+fi
+python3 "$repo_root/hack/build_tools.py" kubectl
+kubectl_() { "$repo_root/.cache/bin/kubectl" --kubeconfig "$kubeconfig" "$@"; }
+
+if [[ "${1:-up}" == "down" ]]; then
+  "$kind_bin" delete cluster --name "$cluster_name"
+  rm -f "$kubeconfig"
+  exit 0
+fi
+
+mkdir -p "$repo_root/.cache"
+if ! "$kind_bin" get clusters 2>/dev/null | grep -qx "$cluster_name"; then
+  image_args=()
+  if [[ -n "${KIND_NODE_IMAGE:-}" ]]; then image_args=(--image "$KIND_NODE_IMAGE"); fi
+  "$kind_bin" create cluster --name "$cluster_name" "${image_args[@]}" --kubeconfig "$kubeconfig" --wait 180s --config - <<'EOF'
+kind: Cluster
+apiVersion: kind.x-k8s.io/v1alpha4
+nodes:
+  - role: control-plane
+  - role: worker
+    labels: {nvidia.com/gpu.present: "true", modelfleet.io/fake-gpu: "true"}
+  - role: worker
+    labels: {nvidia.com/gpu.present: "true", modelfleet.io/fake-gpu: "true"}
+  - role: worker
+EOF
+else
+  "$kind_bin" get kubeconfig --name "$cluster_name" >"$kubeconfig"
+fi
+
+for node in $(kubectl_ get nodes -l modelfleet.io/fake-gpu=true -o name); do
+  kubectl_ taint "$node" nvidia.com/gpu=present:NoSchedule --overwrite >/dev/null
+  kubectl_ patch "$node" --subresource=status --type=json \
+    -p '[{"op":"add","path":"/status/capacity/nvidia.com~1gpu","value":"4"}]' >/dev/null
+done
+
+kubectl_ get nodes -o custom-columns='NAME:.metadata.name,GPU:.status.allocatable.nvidia\.com/gpu,TAINTS:.spec.taints[*].key'
+echo "kind-up: kubeconfig in $kubeconfig"

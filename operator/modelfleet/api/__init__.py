@@ -1,0 +1,1 @@
+"""The typed InferenceModel API (group modelfleet.io): the one source of the CRD schema."""

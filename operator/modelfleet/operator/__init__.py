@@ -1,0 +1,1 @@
+"""The ModelFleet operator: reconciles InferenceModels into Kubernetes objects."""

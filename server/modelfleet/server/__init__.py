@@ -1,0 +1,1 @@
+"""The ModelFleet router: one OpenAI-compatible endpoint in front of every model."""

@@ -1,0 +1,119 @@
+"""Fixtures for real local services: Redis and Prometheus on free 127.0.0.1 ports.
+
+Each fixture starts its own server in a temporary directory and stops it afterwards,
+so tests never touch a service that the machine (or the user) runs already.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.procs import LOOPBACK, RunningProcess, free_port, running_process
+
+
+def require_binary(name: str, install_hint: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed; {install_hint}", pytrace=False)
+    return path
+
+
+@dataclass
+class RedisServer:
+    host: str
+    port: int
+    process: RunningProcess
+    data_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+
+def redis_answers_ping(port: int) -> bool:
+    with socket.create_connection((LOOPBACK, port), timeout=1) as sock:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(16).startswith(b"+PONG")
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, with no persistence; stopped afterwards."""
+    binary = require_binary("redis-server", "run `make install` (Debian package redis-server)")
+    data_dir = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    argv = [
+        binary,
+        "--bind", LOOPBACK,
+        "--port", str(port),
+        "--dir", str(data_dir),
+        "--save", "",
+        "--appendonly", "no",
+        "--protected-mode", "yes",
+        "--daemonize", "no",
+    ]  # fmt: skip
+    with running_process("redis", argv, data_dir, ready=lambda: redis_answers_ping(port)) as process:
+        yield RedisServer(host=LOOPBACK, port=port, process=process, data_dir=data_dir)
+
+
+@dataclass
+class PrometheusServer:
+    port: int
+    process: RunningProcess
+    config_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def reload(self) -> None:
+        """Re-read the config file (the server runs with --web.enable-lifecycle)."""
+        request = urllib.request.Request(f"{self.url}/-/reload", method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            response.read()
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as response:
+        status: int = response.status
+        return status == 200
+
+
+@pytest.fixture
+def prometheus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
+    """A real Prometheus on a free loopback port that scrapes itself every second.
+
+    Tests add scrape targets by rewriting `config_path` and calling `reload()`.
+    """
+    binary = require_binary("prometheus", "run `make install` (Debian package prometheus)")
+    work_dir = tmp_path_factory.mktemp("prometheus")
+    port = free_port()
+    config_path = work_dir / "prometheus.yml"
+    config_path.write_text(
+        "global:\n"
+        "  scrape_interval: 1s\n"
+        "  evaluation_interval: 1s\n"
+        "scrape_configs:\n"
+        "  - job_name: prometheus\n"
+        "    static_configs:\n"
+        f"      - targets: ['{LOOPBACK}:{port}']\n"
+    )
+    argv = [
+        binary,
+        f"--config.file={config_path}",
+        f"--storage.tsdb.path={work_dir / 'data'}",
+        f"--web.listen-address={LOOPBACK}:{port}",
+        "--web.enable-lifecycle",
+        "--storage.tsdb.retention.time=1h",
+    ]
+    with running_process(
+        "prometheus", argv, work_dir, ready=lambda: http_ok(f"http://{LOOPBACK}:{port}/-/ready"), ready_timeout=60
+    ) as process:
+        yield PrometheusServer(port=port, process=process, config_path=config_path)
