@@ -57,7 +57,9 @@ up() {
   remove_stale
   mkdir -p "$cache_dir"
   log "creating $cluster_name with kwokctl --runtime binary"
-  kwokctl_ create cluster \
+  mkdir -p "$KWOK_WORKDIR"
+  local create_log="$KWOK_WORKDIR/create-$cluster_name.log"
+  if ! kwokctl_ create cluster \
     --config "$repo_root/hack/cluster/kwokctl.yaml" \
     --runtime binary \
     --kubeconfig "$kubeconfig" \
@@ -68,7 +70,10 @@ up() {
     --kwok-controller-binary "$bin_dir/kwok" \
     --kube-authorization=true \
     --kube-admission=true \
-    --wait 120s
+    --wait 120s >"$create_log" 2>&1; then
+    tail -n 20 "$create_log" >&2
+    die "kwokctl could not create $cluster_name (full log: $create_log; component logs: kwokctl --name $cluster_name logs <component>)"
+  fi
   kubectl_ apply -f "$repo_root/hack/cluster/nodes.yaml" >/dev/null
   kubectl_ wait --for=condition=Ready node --all --timeout=120s >/dev/null
   # Pods need the default ServiceAccount, which the controller-manager creates.
