@@ -72,13 +72,9 @@ cluster-down: ## Stop the local cluster and every process it started
 	hack/cluster.sh down
 
 .PHONY: demo
-demo: cluster-up ## Bring the local cluster up and show its nodes and GPU capacity
-	@echo
-	@echo "Nodes of modelfleet-dev (fake kwok nodes, real control plane):"
-	@.cache/bin/kubectl --kubeconfig .cache/kubeconfig get nodes \
-	  -L nvidia.com/gpu.present,node.kubernetes.io/instance-type
-	@echo
-	@echo "Allocatable capacity:"
-	@.cache/bin/kubectl --kubeconfig .cache/kubeconfig get nodes -o custom-columns='NODE:.metadata.name,GPU:.status.allocatable.nvidia\.com/gpu,CPU:.status.allocatable.cpu,MEMORY:.status.allocatable.memory,TAINTS:.spec.taints[*].key'
-	@echo
-	@echo "Try: kubectl --kubeconfig .cache/kubeconfig get pods -A"
+demo: ## The local cluster and its GPU nodes, then Ollama serving Gemma 3 270M and a real streamed answer
+	hack/demo.sh up
+
+.PHONY: demo-down
+demo-down: ## Stop the demo's Ollama and the local cluster
+	hack/demo.sh down

@@ -18,11 +18,13 @@ Stdlib only: this runs before any virtualenv exists.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -67,6 +69,25 @@ class GoTool:
     # when the module has no local replacements and can be ``go install``ed directly.
     sibling_version: str | None = None
 
+    @property
+    def binary_path(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class OllamaTool:
+    """Ollama: a cgo binary plus ggml CPU backend libraries, built with CMake and Go.
+
+    The layout is fixed by Ollama: the binary finds its backends in ../lib/ollama, after
+    resolving symlinks, so the cache keeps bin/ and lib/ side by side.
+    """
+
+    version: str
+    miniaudio_version: str
+    name: str = "ollama"
+    module: str = "github.com/ollama/ollama"
+    binary_path: str = "bin/ollama"
+
 
 def k8s_staging_version(kubernetes_version: str) -> str:
     """k8s.io/kubernetes v1.36.3 publishes its staging modules as v0.36.3."""
@@ -91,7 +112,7 @@ def kubernetes_ldflags(version: str) -> tuple[str, ...]:
     return tuple(flags)
 
 
-def tool_catalog(versions: dict[str, str]) -> dict[str, GoTool]:
+def tool_catalog(versions: dict[str, str]) -> dict[str, GoTool | OllamaTool]:
     k8s = versions["KUBERNETES_VERSION"]
     etcd = versions["ETCD_VERSION"]
     kwok = versions["KWOK_VERSION"]
@@ -138,7 +159,10 @@ def tool_catalog(versions: dict[str, str]) -> dict[str, GoTool]:
         ),
         GoTool(name="kind", module="sigs.k8s.io/kind", version=kind, package="sigs.k8s.io/kind"),
     ]
-    return {tool.name: tool for tool in tools}
+    ollama = OllamaTool(version=versions["OLLAMA_VERSION"], miniaudio_version=versions["MINIAUDIO_PYPI_VERSION"])
+    catalog: dict[str, GoTool | OllamaTool] = {tool.name: tool for tool in tools}
+    catalog[ollama.name] = ollama
+    return catalog
 
 
 def cache_root() -> Path:
@@ -179,8 +203,8 @@ def run_go(args: list[str], cwd: Path, what: str, extra_env: dict[str, str] | No
         raise ToolError(f"{kind} {what}: {last} (full log: {log})")
 
 
-def module_go_mod(module: str, version: str, workdir: Path) -> str:
-    """Download a module's go.mod through the module proxy and return its text."""
+def module_download(module: str, version: str, workdir: Path) -> dict[str, str]:
+    """Download a module through the module proxy; return `go mod download -json`'s fields."""
     proc = subprocess.run(
         ["go", "mod", "download", "-json", f"{module}@{version}"],
         cwd=workdir,
@@ -188,12 +212,18 @@ def module_go_mod(module: str, version: str, workdir: Path) -> str:
         capture_output=True,
         text=True,
     )
-    match = re.search(r'"GoMod":\s*"([^"]+)"', proc.stdout)
-    if proc.returncode != 0 or not match:
-        err = re.search(r'"Error":\s*"([^"]+)"', proc.stdout)
-        reason = err.group(1) if err else (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+    try:
+        info: dict[str, str] = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        info = {}
+    if proc.returncode != 0 or "Error" in info or "Dir" not in info:
+        reason = info.get("Error") or (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
         raise ToolError(f"cannot fetch {module}@{version} from the Go module proxy: {reason}")
-    return Path(match.group(1)).read_text()
+    return info
+
+
+def module_go_mod(module: str, version: str, workdir: Path) -> str:
+    return Path(module_download(module, version, workdir)["GoMod"]).read_text()
 
 
 def local_replacements(go_mod_text: str) -> list[str]:
@@ -242,14 +272,131 @@ def build_tool(tool: GoTool, dest: Path) -> None:
         partial.replace(dest)
 
 
-def ensure(tool: GoTool) -> Path:
-    dest = cache_root() / tool.name / tool.version / tool.name
+# Instructions that only AMX kernels use; ggml's AMX path crashed on machines like ours.
+AMX_MNEMONICS = re.compile(
+    r"\b(tileloadd|tileloaddt1|tilestored|tilezero|tilerelease|ldtilecfg|sttilecfg"
+    r"|tdpbssd|tdpbsud|tdpbusd|tdpbuud|tdpbf16ps|tdpfp16ps)\b"
+)
+# Debian headers that replace llama.cpp's vendor/ tree, which Go module zips leave out.
+OLLAMA_SYSTEM_HEADERS = {
+    "nlohmann": Path("/usr/include/nlohmann"),
+    "stb/stb_image.h": Path("/usr/include/stb/stb_image.h"),
+}
+
+
+def amx_instruction_count(disassembly: str) -> int:
+    return len(AMX_MNEMONICS.findall(disassembly))
+
+
+def run_step(label: str, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+    started = time.monotonic()
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        log = Path(tempfile.mkstemp(prefix=f"modelfleet-ollama-{label.replace(' ', '-')}-", suffix=".log")[1])
+        log.write_text(proc.stdout + proc.stderr)
+        last = ([line for line in proc.stderr.splitlines() if line.strip()] or [f"exit {proc.returncode}"])[-1]
+        raise ToolError(f"ollama: {label} failed: {last} (full log: {log})")
+    print(f"    ollama: {label:<28} {time.monotonic() - started:6.1f}s", flush=True)
+
+
+def fetch_miniaudio_header(version: str, work: Path) -> Path:
+    """miniaudio.h from the PyPI source distribution of pyminiaudio (the registry we can reach)."""
+    download_dir = work / "miniaudio"
+    run_step(
+        "pip download miniaudio",
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+         f"miniaudio=={version}", "-d", str(download_dir)],
+        work,
+        dict(os.environ),
+    )  # fmt: skip
+    archives = list(download_dir.glob("miniaudio-*.tar.gz"))
+    if not archives:
+        raise ToolError(f"ollama: the miniaudio=={version} source distribution has no .tar.gz")
+    with tarfile.open(archives[0]) as archive:
+        member = next((m for m in archive.getmembers() if m.name.endswith("/miniaudio/miniaudio.h")), None)
+        if member is None:
+            raise ToolError(f"ollama: miniaudio=={version} does not contain miniaudio/miniaudio.h")
+        archive.extract(member, download_dir, filter="data")
+    return download_dir / member.name
+
+
+def build_ollama(tool: OllamaTool, dest_dir: Path) -> None:
+    """CMake builds ggml's CPU variants as loadable libraries, then cgo builds the binary.
+
+    AMX: Ollama's CMake builds the x64, sse42, sandybridge, haswell, skylakex, icelake and
+    alderlake variants with GGML_NATIVE off (it patches out the AMX "sapphirerapids" one);
+    we also pass GGML_AMX_*=OFF and never set -march=native in CGO_CFLAGS, because the
+    binary compiles a fallback CPU backend with the cgo flags.  A disassembly scan then
+    refuses any AMX instruction in the result.
+    """
+    for tool_name in ("cmake", "gcc", "g++", "objdump"):
+        if shutil.which(tool_name) is None:
+            raise ToolError(f"ollama: {tool_name} is not installed; run `make install-system`")
+    for header in OLLAMA_SYSTEM_HEADERS.values():
+        if not header.exists():
+            raise ToolError(f"ollama: {header} is missing; run `make install-system` (nlohmann-json3-dev, libstb-dev)")
+    with tempfile.TemporaryDirectory(prefix="modelfleet-build-ollama-") as tmp:
+        work = Path(tmp)
+        env = {k: v for k, v in go_env().items() if k not in ("CGO_CFLAGS", "CGO_CXXFLAGS", "CFLAGS", "CXXFLAGS")}
+        env["CGO_ENABLED"] = "1"
+        module_dir = Path(module_download(tool.module, tool.version, work)["Dir"])
+        src = work / "src"
+        shutil.copytree(module_dir, src)
+        for path in [src, *src.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+        vendor = src / "llama" / "llama.cpp" / "vendor"
+        (vendor / "stb").mkdir(parents=True, exist_ok=True)
+        (vendor / "miniaudio").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(OLLAMA_SYSTEM_HEADERS["nlohmann"], vendor / "nlohmann", dirs_exist_ok=True)
+        shutil.copy2(OLLAMA_SYSTEM_HEADERS["stb/stb_image.h"], vendor / "stb" / "stb_image.h")
+        shutil.copy2(fetch_miniaudio_header(tool.miniaudio_version, work), vendor / "miniaudio" / "miniaudio.h")
+
+        amx_off = ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+        run_step("cmake configure", ["cmake", "--preset", "CPU", "-DGGML_CCACHE=OFF", *amx_off], src, env)
+        jobs = str(os.cpu_count() or 2)
+        run_step("cmake build (ggml CPU)", ["cmake", "--build", "--preset", "CPU", "--parallel", jobs], src, env)
+        # The preset fixes the install prefix at configure time: files land in src/dist/.
+        run_step("cmake install", ["cmake", "--install", "build", "--component", "CPU", "--strip"], src, env)
+
+        staged = work / "staged"
+        (staged / "bin").mkdir(parents=True)
+        shutil.copytree(src / "dist" / "lib" / "ollama", staged / "lib" / "ollama", symlinks=True)
+        ldflags = f"-s -w -X github.com/ollama/ollama/version.Version={tool.version.lstrip('v')}"
+        binary = staged / tool.binary_path
+        run_step(
+            "go build (cgo)", ["go", "build", "-trimpath", f"-ldflags={ldflags}", "-o", str(binary), "."], src, env
+        )
+
+        for artefact in [binary, *(staged / "lib" / "ollama").glob("*.so*")]:
+            if artefact.is_symlink():
+                continue
+            disassembly = subprocess.run(
+                ["objdump", "-d", "--no-show-raw-insn", str(artefact)], capture_output=True, text=True, check=True
+            ).stdout
+            if (count := amx_instruction_count(disassembly)) > 0:
+                raise ToolError(f"ollama: {artefact.name} contains {count} AMX instructions; refusing this build")
+        print("    ollama: AMX scan: no AMX instructions in the binary or its ggml libraries", flush=True)
+
+        partial = dest_dir.with_name(dest_dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(dest_dir, ignore_errors=True)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(staged, partial, symlinks=True)
+        partial.replace(dest_dir)
+
+
+def ensure(tool: GoTool | OllamaTool) -> Path:
+    tool_dir = cache_root() / tool.name / tool.version
+    dest = tool_dir / tool.binary_path
     if dest.is_file() and os.access(dest, os.X_OK):
         print(f"  {tool.name:<24} {tool.version:<9} cached   {dest}", flush=True)
     else:
         print(f"  {tool.name:<24} {tool.version:<9} building from {tool.module} ...", flush=True)
         started = time.monotonic()
-        build_tool(tool, dest)
+        if isinstance(tool, OllamaTool):
+            build_ollama(tool, tool_dir)
+        else:
+            build_tool(tool, dest)
         print(f"  {tool.name:<24} {tool.version:<9} built in {time.monotonic() - started:.1f}s", flush=True)
     BIN_DIR.mkdir(parents=True, exist_ok=True)
     link = BIN_DIR / tool.name

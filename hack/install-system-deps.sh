@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
-# Debian packages the tests run for real: Redis, Prometheus (with promtool) and shellcheck.
+# Debian packages: what the tests run for real (Redis, Prometheus with promtool), shellcheck,
+# and what building Ollama needs (cmake, a C++ compiler, objdump, and the nlohmann-json and stb
+# headers that Go module zips leave out of llama.cpp's vendor/ tree).
 # Installs only what is missing, with one `apt-get update` first.
 set -euo pipefail
 
-packages=(redis-server prometheus shellcheck)
-commands=(redis-server promtool shellcheck)
+# package:path-that-proves-it-is-installed
+wanted=(
+  redis-server:/usr/bin/redis-server
+  prometheus:/usr/bin/promtool
+  shellcheck:/usr/bin/shellcheck
+  cmake:/usr/bin/cmake
+  g++:/usr/bin/g++
+  binutils:/usr/bin/objdump
+  nlohmann-json3-dev:/usr/include/nlohmann/json_fwd.hpp
+  libstb-dev:/usr/include/stb/stb_image.h
+)
 
+packages=()
 missing=()
-for i in "${!packages[@]}"; do
-  command -v "${commands[$i]}" >/dev/null 2>&1 || missing+=("${packages[$i]}")
+for entry in "${wanted[@]}"; do
+  packages+=("${entry%%:*}")
+  [[ -e "${entry#*:}" ]] || missing+=("${entry%%:*}")
 done
 if ((${#missing[@]} == 0)); then
   echo "system deps: all present (${packages[*]})"

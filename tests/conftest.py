@@ -1,4 +1,4 @@
-"""Fixtures for real local services: Redis and Prometheus on free 127.0.0.1 ports.
+"""Fixtures for real local services: Redis, Prometheus and Ollama on free 127.0.0.1 ports.
 
 Each fixture starts its own server in a temporary directory and stops it afterwards,
 so tests never touch a service that the machine (or the user) runs already.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from hack import ollama_model
 from tests.support.procs import LOOPBACK, RunningProcess, free_port, running_process
 
 
@@ -117,3 +118,45 @@ def prometheus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom
         "prometheus", argv, work_dir, ready=lambda: http_ok(f"http://{LOOPBACK}:{port}/-/ready"), ready_timeout=60
     ) as process:
         yield PrometheusServer(port=port, process=process, config_path=config_path)
+
+
+@dataclass
+class OllamaServer:
+    base_url: str
+    model: str
+    models_dir: Path
+    process: RunningProcess
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"{self.base_url}/v1"
+
+
+def start_ollama(work_dir: Path) -> Iterator[OllamaServer]:
+    """Our Ollama build serving gemma3:270m on a free loopback port, with a private models dir."""
+    try:
+        binary = ollama_model.ollama_binary()
+        store = ollama_model.prepare()
+    except ollama_model.ModelSetupError as exc:
+        pytest.fail(f"cannot start Ollama: {exc}", pytrace=False)
+    models_dir = ollama_model.link_copy(store, work_dir / "models")
+    port = free_port()
+    home = work_dir / "home"
+    home.mkdir()
+    base_url = f"http://{LOOPBACK}:{port}"
+    with running_process(
+        "ollama",
+        [str(binary), "serve"],
+        work_dir,
+        ready=lambda: http_ok(f"{base_url}/api/version"),
+        ready_timeout=60,
+        env=ollama_model.server_env(models_dir, port, home),
+        cwd=work_dir,
+    ) as process:
+        yield OllamaServer(base_url=base_url, model=ollama_model.MODEL_NAME, models_dir=models_dir, process=process)
+
+
+@pytest.fixture(scope="session")
+def ollama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OllamaServer]:
+    """`ollama serve` (built by `make tools`) with Gemma 3 270M as gemma3:270m; stopped after the session."""
+    yield from start_ollama(tmp_path_factory.mktemp("ollama"))

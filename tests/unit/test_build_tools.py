@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from hack import build_tools
 
 pytestmark = pytest.mark.unit
@@ -35,7 +36,7 @@ def test_versions_file_has_every_tool_version(tmp_path: Path) -> None:
     versions = build_tools.read_versions()
     catalog = build_tools.tool_catalog(versions)
     kubernetes = {"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"}
-    assert set(catalog) == kubernetes | {"etcd", "kwok", "kwokctl", "helm", "kind"}
+    assert set(catalog) == kubernetes | {"etcd", "kwok", "kwokctl", "helm", "kind", "ollama"}
     assert catalog["kube-apiserver"].sibling_version == build_tools.k8s_staging_version(versions["KUBERNETES_VERSION"])
     assert f"-X k8s.io/component-base/version.gitVersion={versions['KUBERNETES_VERSION']}" in catalog["kubectl"].ldflags
 
@@ -43,3 +44,12 @@ def test_versions_file_has_every_tool_version(tmp_path: Path) -> None:
     broken.write_text("KWOK_VERSION v0.8.0\n")
     with pytest.raises(build_tools.ToolError, match="malformed"):
         build_tools.read_versions(broken)
+
+
+def test_amx_scan_finds_tile_instructions_and_ignores_lookalikes() -> None:
+    amx = (
+        "  401000:\ttileloadd (%rsi,%rdx,1),%tmm0\n  401008:\ttdpbssd %tmm2,%tmm1,%tmm0\n  40100d:\tldtilecfg (%rdi)\n"
+    )
+    avx = "  401000:\tvpdpbusd %ymm2,%ymm1,%ymm0\n  401006:\tcall 401100 <tileloadd_helper>\n"
+    assert build_tools.amx_instruction_count(amx) == 3
+    assert build_tools.amx_instruction_count(avx) == 0

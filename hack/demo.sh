@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# `make demo`: the local cluster with its GPU nodes, and a real model server answering.
+#
+#   hack/demo.sh up     cluster up, nodes shown, Ollama serving gemma3:270m on 127.0.0.1, a real answer
+#   hack/demo.sh down   stop the demo's Ollama and the cluster
+#
+# The demo's Ollama keeps running after `up` so that the printed requests work; its port, pid
+# and log are in .cache/demo/.
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+demo_dir="$repo_root/.cache/demo"
+python="$repo_root/.venv/bin/python"
+kubectl_() { "$repo_root/.cache/bin/kubectl" --kubeconfig "$repo_root/.cache/kubeconfig" "$@"; }
+
+stop_ollama() {
+  if [[ -f "$demo_dir/ollama.pid" ]]; then
+    kill "$(cat "$demo_dir/ollama.pid")" 2>/dev/null || true
+    rm -f "$demo_dir/ollama.pid"
+  fi
+}
+
+ollama_answers() { curl -fsS --max-time 1 "http://127.0.0.1:$1/api/version" >/dev/null 2>&1; }
+
+up() {
+  "$repo_root/hack/cluster.sh" up
+  echo
+  echo "== Nodes of modelfleet-dev (fake kwok nodes, real control plane) =="
+  kubectl_ get nodes -L nvidia.com/gpu.present,node.kubernetes.io/instance-type
+  kubectl_ get nodes -o custom-columns='NODE:.metadata.name,GPU:.status.allocatable.nvidia\.com/gpu,CPU:.status.allocatable.cpu,MEMORY:.status.allocatable.memory,TAINTS:.spec.taints[*].key'
+
+  echo
+  echo "== Ollama $("$repo_root/.cache/bin/ollama" --version 2>/dev/null | awk '{print $NF}') (our CPU build) serving gemma3:270m =="
+  [[ -x "$python" ]] || { echo "demo: run 'make install' first" >&2; exit 1; }
+  local store port
+  store=$("$python" "$repo_root/hack/ollama_model.py" prepare)
+  mkdir -p "$demo_dir"
+  port=$(sed -n 's/^PORT=//p' "$demo_dir/ollama.env" 2>/dev/null || true)
+  if [[ -z "$port" ]] || ! ollama_answers "$port"; then
+    stop_ollama
+    port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    mkdir -p "$demo_dir/home"
+    # A private models directory of hard links, so the demo never changes the cached store.
+    rm -rf "$demo_dir/models" && cp -al "$store" "$demo_dir/models"
+    (
+      cd "$demo_dir"
+      exec env -i PATH="$PATH" HOME="$demo_dir/home" OLLAMA_HOST="127.0.0.1:$port" OLLAMA_MODELS="$demo_dir/models" \
+        OLLAMA_KEEP_ALIVE=-1 OLLAMA_NO_CLOUD=1 OLLAMA_NOPRUNE=1 \
+        "$repo_root/.cache/bin/ollama" serve >"$demo_dir/ollama.log" 2>&1
+    ) &
+    echo $! >"$demo_dir/ollama.pid"
+    printf 'PORT=%s\n' "$port" >"$demo_dir/ollama.env"
+    local deadline=$((SECONDS + 60))
+    until ollama_answers "$port"; do
+      ((SECONDS < deadline)) || { tail -n 20 "$demo_dir/ollama.log" >&2; echo "demo: Ollama did not start" >&2; exit 1; }
+      sleep 0.2
+    done
+  fi
+
+  local request
+  request=$(printf '{"model":"gemma3:270m","stream":true,"stream_options":{"include_usage":true},"max_tokens":48,"messages":[{"role":"user","content":"Write one sentence about lighthouses."}]}')
+  echo "A streamed chat through the OpenAI-compatible API (first load included):"
+  echo
+  echo "  curl -N http://127.0.0.1:$port/v1/chat/completions -H 'Content-Type: application/json' \\"
+  echo "    -d '$request'"
+  echo
+  curl -fsS -N "http://127.0.0.1:$port/v1/chat/completions" -H 'Content-Type: application/json' -d "$request" | sed 's/^/  /'
+  echo
+  echo "Ollama keeps running on 127.0.0.1:$port (log: $demo_dir/ollama.log). Stop everything with: make demo-down"
+  echo "Note: the packaged GGUF is Gemma 3 270M's base (pretrained) model, so its chat answers are short and plain."
+}
+
+case "${1:-up}" in
+  up) up ;;
+  down) stop_ollama; rm -f "$demo_dir/ollama.env"; "$repo_root/hack/cluster.sh" down ;;
+  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac
