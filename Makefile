@@ -48,8 +48,27 @@ format: ## Apply ruff's fixes and formatting
 	$(VENV_BIN)/ruff check --fix $(PY_SOURCES)
 	$(VENV_BIN)/ruff format $(PY_SOURCES)
 
+CRD_FILE := crds/modelfleet.io_inferencemodels.yaml
+CHART_CRD_FILE := charts/modelfleet/crds/modelfleet.io_inferencemodels.yaml
+
+.PHONY: generate
+generate: ## Write the CRD from modelfleet.api (crds/ and the chart's crds/)
+	@mkdir -p $(dir $(CRD_FILE)) $(dir $(CHART_CRD_FILE))
+	$(PY) -m modelfleet.api.crd $(CRD_FILE)
+	cp $(CRD_FILE) $(CHART_CRD_FILE)
+
+.PHONY: verify-generated
+verify-generated: ## Fail if a generated file is stale (CI runs this)
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PY) -m modelfleet.api.crd "$$tmp/crd.yaml"; \
+	for f in $(CRD_FILE) $(CHART_CRD_FILE); do \
+	  if ! diff -u "$$f" "$$tmp/crd.yaml" >"$$tmp/diff"; then \
+	    cat "$$tmp/diff"; echo "error: $$f is stale; run 'make generate' and commit the result" >&2; exit 1; \
+	  fi; \
+	done; echo "generated files are current"
+
 .PHONY: test
-test: lint test-unit test-integration test-e2e ## Everything CI runs: lint, unit, integration, e2e
+test: lint verify-generated test-unit test-integration test-e2e ## Everything CI runs: lint, unit, integration, e2e
 
 .PHONY: test-unit
 test-unit: ## Pure-logic tests

@@ -107,3 +107,15 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60, inte
         wait_until(condition, timeout=timeout, interval=interval)
     except TimeoutError:
         raise AssertionError(f"timed out after {time.monotonic() - started:.0f}s waiting for {what}") from None
+
+
+CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "modelfleet.io_inferencemodels.yaml"
+
+
+@pytest.fixture(scope="session")
+def inferencemodel_crd(cluster: Cluster) -> str:
+    """The generated InferenceModel CRD, server-side applied and Established; returns its name."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
+    name = "inferencemodels.modelfleet.io"
+    cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    return name
