@@ -76,6 +76,13 @@ class Scheduling(Model):
     runtime_class_name: str | None = Field(None, description="RuntimeClass of the model's pods, e.g. nvidia.")
 
 
+class SecretKeyRef(Model):
+    """A key of a Secret in the model's namespace."""
+
+    name: str = Field(min_length=1, description="Secret name.")
+    key: str = Field(min_length=1, description="Key within the Secret.")
+
+
 AccessMode = Literal["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany", "ReadOnlyMany"]
 
 
@@ -93,6 +100,9 @@ class Cache(Model):
     )
     existing_claim: str | None = Field(
         None, description="Use this existing PersistentVolumeClaim instead of creating one."
+    )
+    hf_token_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding a Hugging Face token, for gated vLLM models; used only by the download."
     )
 
 
@@ -163,13 +173,6 @@ class Serving(Model):
     )
     cache: ResponseCache | None = Field(None, description="Response cache settings.")
     rate_limit: RateLimit | None = Field(None, description="Rate limits per API key.")
-
-
-class SecretKeyRef(Model):
-    """A key of a Secret in the model's namespace."""
-
-    name: str = Field(min_length=1, description="Secret name.")
-    key: str = Field(min_length=1, description="Key within the Secret.")
 
 
 class Endpoint(Model):

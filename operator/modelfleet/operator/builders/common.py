@@ -1,0 +1,108 @@
+"""What every child of an InferenceModel shares: its input, names, labels and owner reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from modelfleet.api import v1alpha1
+
+Manifest = dict[str, Any]
+
+MANAGED_BY = "modelfleet-operator"
+MODEL_LABEL = "modelfleet.io/model"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+
+
+@dataclass(frozen=True)
+class RuntimeImages:
+    """Default images per runtime, pinned; a model may override with spec.image."""
+
+    ollama: str = "docker.io/ollama/ollama:0.17.4"
+    vllm: str = "docker.io/vllm/vllm-openai:v0.11.0"
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """Everything a builder may read: the InferenceModel's identity and typed spec, and operator defaults."""
+
+    name: str
+    namespace: str
+    uid: str
+    spec: v1alpha1.InferenceModelSpec
+    images: RuntimeImages = field(default_factory=RuntimeImages)
+
+    @property
+    def resources(self) -> v1alpha1.Resources:
+        return self.spec.resources or v1alpha1.Resources()
+
+    @property
+    def cache(self) -> v1alpha1.Cache:
+        return self.spec.cache or v1alpha1.Cache()
+
+    @property
+    def serving(self) -> v1alpha1.Serving:
+        return self.spec.serving or v1alpha1.Serving()
+
+    @property
+    def autoscaling(self) -> v1alpha1.Autoscaling:
+        return self.spec.autoscaling or v1alpha1.Autoscaling()
+
+    @property
+    def runtime(self) -> str:
+        if self.spec.runtime is None:
+            raise ValueError(f"{self.namespace}/{self.name} has no runtime: it is an endpoint model, with no pods")
+        return self.spec.runtime
+
+    @property
+    def image(self) -> str:
+        return self.spec.image or (self.images.ollama if self.runtime == "ollama" else self.images.vllm)
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.resources.gpu > 0
+
+    @property
+    def cache_claim_name(self) -> str:
+        return self.cache.existing_claim or child_name(self, "cache")
+
+
+def child_name(context: ModelContext, suffix: str = "") -> str:
+    """Children are named after the model; suffixes tell the kinds that share a namespace apart."""
+    base = f"im-{context.name}"
+    return f"{base}-{suffix}" if suffix else base
+
+
+def selector_labels(context: ModelContext) -> dict[str, str]:
+    """Labels that select the model's serving pods; immutable once a Deployment exists."""
+    return {MODEL_LABEL: context.name, COMPONENT_LABEL: "model-server"}
+
+
+def labels(context: ModelContext, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "modelfleet-model",
+        "app.kubernetes.io/instance": context.name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        COMPONENT_LABEL: component,
+        MODEL_LABEL: context.name,
+    }
+
+
+def owner_reference(context: ModelContext) -> Manifest:
+    return {
+        "apiVersion": f"{v1alpha1.GROUP}/{v1alpha1.VERSION}",
+        "kind": v1alpha1.KIND,
+        "name": context.name,
+        "uid": context.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def metadata(context: ModelContext, name: str, component: str) -> Manifest:
+    return {
+        "name": name,
+        "namespace": context.namespace,
+        "labels": labels(context, component),
+        "ownerReferences": [owner_reference(context)],
+    }

@@ -1,0 +1,203 @@
+"""The Deployment that serves a managed model on Ollama or vLLM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modelfleet.operator.builders.common import (
+    Manifest,
+    ModelContext,
+    child_name,
+    labels,
+    metadata,
+    selector_labels,
+)
+
+MODELS_MOUNT = "/models"
+OLLAMA_PORT = 11434
+VLLM_PORT = 8000
+# GPU device plugins taint and label GPU nodes like this (NVIDIA GPU operator / GKE / EKS).
+GPU_PRESENT_LABELS = {"nvidia.com/gpu": {"nvidia.com/gpu.present": "true"}}
+
+
+def serving_port(context: ModelContext) -> int:
+    return OLLAMA_PORT if context.runtime == "ollama" else VLLM_PORT
+
+
+def ollama_container_settings(context: ModelContext) -> tuple[list[str], list[Manifest], str]:
+    env = [
+        {"name": "OLLAMA_HOST", "value": f"0.0.0.0:{OLLAMA_PORT}"},
+        {"name": "OLLAMA_MODELS", "value": f"{MODELS_MOUNT}/ollama"},
+        # Keep the model in memory: a reload costs seconds of GPU time on the next request.
+        {"name": "OLLAMA_KEEP_ALIVE", "value": "-1"},
+        # The router admits this many requests per replica; Ollama should run them concurrently.
+        {"name": "OLLAMA_NUM_PARALLEL", "value": str(context.serving.max_in_flight_per_replica)},
+        # The prefetch Job filled the volume; the server must never prune or re-pull weights.
+        {"name": "OLLAMA_NOPRUNE", "value": "1"},
+        {"name": "HOME", "value": "/home/modelfleet"},
+    ]
+    return ["serve"], env, "/api/version"
+
+
+def vllm_container_settings(context: ModelContext) -> tuple[list[str], list[Manifest], str]:
+    args = ["--model", context.spec.model, "--served-model-name", context.spec.model, "--port", str(VLLM_PORT)]
+    user_args = context.spec.engine.args if context.spec.engine and context.spec.engine.args else []
+    if context.resources.gpu > 1 and "--tensor-parallel-size" not in user_args:
+        args += ["--tensor-parallel-size", str(context.resources.gpu)]
+    args += ["--max-num-seqs", str(context.serving.max_in_flight_per_replica)]
+    env = [
+        {"name": "HF_HOME", "value": f"{MODELS_MOUNT}/hf"},
+        # Weights come from the cache volume only: a restart must never download them again.
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "HOME", "value": "/home/modelfleet"},
+    ]
+    return args + list(user_args), env, "/health"
+
+
+def resource_requirements(context: ModelContext) -> Manifest:
+    resources = context.resources
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if resources.cpu is not None:
+        requests["cpu"] = str(resources.cpu)
+    if resources.memory is not None:
+        requests["memory"] = limits["memory"] = str(resources.memory)
+    if resources.gpu > 0:
+        # Extended resources are requested through limits; the API server copies them to requests.
+        limits[resources.gpu_resource] = str(resources.gpu)
+    out: Manifest = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def scheduling(context: ModelContext) -> Manifest:
+    user = context.spec.scheduling
+    pod: Manifest = {}
+    node_selector: dict[str, str] = {}
+    tolerations: list[Manifest] = []
+    if context.uses_gpu:
+        node_selector.update(GPU_PRESENT_LABELS.get(context.resources.gpu_resource, {}))
+        tolerations.append({"key": context.resources.gpu_resource, "operator": "Exists", "effect": "NoSchedule"})
+    if user is not None:
+        node_selector.update(user.node_selector or {})
+        tolerations.extend(user.tolerations or [])
+    if node_selector:
+        pod["nodeSelector"] = node_selector
+    if tolerations:
+        pod["tolerations"] = tolerations
+    affinity = dict(user.affinity) if user is not None and user.affinity else {}
+    if needs_colocation(context):
+        # A ReadWriteOnce volume mounts on one node at a time; every replica must run there.
+        affinity["podAffinity"] = {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {"labelSelector": {"matchLabels": selector_labels(context)}, "topologyKey": "kubernetes.io/hostname"}
+            ]
+        }
+    if affinity:
+        pod["affinity"] = affinity
+    if user is not None and user.priority_class_name:
+        pod["priorityClassName"] = user.priority_class_name
+    if user is not None and user.runtime_class_name:
+        pod["runtimeClassName"] = user.runtime_class_name
+    return pod
+
+
+def max_replicas(context: ModelContext) -> int:
+    return context.autoscaling.max_replicas if context.autoscaling.enabled else context.spec.replicas
+
+
+def needs_colocation(context: ModelContext) -> bool:
+    return context.cache.access_mode == "ReadWriteOnce" and max_replicas(context) > 1
+
+
+def rollout_strategy(context: ModelContext) -> Manifest:
+    if context.uses_gpu:
+        # Replace pods one at a time in place: a surge pod would need a GPU that may not exist.
+        return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+
+def build_deployment(context: ModelContext) -> Manifest:
+    if context.runtime == "ollama":
+        args, env, health_path = ollama_container_settings(context)
+    else:
+        args, env, health_path = vllm_container_settings(context)
+    if context.spec.engine and context.spec.engine.env:
+        env += [var.model_dump(by_alias=True, exclude_none=True) for var in context.spec.engine.env]
+    port = serving_port(context)
+
+    def probe(period: int, failures: int) -> Manifest:
+        # Health endpoints answer without running the model, so probes never cost a generation.
+        return {
+            "httpGet": {"path": health_path, "port": "http"},
+            "periodSeconds": period,
+            "timeoutSeconds": 5,
+            "failureThreshold": failures,
+        }
+
+    container: Manifest = {
+        "name": context.runtime,
+        "image": context.image,
+        "args": args,
+        "env": env,
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "resources": resource_requirements(context),
+        # Loading tens of GB of weights takes minutes: up to 30 minutes before liveness applies.
+        "startupProbe": probe(period=10, failures=180),
+        "readinessProbe": probe(period=5, failures=3),
+        "livenessProbe": probe(period=20, failures=3),
+        "volumeMounts": [
+            {"name": "model-cache", "mountPath": MODELS_MOUNT, "readOnly": context.runtime == "vllm"},
+            {"name": "home", "mountPath": "/home/modelfleet"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    volumes: list[Manifest] = [
+        {"name": "model-cache", "persistentVolumeClaim": {"claimName": context.cache_claim_name}},
+        {"name": "home", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if context.runtime == "vllm":
+        # Tensor-parallel workers exchange activations through shared memory.
+        container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+
+    pod_spec: Manifest = {
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        # Streams in flight get time to finish when a pod is replaced.
+        "terminationGracePeriodSeconds": 60,
+        "enableServiceLinks": False,
+        **scheduling(context),
+    }
+    spec: Manifest = {
+        "selector": {"matchLabels": selector_labels(context)},
+        "strategy": rollout_strategy(context),
+        "template": {
+            "metadata": {"labels": labels(context, "model-server")},
+            "spec": pod_spec,
+        },
+    }
+    if not context.autoscaling.enabled:
+        # Left out entirely under autoscaling, so server-side apply never takes replicas from the HPA.
+        spec["replicas"] = context.spec.replicas
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(context, child_name(context), "model-server"),
+        "spec": spec,
+    }

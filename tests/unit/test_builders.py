@@ -1,0 +1,194 @@
+"""Invariants of the pure builders, over every runtime and option combination."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelfleet.api import v1alpha1
+from modelfleet.operator.builders import autoscaling, cache, service, workload
+from modelfleet.operator.builders.common import MODEL_LABEL, ModelContext, selector_labels
+from tests.support.models import COMBINATIONS, all_children, make_context
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(params=COMBINATIONS, ids=["-".join(map(str, c)) for c in COMBINATIONS])
+def context(request: pytest.FixtureRequest) -> ModelContext:
+    return make_context(*request.param)
+
+
+def test_every_child_is_owned_labelled_and_namespaced(context: ModelContext) -> None:
+    for child in all_children(context):
+        meta = child["metadata"]
+        assert meta["namespace"] == "models"
+        assert meta["labels"][MODEL_LABEL] == "demo"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "modelfleet-operator"
+        (owner,) = meta["ownerReferences"]
+        assert owner == {
+            "apiVersion": "modelfleet.io/v1alpha1",
+            "kind": "InferenceModel",
+            "name": "demo",
+            "uid": "1234-uid",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def test_builders_are_deterministic_and_leave_the_input_alone(context: ModelContext) -> None:
+    before = context.spec.model_dump()
+    assert all_children(context) == all_children(context)
+    assert context.spec.model_dump() == before
+
+
+def test_gpu_requests_tolerations_and_node_selector(context: ModelContext) -> None:
+    pod = workload.build_deployment(context)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    gpus = context.resources.gpu
+    if gpus:
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        assert pod["nodeSelector"]["nvidia.com/gpu.present"] == "true"
+    else:
+        assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+        assert "tolerations" not in pod
+    assert container["resources"]["requests"] == {"cpu": "4", "memory": "24Gi"}
+    assert container["resources"]["limits"]["memory"] == "24Gi"
+
+
+def test_rollouts_never_need_a_spare_gpu(context: ModelContext) -> None:
+    strategy = workload.build_deployment(context)["spec"]["strategy"]["rollingUpdate"]
+    if context.uses_gpu:
+        assert strategy == {"maxSurge": 0, "maxUnavailable": 1}
+    else:
+        assert strategy["maxUnavailable"] == 0
+
+
+def test_hpa_owns_replicas_when_autoscaling(context: ModelContext) -> None:
+    deployment = workload.build_deployment(context)
+    hpa = autoscaling.build_hpa(context)
+    if context.autoscaling.enabled:
+        assert "replicas" not in deployment["spec"]
+        assert hpa is not None
+        assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+        assert hpa["spec"]["minReplicas"] == 1
+        assert hpa["spec"]["maxReplicas"] == 5
+        (metric,) = hpa["spec"]["metrics"]
+        if context.autoscaling.metric == "router":
+            assert metric["type"] == "External"
+            assert metric["external"]["metric"]["name"] == "modelfleet_queue_depth"
+            assert metric["external"]["metric"]["selector"]["matchLabels"]["model"] == "demo"
+        else:
+            assert metric["type"] == "Pods"
+            assert metric["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
+        assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+    else:
+        assert deployment["spec"]["replicas"] == context.spec.replicas
+        assert hpa is None
+
+
+def test_service_selects_the_pods_on_the_named_port(context: ModelContext) -> None:
+    deployment = workload.build_deployment(context)
+    svc = service.build_service(context)
+    template_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= template_labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"] == selector_labels(context)
+    (port,) = svc["spec"]["ports"]
+    container_port = deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]
+    assert port["targetPort"] == container_port["name"] == "http"
+    assert port["port"] == container_port["containerPort"] == (11434 if context.runtime == "ollama" else 8000)
+    assert service.service_url(context).endswith(f"im-demo.models.svc:{port['port']}")
+
+
+def test_cache_claim_is_mounted_and_colocated_when_read_write_once(context: ModelContext) -> None:
+    deployment = workload.build_deployment(context)
+    claim = cache.build_cache_claim(context)
+    pod = deployment["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "model-cache")
+    if context.cache.existing_claim:
+        assert claim is None
+        assert volume["persistentVolumeClaim"]["claimName"] == "shared-weights"
+    else:
+        assert claim is not None
+        assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert claim["spec"]["accessModes"] == [context.cache.access_mode]
+        assert claim["spec"]["resources"]["requests"]["storage"] == "30Gi"
+    colocated = "podAffinity" in pod.get("affinity", {})
+    assert colocated == (context.cache.access_mode == "ReadWriteOnce" and workload.max_replicas(context) > 1)
+
+
+def test_prefetch_job_fetches_on_the_serving_nodes_without_a_gpu(context: ModelContext) -> None:
+    job = cache.build_prefetch_job(context)
+    assert job is not None
+    pod = job["spec"]["template"]["spec"]
+    serving_pod = workload.build_deployment(context)["spec"]["template"]["spec"]
+    assert pod.get("nodeSelector") == serving_pod.get("nodeSelector")
+    assert pod.get("tolerations") == serving_pod.get("tolerations")
+    assert "limits" not in pod["containers"][0]["resources"]
+    assert job["spec"]["backoffLimit"] > 0
+    assert job["spec"]["activeDeadlineSeconds"] > 0
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["MODELFLEET_MODEL"] == context.spec.model
+    mount = pod["containers"][0]["volumeMounts"][0]
+    assert (mount["name"], mount["mountPath"]) == ("model-cache", "/models")
+
+
+def test_runtime_specific_arguments(context: ModelContext) -> None:
+    container = workload.build_deployment(context)["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["EXTRA"] == "1"
+    if context.runtime == "ollama":
+        assert container["image"] == "docker.io/ollama/ollama:0.17.4"
+        assert container["args"] == ["serve"]
+        assert env["OLLAMA_NUM_PARALLEL"] == "6"
+        assert env["OLLAMA_KEEP_ALIVE"] == "-1"
+        assert env["OLLAMA_MODELS"] == "/models/ollama"
+    else:
+        args = container["args"]
+        assert args[:4] == ["--model", context.spec.model, "--served-model-name", context.spec.model]
+        assert args[-2:] == ["--quantization", "awq"], "user engine args come last, so they win"
+        assert ("--tensor-parallel-size" in args) == (context.resources.gpu > 1)
+        assert env["HF_HUB_OFFLINE"] == "1", "serving pods must never download weights"
+
+
+def test_probes_never_run_the_model_and_pods_run_as_non_root(context: ModelContext) -> None:
+    pod = workload.build_deployment(context)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] in {"/api/version", "/health"}
+    assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] >= 1800
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_pdb_only_with_more_than_one_replica(context: ModelContext) -> None:
+    pdb = autoscaling.build_pdb(context)
+    assert (pdb is not None) == (workload.max_replicas(context) > 1)
+
+
+def test_image_override_and_prefetch_job_name_follow_the_model() -> None:
+    base = make_context("ollama", 1, "fixed-1", "rwo")
+    overridden = ModelContext(
+        name="demo",
+        namespace="models",
+        uid="u",
+        spec=base.spec.model_copy(update={"image": "registry.local/ollama:custom"}),
+    )
+    assert workload.build_deployment(overridden)["spec"]["template"]["spec"]["containers"][0]["image"] == (
+        "registry.local/ollama:custom"
+    )
+    other_model = ModelContext(
+        name="demo", namespace="models", uid="u", spec=base.spec.model_copy(update={"model": "x"})
+    )
+    assert cache.prefetch_job_name(base) != cache.prefetch_job_name(other_model)
+    assert cache.prefetch_job_name(base) == cache.prefetch_job_name(make_context("ollama", 2, "router", "rwx"))
+
+
+def test_endpoint_models_have_no_workload() -> None:
+    endpoint = ModelContext(
+        name="ext",
+        namespace="models",
+        uid="u",
+        spec=v1alpha1.InferenceModelSpec.model_validate({"model": "m", "endpoint": {"url": "http://127.0.0.1:1"}}),
+    )
+    with pytest.raises(ValueError, match="endpoint model"):
+        workload.build_deployment(endpoint)
