@@ -1,0 +1,207 @@
+"""Conditions that say what is true now, computed from what the operator observed (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+Manifest = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The children as read from the API server in this reconcile."""
+
+    generation: int
+    managed: bool = True
+    deployment: Manifest | None = None
+    pods: list[Manifest] = field(default_factory=list)
+    prefetch_job: Manifest | None = None
+    prefetch_expected: bool = True
+    claim: Manifest | None = None
+    endpoint_url: str | None = None
+    endpoint_reachable: bool | None = None
+    endpoint_error: str = ""
+
+
+@dataclass(frozen=True)
+class ConditionState:
+    type: str
+    status: str
+    reason: str
+    message: str
+
+
+def job_state(job: Manifest | None) -> tuple[str, str]:
+    """('Complete' | 'Failed' | 'Running' | 'Missing', message)."""
+    if job is None:
+        return "Missing", "the prefetch Job does not exist yet"
+    for condition in job.get("status", {}).get("conditions") or []:
+        if condition.get("status") != "True":
+            continue
+        if condition.get("type") == "Complete":
+            return "Complete", "weights are in the cache volume"
+        if condition.get("type") == "Failed":
+            return (
+                "Failed",
+                f"prefetch Job failed: {condition.get('reason', '')}: {condition.get('message', '')}".strip(),
+            )
+    active = job.get("status", {}).get("active") or 0
+    failed = job.get("status", {}).get("failed") or 0
+    detail = f" ({failed} failed attempt{'s' if failed != 1 else ''} so far)" if failed else ""
+    return "Running", f"downloading weights, {active} pod(s) active{detail}"
+
+
+def unschedulable_messages(pods: list[Manifest]) -> list[str]:
+    messages = []
+    for pod in pods:
+        for condition in pod.get("status", {}).get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                messages.append(condition.get("message") or condition.get("reason") or "unschedulable")
+    return messages
+
+
+def explain_unschedulable(message: str, gpu_resource: str, gpus: int) -> str:
+    """Turn the scheduler's message into one that says what to do."""
+    if f"Insufficient {gpu_resource}" in message:
+        return (
+            f"waiting for {gpu_resource}: {gpus} per replica; no node has enough free GPUs "
+            f"({message}). Free GPUs, add GPU nodes, or lower spec.resources.gpu."
+        )
+    return f"pods cannot be scheduled: {message}"
+
+
+def crash_looping(pods: list[Manifest]) -> list[str]:
+    found = []
+    for pod in pods:
+        for status in pod.get("status", {}).get("containerStatuses") or []:
+            waiting = (status.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in {
+                "CrashLoopBackOff",
+                "ImagePullBackOff",
+                "ErrImagePull",
+                "CreateContainerError",
+            }:
+                found.append(f"{pod['metadata']['name']}: {waiting['reason']}: {waiting.get('message', '')}".strip())
+    return found
+
+
+def conditions_for(observed: Observed, gpu_resource: str = "nvidia.com/gpu", gpus: int = 0) -> list[ConditionState]:
+    if not observed.managed:
+        if observed.endpoint_reachable:
+            ready = ConditionState("Ready", "True", "EndpointReachable", f"{observed.endpoint_url} answers")
+        else:
+            ready = ConditionState(
+                "Ready", "False", "EndpointUnreachable", f"{observed.endpoint_url}: {observed.endpoint_error}".strip()
+            )
+        return [ready]
+
+    states: list[ConditionState] = []
+    job, job_message = job_state(observed.prefetch_job) if observed.prefetch_expected else ("Complete", "no download")
+    cached = {
+        "Complete": ConditionState("ModelCached", "True", "Prefetched", job_message),
+        "Failed": ConditionState("ModelCached", "False", "PrefetchFailed", job_message),
+        "Running": ConditionState("ModelCached", "False", "Downloading", job_message),
+        "Missing": ConditionState("ModelCached", "False", "Pending", job_message),
+    }[job]
+    states.append(cached)
+
+    deployment_status = (observed.deployment or {}).get("status", {})
+    desired = (observed.deployment or {}).get("spec", {}).get("replicas", 0)
+    ready_replicas = deployment_status.get("readyReplicas") or 0
+    unschedulable = unschedulable_messages(observed.pods)
+    crashes = crash_looping(observed.pods)
+
+    if unschedulable:
+        states.append(
+            ConditionState(
+                "Scheduled", "False", "Unschedulable", explain_unschedulable(unschedulable[0], gpu_resource, gpus)
+            )
+        )
+    elif observed.pods:
+        states.append(ConditionState("Scheduled", "True", "Scheduled", f"{len(observed.pods)} pod(s) placed on nodes"))
+    elif job != "Complete":
+        states.append(
+            ConditionState("Scheduled", "Unknown", "WaitingForCache", "pods start once the weights are cached")
+        )
+    else:
+        states.append(ConditionState("Scheduled", "Unknown", "NoPods", "no pods exist yet"))
+
+    if crashes:
+        states.append(ConditionState("Degraded", "True", "ContainersFailing", "; ".join(crashes)))
+    elif job == "Failed":
+        states.append(ConditionState("Degraded", "True", "PrefetchFailed", job_message))
+    else:
+        states.append(ConditionState("Degraded", "False", "AsExpected", "no failures observed"))
+
+    if ready_replicas > 0 and not crashes:
+        states.append(
+            ConditionState("Ready", "True", "ReplicasReady", f"{ready_replicas}/{desired} replica(s) ready to serve")
+        )
+    elif job == "Failed":
+        states.append(ConditionState("Ready", "False", "PrefetchFailed", job_message))
+    elif unschedulable:
+        states.append(ConditionState("Ready", "False", "Unschedulable", states[1].message))
+    elif crashes:
+        states.append(ConditionState("Ready", "False", "ContainersFailing", "; ".join(crashes)))
+    elif job != "Complete":
+        states.append(ConditionState("Ready", "False", "Downloading", job_message))
+    else:
+        states.append(
+            ConditionState("Ready", "False", "Loading", f"0/{desired} replica(s) ready; the model is loading")
+        )
+
+    progressing = observed.deployment is None or ready_replicas < desired or job in {"Running", "Missing"}
+    states.append(
+        ConditionState(
+            "Progressing",
+            "True" if progressing else "False",
+            "Reconciling" if progressing else "Stable",
+            "rolling out" if progressing else "all replicas are up to date",
+        )
+    )
+    return states
+
+
+def phase_for(states: list[ConditionState]) -> str:
+    by_type = {state.type: state for state in states}
+    if by_type["Ready"].status == "True":
+        return "Degraded" if by_type.get("Degraded", by_type["Ready"]).status == "True" else "Ready"
+    reason = by_type["Ready"].reason
+    if reason in {"PrefetchFailed", "ContainersFailing"}:
+        return "Failed"
+    if reason == "Downloading":
+        return "Downloading"
+    if reason == "Loading":
+        return "Loading"
+    return "Pending"
+
+
+def merge_conditions(
+    previous: list[Manifest], states: list[ConditionState], generation: int, now: datetime | None = None
+) -> list[Manifest]:
+    """New conditions, keeping lastTransitionTime where the status did not change."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    old = {c.get("type"): c for c in previous}
+    merged = []
+    for state in states:
+        before = old.get(state.type)
+        transition = before.get("lastTransitionTime") if before and before.get("status") == state.status else stamp
+        merged.append(
+            {
+                "type": state.type,
+                "status": state.status,
+                "reason": state.reason,
+                "message": state.message,
+                "observedGeneration": generation,
+                "lastTransitionTime": transition,
+            }
+        )
+    return merged
+
+
+def transitions(previous: list[Manifest], states: list[ConditionState]) -> list[ConditionState]:
+    """Conditions whose status or reason changed: each deserves an Event."""
+    old = {c.get("type"): (c.get("status"), c.get("reason")) for c in previous}
+    return [s for s in states if old.get(s.type) != (s.status, s.reason)]
