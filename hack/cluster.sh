@@ -70,11 +70,12 @@ up() {
     --kwok-controller-binary "$bin_dir/kwok" \
     --kube-authorization=true \
     --kube-admission=true \
+    --extra-args kube-controller-manager=enable-hostpath-provisioner=true \
     --wait 120s >"$create_log" 2>&1; then
     tail -n 20 "$create_log" >&2
     die "kwokctl could not create $cluster_name (full log: $create_log; component logs: kwokctl --name $cluster_name logs <component>)"
   fi
-  kubectl_ apply -f "$repo_root/hack/cluster/nodes.yaml" >/dev/null
+  kubectl_ apply -f "$repo_root/hack/cluster/nodes.yaml" -f "$repo_root/hack/cluster/storage.yaml" >/dev/null
   kubectl_ wait --for=condition=Ready node --all --timeout=120s >/dev/null
   # Pods need the default ServiceAccount, which the controller-manager creates.
   local deadline=$((SECONDS + 60))

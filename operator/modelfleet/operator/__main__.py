@@ -1,0 +1,53 @@
+"""`python -m modelfleet.operator`: run the operator (Kopf) with settings from MODELFLEET_OPERATOR_*."""
+
+from __future__ import annotations
+
+import logging
+from typing import cast
+
+import kopf
+from kubernetes import client, config
+from prometheus_client import start_http_server
+
+from modelfleet.operator import handlers
+from modelfleet.operator.apply import Kube
+from modelfleet.operator.settings import OperatorSettings
+
+
+def load_api_client() -> client.ApiClient:
+    """In a pod: the ServiceAccount; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        return client.ApiClient()
+    except config.ConfigException:
+        return cast(client.ApiClient, config.new_client_from_config())  # type: ignore[no-untyped-call]
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = OperatorSettings()
+    api_client = load_api_client()
+    runtime = handlers.Runtime(
+        settings=settings,
+        kube=Kube(api_client),
+        custom=client.CustomObjectsApi(api_client),
+        metrics=handlers.ReconcileMetrics.create(),
+    )
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=runtime.metrics.registry)
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, settings)
+    kopf_settings = kopf.OperatorSettings()
+    handlers.configure(kopf_settings, settings)
+    kopf.run(
+        registry=registry,
+        settings=kopf_settings,
+        memo=kopf.Memo(runtime=runtime),
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        liveness_endpoint=f"http://{settings.liveness_host}:{settings.liveness_port}/healthz",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Server-side apply of child manifests, and the reads and deletes a reconcile needs.
+
+Every write is a server-side apply with one field manager, so the API server merges what we own
+and leaves alone what others own (the HPA's replicas, defaults, other controllers' fields).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, cast
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+Manifest = dict[str, Any]
+
+FIELD_MANAGER = "modelfleet-operator"
+
+
+@dataclass(frozen=True)
+class KindPath:
+    group: str  # "" for the core group
+    version: str
+    plural: str
+
+    def collection(self, namespace: str) -> str:
+        prefix = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        return f"{prefix}/namespaces/{namespace}/{self.plural}"
+
+
+KINDS: dict[str, KindPath] = {
+    "Deployment": KindPath("apps", "v1", "deployments"),
+    "Service": KindPath("", "v1", "services"),
+    "PersistentVolumeClaim": KindPath("", "v1", "persistentvolumeclaims"),
+    "Job": KindPath("batch", "v1", "jobs"),
+    "HorizontalPodAutoscaler": KindPath("autoscaling", "v2", "horizontalpodautoscalers"),
+    "PodDisruptionBudget": KindPath("policy", "v1", "poddisruptionbudgets"),
+    "Pod": KindPath("", "v1", "pods"),
+}
+
+
+class Kube:
+    """A thin typed door to the API server for the operator's own kinds."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.api_client = api_client
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: str | Manifest | None = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+    ) -> Manifest:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        request = self.api_client.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api_client.call_api(*request)
+        response.read()  # type: ignore[no-untyped-call]
+        if not 200 <= response.status < 300:
+            raise ApiException(http_resp=response)
+        return cast(Manifest, json.loads(response.data or b"{}"))
+
+    def apply(self, manifest: Manifest) -> Manifest:
+        kind = KINDS[manifest["kind"]]
+        meta = manifest["metadata"]
+        path = f"{kind.collection(meta['namespace'])}/{meta['name']}"
+        query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
+        # JSON is YAML, so the apply content type accepts the manifest as JSON.
+        return self._call("PATCH", path, json.dumps(manifest), query, "application/apply-patch+yaml")
+
+    def get(self, kind_name: str, namespace: str, name: str) -> Manifest | None:
+        kind = KINDS[kind_name]
+        try:
+            return self._call("GET", f"{kind.collection(namespace)}/{name}")
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list(self, kind_name: str, namespace: str, label_selector: str) -> list[Manifest]:
+        kind = KINDS[kind_name]
+        result = self._call("GET", kind.collection(namespace), query=[("labelSelector", label_selector)])
+        return cast(list[Manifest], result.get("items") or [])
+
+    def delete(self, kind_name: str, namespace: str, name: str) -> bool:
+        kind = KINDS[kind_name]
+        try:
+            self._call("DELETE", f"{kind.collection(namespace)}/{name}", body={"propagationPolicy": "Background"})
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True

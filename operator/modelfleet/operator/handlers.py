@@ -1,0 +1,200 @@
+"""Kopf handlers.  Each one is thin: it names which model to reconcile and hands over to `Runtime`.
+
+Every path (the model changed, a child changed, the periodic resync) runs the same level-based
+reconcile of one model, coalesced so that a burst of child events costs one extra pass at most.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import kopf
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from modelfleet.api import v1alpha1
+from modelfleet.operator.apply import Kube
+from modelfleet.operator.builders.common import MANAGED_BY, MODEL_LABEL
+from modelfleet.operator.reconcile import reconcile, status_changed
+from modelfleet.operator.settings import OperatorSettings
+
+# (group, version, plural) of every kind whose changes can change a model's desired or observed state.
+CHILD_RESOURCES = [
+    ("apps", "v1", "deployments"),
+    ("batch", "v1", "jobs"),
+    ("", "v1", "pods"),
+    ("", "v1", "services"),
+    ("", "v1", "persistentvolumeclaims"),
+    ("autoscaling", "v2", "horizontalpodautoscalers"),
+    ("policy", "v1", "poddisruptionbudgets"),
+]
+
+
+@dataclass
+class ReconcileMetrics:
+    registry: CollectorRegistry
+    total: Counter
+    duration: Histogram
+    errors: Counter
+
+    @classmethod
+    def create(cls) -> ReconcileMetrics:
+        registry = CollectorRegistry()
+        return cls(
+            registry=registry,
+            total=Counter("modelfleet_operator_reconciles_total", "Reconciles run", ["trigger"], registry=registry),
+            duration=Histogram(
+                "modelfleet_operator_reconcile_duration_seconds", "Duration of one reconcile", registry=registry
+            ),
+            errors=Counter("modelfleet_operator_reconcile_errors_total", "Reconciles that failed", registry=registry),
+        )
+
+
+@dataclass
+class Runtime:
+    """The operator's clients and state, created at start-up and passed to handlers through kopf's memo."""
+
+    settings: OperatorSettings
+    kube: Kube
+    custom: client.CustomObjectsApi
+    metrics: ReconcileMetrics
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+    _running: set[tuple[str, str]] = field(default_factory=set)
+    _pending: set[tuple[str, str]] = field(default_factory=set)
+
+    def read_model(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            body = cast(
+                dict[str, Any],
+                self.custom.get_namespaced_custom_object(
+                    v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, name
+                ),
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return body
+
+    def reconcile_model(self, namespace: str, name: str, trigger: str, logger: logging.Logger | Any) -> None:
+        """Reconcile now, or, if a reconcile of this model is running, once more right after it."""
+        key = (namespace, name)
+        with self._guard:
+            if key in self._running:
+                self._pending.add(key)
+                return
+            self._running.add(key)
+        try:
+            while True:
+                self._reconcile_once(namespace, name, trigger, logger)
+                with self._guard:
+                    if key not in self._pending:
+                        self._running.discard(key)
+                        return
+                    self._pending.discard(key)
+                trigger = "coalesced"
+        except BaseException:
+            with self._guard:
+                self._running.discard(key)
+                self._pending.discard(key)
+            raise
+
+    def _reconcile_once(self, namespace: str, name: str, trigger: str, logger: logging.Logger | Any) -> None:
+        body = self.read_model(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return  # owner references let the garbage collector remove the children
+        self.metrics.total.labels(trigger=trigger).inc()
+        started = time.monotonic()
+        try:
+            outcome = reconcile(self.kube, body, self.settings.images, self.settings.endpoint_probe_timeout_seconds)
+        except Exception:
+            self.metrics.errors.inc()
+            raise
+        finally:
+            self.metrics.duration.observe(time.monotonic() - started)
+        if status_changed(body.get("status") or {}, outcome.status):
+            self.custom.patch_namespaced_custom_object_status(
+                v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, name, {"status": outcome.status}
+            )
+        for change in outcome.transitions:
+            healthy = (change.type == "Degraded") == (change.status == "False")
+            kopf.event(
+                kopf.Body(cast(kopf.RawBody, body)),
+                type="Normal" if healthy else "Warning",
+                reason=change.reason,
+                message=f"{change.type}={change.status}: {change.message}",
+            )
+            logger.info(
+                "%s/%s %s=%s (%s): %s", namespace, name, change.type, change.status, change.reason, change.message
+            )
+
+
+def runtime_of(memo: Any) -> Runtime:
+    runtime: Runtime = memo.runtime
+    return runtime
+
+
+def on_model_changed(name: str, namespace: str, memo: Any, logger: logging.Logger, **_: Any) -> None:
+    runtime_of(memo).reconcile_model(namespace, name, "model", logger)
+
+
+def on_resync(name: str, namespace: str, memo: Any, logger: logging.Logger, **_: Any) -> None:
+    runtime_of(memo).reconcile_model(namespace, name, "resync", logger)
+
+
+def on_child_event(
+    body: dict[str, Any], namespace: str, memo: Any, logger: logging.Logger, type: str | None = None, **_: Any
+) -> None:
+    model = (body.get("metadata", {}).get("labels") or {}).get(MODEL_LABEL)
+    if model and type is not None:  # type None is the initial listing; resume handlers cover it
+        runtime_of(memo).reconcile_model(namespace, model, "child", logger)
+
+
+def configure(settings: kopf.OperatorSettings, operator: OperatorSettings) -> None:
+    """Explicit Kopf settings: every key Kopf writes on our objects lives under modelfleet.io."""
+    # Peering lets several replicas run for availability: the highest priority one works, the
+    # others stand by.  It needs the KopfPeering CRDs (shipped with the chart); standalone skips it.
+    settings.peering.standalone = operator.standalone
+    settings.peering.mandatory = not operator.standalone
+    settings.peering.name = operator.peering_name
+    settings.peering.priority = operator.priority
+    settings.peering.clusterwide = not operator.namespaces
+    settings.persistence.finalizer = "modelfleet.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="modelfleet.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="modelfleet.io", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.execution.max_workers = 8
+
+
+def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
+    """Register the handlers.  No deletion handler: deleting a model needs no finalizer, the
+    garbage collector removes its children through their owner references."""
+    # Same credentials as our own client: the in-cluster ServiceAccount, or $KUBECONFIG.
+    kopf.on.login(id="login", registry=registry)(kopf.login_via_client)
+    resource = (v1alpha1.GROUP, v1alpha1.VERSION, v1alpha1.PLURAL)
+    decorators: list[Callable[[Any], Any]] = [
+        kopf.on.resume(*resource, id="resume", registry=registry),
+        kopf.on.create(*resource, id="create", registry=registry),
+        kopf.on.update(*resource, id="update", field="spec", registry=registry),
+    ]
+    for decorate in decorators:
+        decorate(on_model_changed)
+    # Kopf's handler protocols list every keyword it may pass; ours take the few they use and **_.
+    kopf.timer(*resource, id="resync", interval=settings.resync_seconds, sharp=False, registry=registry)(
+        on_resync  # type: ignore[arg-type]
+    )
+    for group, version, plural in CHILD_RESOURCES:
+        api_version = f"{group}/{version}" if group else version
+        kopf.on.event(
+            api_version, plural, id=f"child-{plural}", labels={"app.kubernetes.io/managed-by": MANAGED_BY},
+            registry=registry,
+        )(on_child_event)  # type: ignore[arg-type]  # fmt: skip

@@ -1,0 +1,136 @@
+"""One reconcile of one InferenceModel: read spec, build desired children, apply, observe, compute status.
+
+Level-based: it derives everything from the current spec and the cluster as it is now, so running
+it twice, concurrently or after a crash gives the same result.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from modelfleet.api import v1alpha1
+from modelfleet.operator.apply import Kube, Manifest
+from modelfleet.operator.builders import autoscaling, cache, service, workload
+from modelfleet.operator.builders.common import MODEL_LABEL, ModelContext, RuntimeImages, child_name, selector_labels
+from modelfleet.operator.status import (
+    ConditionState,
+    Observed,
+    conditions_for,
+    merge_conditions,
+    phase_for,
+    transitions,
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: dict[str, Any]
+    transitions: list[ConditionState]
+
+
+def context_from(body: Manifest, images: RuntimeImages) -> ModelContext:
+    meta = body["metadata"]
+    return ModelContext(
+        name=meta["name"],
+        namespace=meta["namespace"],
+        uid=meta["uid"],
+        spec=v1alpha1.InferenceModelSpec.model_validate(body.get("spec") or {}),
+        images=images,
+    )
+
+
+def probe_endpoint(url: str, timeout: float) -> tuple[bool, str]:
+    """Any HTTP answer means the server is there; only connection failures count as unreachable."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return True, ""
+    except urllib.error.HTTPError:
+        return True, ""
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return False, str(reason)
+
+
+def selector_string(context: ModelContext) -> str:
+    return ",".join(f"{key}={value}" for key, value in selector_labels(context).items())
+
+
+def apply_or_delete(kube: Kube, kind: str, desired: Manifest | None, context: ModelContext) -> Manifest | None:
+    if desired is not None:
+        return kube.apply(desired)
+    kube.delete(kind, context.namespace, child_name(context))
+    return None
+
+
+def reconcile_managed(kube: Kube, context: ModelContext, generation: int) -> Observed:
+    claim = cache.build_cache_claim(context)
+    observed_claim = kube.apply(claim) if claim is not None else None
+    job = cache.build_prefetch_job(context)
+    observed_job = kube.apply(job) if job is not None else None
+    # Jobs of earlier models have served their purpose; the volume keeps their weights.
+    for stale in kube.list(
+        "Job", context.namespace, f"{MODEL_LABEL}={context.name},app.kubernetes.io/component=model-prefetch"
+    ):
+        if job is None or stale["metadata"]["name"] != job["metadata"]["name"]:
+            kube.delete("Job", context.namespace, stale["metadata"]["name"])
+
+    kube.apply(service.build_service(context))
+    cached = observed_job is None or any(
+        c.get("type") == "Complete" and c.get("status") == "True"
+        for c in (observed_job.get("status") or {}).get("conditions") or []
+    )
+    deployment: Manifest | None
+    if cached:
+        deployment = kube.apply(workload.build_deployment(context))
+        apply_or_delete(kube, "HorizontalPodAutoscaler", autoscaling.build_hpa(context), context)
+        apply_or_delete(kube, "PodDisruptionBudget", autoscaling.build_pdb(context), context)
+    else:
+        # Pods start only once the weights are cached; a running older version keeps serving meanwhile.
+        deployment = kube.get("Deployment", context.namespace, child_name(context))
+    pods = kube.list("Pod", context.namespace, selector_string(context))
+    return Observed(
+        generation=generation,
+        deployment=deployment,
+        pods=pods,
+        prefetch_job=observed_job,
+        prefetch_expected=job is not None,
+        claim=observed_claim,
+    )
+
+
+def reconcile(kube: Kube, body: Manifest, images: RuntimeImages, probe_timeout: float = 2.0) -> Outcome:
+    context = context_from(body, images)
+    generation = body["metadata"].get("generation", 0)
+    previous_status = body.get("status") or {}
+    status: dict[str, Any] = {"observedGeneration": generation}
+    if context.spec.endpoint is not None:
+        url = context.spec.endpoint.url
+        reachable, error = probe_endpoint(url, probe_timeout)
+        observed = Observed(generation=generation, managed=False, endpoint_url=url, endpoint_reachable=reachable,
+                            endpoint_error=error)  # fmt: skip
+        status["endpoint"] = url
+        states = conditions_for(observed)
+    else:
+        observed = reconcile_managed(kube, context, generation)
+        deployment_status = (observed.deployment or {}).get("status") or {}
+        status.update(
+            {
+                "endpoint": service.service_url(context),
+                "replicas": deployment_status.get("replicas") or 0,
+                "readyReplicas": deployment_status.get("readyReplicas") or 0,
+                "selector": selector_string(context),
+            }
+        )
+        states = conditions_for(observed, gpu_resource=context.resources.gpu_resource, gpus=context.resources.gpu)
+    previous_conditions = previous_status.get("conditions") or []
+    status["phase"] = phase_for(states)
+    status["conditions"] = merge_conditions(previous_conditions, states, generation)
+    return Outcome(status=status, transitions=transitions(previous_conditions, states))
+
+
+def status_changed(previous: dict[str, Any], new: dict[str, Any]) -> bool:
+    """True when a status patch would change anything (timestamps of unchanged conditions are kept)."""
+    return any(previous.get(key) != value for key, value in new.items())

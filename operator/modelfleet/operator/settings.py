@@ -1,0 +1,31 @@
+"""Operator settings, from the environment (prefix MODELFLEET_OPERATOR_)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from modelfleet.operator.builders.common import RuntimeImages
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELFLEET_OPERATOR_")
+
+    namespaces: list[str] = Field(
+        default_factory=list, description="Namespaces to watch; empty means every namespace (cluster-wide)."
+    )
+    resync_seconds: float = Field(30.0, gt=0, description="Full reconcile of every model this often (drift, status).")
+    endpoint_probe_timeout_seconds: float = Field(2.0, gt=0, description="Timeout of the reachability check.")
+    ollama_image: str = Field(RuntimeImages.ollama, description="Default Ollama image.")
+    vllm_image: str = Field(RuntimeImages.vllm, description="Default vLLM image.")
+    liveness_host: str = Field("0.0.0.0", description="Address of Kopf's liveness endpoint.")
+    liveness_port: int = Field(8080, description="Port of Kopf's liveness endpoint (/healthz).")
+    metrics_port: int = Field(9090, description="Port of the Prometheus metrics endpoint; 0 turns it off.")
+    metrics_host: str = Field("0.0.0.0", description="Address of the metrics endpoint.")
+    peering_name: str = Field("modelfleet", description="Kopf peering object shared by the operator's replicas.")
+    standalone: bool = Field(False, description="Run without peering (one replica, or local development).")
+    priority: int = Field(0, description="Kopf peering priority of this replica.")
+
+    @property
+    def images(self) -> RuntimeImages:
+        return RuntimeImages(ollama=self.ollama_image, vllm=self.vllm_image)
