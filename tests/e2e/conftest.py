@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
@@ -24,7 +27,7 @@ from tests.support.cluster import (
     check_live_uid,
     load_guarded_context,
 )
-from tests.support.procs import wait_until
+from tests.support.procs import LOOPBACK, RunningProcess, free_port, running_process, wait_until
 
 
 @dataclass
@@ -119,3 +122,90 @@ def inferencemodel_crd(cluster: Cluster) -> str:
     name = "inferencemodels.modelfleet.io"
     cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
     return name
+
+
+# The operator process ------------------------------------------------------------------------
+
+RBAC_PATH = Path(__file__).resolve().parents[2] / "manifests" / "rbac" / "operator.yaml"
+OPERATOR_NAMESPACE = "modelfleet-system"
+OPERATOR_ACCOUNT = "modelfleet-operator"
+
+
+@dataclass
+class OperatorProcess:
+    process: RunningProcess
+    kubeconfig: Path
+    metrics_url: str
+    liveness_url: str
+    token: str
+
+
+def service_account_kubeconfig(cluster: Cluster, token: str, path: Path) -> Path:
+    """A kubeconfig that authenticates with the ServiceAccount's bound token only."""
+    configuration = cluster.api.configuration
+    document = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": {"server": configuration.host,
+                                                   "certificate-authority": configuration.ssl_ca_cert}}],
+        "users": [{"name": OPERATOR_ACCOUNT, "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "local", "user": OPERATOR_ACCOUNT}}],
+        "current-context": "operator",
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(document))
+    path.chmod(0o600)
+    return path
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as response:
+        status: int = response.status
+        return status == 200
+
+
+def start_operator(cluster: Cluster, work_dir: Path, resync_seconds: float = 5.0) -> Iterator[OperatorProcess]:
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(RBAC_PATH))
+    token_request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(expiration_seconds=3600))
+    token = (
+        client.CoreV1Api(cluster.api)
+        .create_namespaced_service_account_token(OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, token_request)
+        .status.token
+    )
+    kubeconfig = service_account_kubeconfig(cluster, token, work_dir / "operator.kubeconfig")
+    liveness_port, metrics_port = free_port(), free_port()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(work_dir),
+        "KUBECONFIG": str(kubeconfig),
+        "MODELFLEET_OPERATOR_STANDALONE": "true",
+        "MODELFLEET_OPERATOR_RESYNC_SECONDS": str(resync_seconds),
+        "MODELFLEET_OPERATOR_LIVENESS_HOST": LOOPBACK,
+        "MODELFLEET_OPERATOR_LIVENESS_PORT": str(liveness_port),
+        "MODELFLEET_OPERATOR_METRICS_HOST": LOOPBACK,
+        "MODELFLEET_OPERATOR_METRICS_PORT": str(metrics_port),
+    }
+    liveness_url = f"http://{LOOPBACK}:{liveness_port}/healthz"
+    with running_process(
+        "operator",
+        [sys.executable, "-m", "modelfleet.operator"],
+        work_dir,
+        ready=lambda: http_ok(liveness_url),
+        ready_timeout=60,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+    ) as process:
+        yield OperatorProcess(
+            process=process,
+            kubeconfig=kubeconfig,
+            metrics_url=f"http://{LOOPBACK}:{metrics_port}/metrics",
+            liveness_url=liveness_url,
+            token=token,
+        )
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: Cluster, inferencemodel_crd: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """The operator, running with exactly its ServiceAccount's permissions, for one test module."""
+    yield from start_operator(cluster, tmp_path_factory.mktemp("operator"))

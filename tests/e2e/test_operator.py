@@ -1,0 +1,242 @@
+"""The operator on the local cluster, running as its own ServiceAccount: samples, shortage, drift, scale, delete."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from modelfleet.api import v1alpha1
+from tests.e2e.conftest import Cluster, OperatorProcess, wait_for
+from tests.support.procs import LOOPBACK
+
+pytestmark = pytest.mark.e2e
+
+SAMPLES = Path(__file__).resolve().parents[2] / "manifests" / "samples"
+
+
+def custom(cluster: Cluster) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(cluster.api)
+
+
+def get_model(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    body: dict[str, Any] = custom(cluster).get_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, name
+    )
+    return body
+
+
+def condition(cluster: Cluster, namespace: str, name: str, kind: str) -> dict[str, Any]:
+    conditions = (get_model(cluster, namespace, name).get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == kind), {})
+
+
+def create_model(cluster: Cluster, namespace: str, manifest: dict[str, Any]) -> None:
+    custom(cluster).create_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, manifest
+    )
+
+
+def sample(name: str) -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((SAMPLES / name).read_text())
+    return document
+
+
+@pytest.fixture
+def http_endpoint() -> Iterator[str]:
+    """A tiny real HTTP server on loopback, standing in for an external model server's reachability."""
+    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{LOOPBACK}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_samples_reconcile_into_the_right_children(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    namespace: str,
+    http_endpoint: str,
+) -> None:
+    external = sample("external-endpoint.yaml")
+    external["spec"]["endpoint"]["url"] = http_endpoint  # the operator probes it from this machine
+    for name in ("ollama-gpu.yaml", "vllm-awq.yaml", "autoscaled.yaml"):
+        cluster.kubectl("apply", "-n", namespace, "-f", str(SAMPLES / name))
+    create_model(cluster, namespace, external)
+    for name in ("llama3-2-1b", "qwen2-5-7b-awq", "phi3-mini-autoscaled", "gemma3-270m"):
+        cluster.kubectl("wait", "--for=condition=Ready", f"inferencemodels.modelfleet.io/{name}", "-n", namespace,
+                        "--timeout=90s")  # fmt: skip
+
+    apps = client.AppsV1Api(cluster.api)
+    core = client.CoreV1Api(cluster.api)
+    llama = apps.read_namespaced_deployment("im-llama3-2-1b", namespace)
+    container = llama.spec.template.spec.containers[0]
+    assert container.image == "docker.io/ollama/ollama:0.17.4"
+    assert container.resources.limits["nvidia.com/gpu"] == "1"
+    assert {e.name: e.value for e in container.env}["OLLAMA_NUM_PARALLEL"] == "4"
+    assert llama.spec.strategy.rolling_update.max_surge == 0
+    assert llama.metadata.owner_references[0].kind == "InferenceModel"
+    pods = core.list_namespaced_pod(
+        namespace, label_selector="modelfleet.io/model=llama3-2-1b,app.kubernetes.io/component=model-server"
+    )
+    assert pods.items[0].spec.node_name.startswith("gpu-node-")
+
+    qwen = apps.read_namespaced_deployment("im-qwen2-5-7b-awq", namespace).spec.template.spec.containers[0]
+    assert qwen.args[:4] == [
+        "--model",
+        "Qwen/Qwen2.5-7B-Instruct-AWQ",
+        "--served-model-name",
+        "Qwen/Qwen2.5-7B-Instruct-AWQ",
+    ]
+    assert qwen.args[-6:] == ["--quantization", "awq", "--max-model-len", "8192", "--gpu-memory-utilization", "0.90"]
+
+    hpa = client.AutoscalingV2Api(cluster.api).read_namespaced_horizontal_pod_autoscaler(
+        "im-phi3-mini-autoscaled", namespace
+    )
+    assert hpa.spec.metrics[0].external.metric.name == "modelfleet_queue_depth"
+    assert client.PolicyV1Api(cluster.api).read_namespaced_pod_disruption_budget("im-phi3-mini-autoscaled", namespace)
+    managed = apps.read_namespaced_deployment("im-phi3-mini-autoscaled", namespace).metadata.managed_fields
+    ours = [m for m in managed if m.manager == "modelfleet-operator"]
+    assert ours
+    assert all("f:replicas" not in (m.fields_v1.get("f:spec") or {}) for m in ours), "the HPA owns replicas"
+
+    claim = core.read_namespaced_persistent_volume_claim("im-llama3-2-1b-cache", namespace)
+    assert claim.status.phase == "Bound"
+    assert claim.spec.resources.requests["storage"] == "10Gi"
+    assert not apps.list_namespaced_deployment(namespace, label_selector="modelfleet.io/model=gemma3-270m").items
+    assert get_model(cluster, namespace, "gemma3-270m")["status"]["endpoint"] == http_endpoint
+
+    table = cluster.kubectl("get", "inferencemodels.modelfleet.io", "-n", namespace).stdout.splitlines()
+    assert table[0].split() == ["NAME", "RUNTIME", "MODEL", "READY", "REPLICAS", "ENDPOINT", "AGE"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert rows["llama3-2-1b"][1:6] == [
+        "ollama",
+        "llama3.2:1b",
+        "True",
+        "1",
+        "http://im-llama3-2-1b." + namespace + ".svc:11434",
+    ]
+
+
+def test_gpu_shortage_is_reported_and_recovers_when_fixed(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    namespace: str,
+) -> None:
+    create_model(cluster, namespace, {
+        "apiVersion": "modelfleet.io/v1alpha1", "kind": "InferenceModel", "metadata": {"name": "huge"},
+        "spec": {"runtime": "vllm", "model": "org/huge", "resources": {"gpu": 8}},
+    })  # fmt: skip
+    wait_for(lambda: condition(cluster, namespace, "huge", "Scheduled").get("status") == "False",
+             what="Scheduled=False for an 8-GPU model", timeout=90)  # fmt: skip
+    scheduled = condition(cluster, namespace, "huge", "Scheduled")
+    ready = condition(cluster, namespace, "huge", "Ready")
+    assert scheduled["reason"] == "Unschedulable"
+    assert "waiting for nvidia.com/gpu: 8 per replica" in scheduled["message"]
+    assert ready["status"] == "False"
+    assert "nvidia.com/gpu" in ready["message"]
+    events = client.CoreV1Api(cluster.api).list_namespaced_event(namespace, field_selector="involvedObject.name=huge")
+    assert any(e.reason == "Unschedulable" and e.type == "Warning" for e in events.items)
+
+    custom(cluster).patch_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, "huge", {"spec": {"resources": {"gpu": 2}}}
+    )
+    wait_for(lambda: condition(cluster, namespace, "huge", "Ready").get("status") == "True",
+             what="Ready=True after lowering the GPU count", timeout=120)  # fmt: skip
+    assert (
+        condition(cluster, namespace, "huge", "Ready")["observedGeneration"]
+        == get_model(cluster, namespace, "huge")["metadata"]["generation"]
+    )
+
+
+def test_drift_is_corrected_and_deleted_children_come_back(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    namespace: str,
+) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", str(SAMPLES / "ollama-gpu.yaml"))
+    cluster.kubectl("wait", "--for=condition=Ready", "inferencemodels.modelfleet.io/llama3-2-1b", "-n", namespace,
+                    "--timeout=90s")  # fmt: skip
+    apps = client.AppsV1Api(cluster.api)
+    core = client.CoreV1Api(cluster.api)
+    patch = {"spec": {"template": {"spec": {"containers": [{"name": "ollama", "image": "evil/image:latest"}]}}}}
+    apps.patch_namespaced_deployment("im-llama3-2-1b", namespace, patch)
+    wait_for(
+        lambda: (
+            apps.read_namespaced_deployment("im-llama3-2-1b", namespace).spec.template.spec.containers[0].image
+            == "docker.io/ollama/ollama:0.17.4"
+        ),
+        what="the hand-edited image to be restored",
+        timeout=20,
+    )
+    core.delete_namespaced_service("im-llama3-2-1b", namespace)
+    wait_for(lambda: core.read_namespaced_service("im-llama3-2-1b", namespace) is not None,
+             what="the deleted Service to be recreated", timeout=20)  # fmt: skip
+
+
+def test_scale_subresource_and_deletion_of_all_children(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    namespace: str,
+) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", str(SAMPLES / "ollama-gpu.yaml"))
+    cluster.kubectl("wait", "--for=condition=Ready", "inferencemodels.modelfleet.io/llama3-2-1b", "-n", namespace,
+                    "--timeout=90s")  # fmt: skip
+    cluster.kubectl("scale", "inferencemodels.modelfleet.io/llama3-2-1b", "--replicas=3", "-n", namespace)
+    apps = client.AppsV1Api(cluster.api)
+    wait_for(lambda: (apps.read_namespaced_deployment("im-llama3-2-1b", namespace).status.ready_replicas or 0) == 3,
+             what="3 ready replicas after kubectl scale", timeout=60)  # fmt: skip
+    wait_for(lambda: get_model(cluster, namespace, "llama3-2-1b")["status"].get("readyReplicas") == 3,
+             what="status.readyReplicas to follow", timeout=30)  # fmt: skip
+
+    custom(cluster).delete_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, "llama3-2-1b"
+    )
+    core = client.CoreV1Api(cluster.api)
+    selector = "modelfleet.io/model=llama3-2-1b"
+
+    def children_left() -> int:
+        return sum(
+            len(items)
+            for items in (
+                apps.list_namespaced_deployment(namespace, label_selector=selector).items,
+                core.list_namespaced_service(namespace, label_selector=selector).items,
+                core.list_namespaced_persistent_volume_claim(namespace, label_selector=selector).items,
+                client.BatchV1Api(cluster.api).list_namespaced_job(namespace, label_selector=selector).items,
+                core.list_namespaced_pod(namespace, label_selector=selector).items,
+            )
+        )
+
+    wait_for(lambda: children_left() == 0, what="every child to be garbage-collected", timeout=60)
+
+
+def test_operator_identity_is_limited_and_it_exports_metrics(
+    cluster: Cluster,
+    operator: OperatorProcess,
+) -> None:
+    as_operator = client.Configuration()
+    as_operator.host = cluster.api.configuration.host
+    as_operator.ssl_ca_cert = cluster.api.configuration.ssl_ca_cert
+    as_operator.api_key = {"authorization": f"Bearer {operator.token}"}
+    with client.ApiClient(as_operator) as api:
+        core = client.CoreV1Api(api)
+        for forbidden in (lambda: core.list_namespaced_secret("default"), lambda: core.list_node(),
+                          lambda: client.RbacAuthorizationV1Api(api).list_cluster_role()):  # fmt: skip
+            with pytest.raises(ApiException) as refused:
+                forbidden()
+            assert refused.value.status == 403
+    with urllib.request.urlopen(operator.metrics_url, timeout=5) as response:
+        metrics = response.read().decode()
+    assert "modelfleet_operator_reconciles_total" in metrics
+    assert "modelfleet_operator_reconcile_duration_seconds_bucket" in metrics
