@@ -1,0 +1,115 @@
+"""The operator is quiet in steady state, and converges without duplicates after being killed."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from modelfleet.api import v1alpha1
+from tests.e2e.conftest import Cluster, start_operator, wait_for
+
+pytestmark = pytest.mark.e2e
+
+SELECTOR = "app.kubernetes.io/managed-by=modelfleet-operator"
+
+
+def model(name: str) -> dict[str, object]:
+    return {
+        "apiVersion": f"{v1alpha1.GROUP}/{v1alpha1.VERSION}",
+        "kind": v1alpha1.KIND,
+        "metadata": {"name": name},
+        "spec": {"runtime": "ollama", "model": f"{name}:latest", "resources": {"gpu": 0, "cpu": "1"}},
+    }
+
+
+def resource_versions(cluster: Cluster, namespace: str) -> dict[str, str]:
+    """resourceVersion of every model and every child: any write changes one of them."""
+    versions: dict[str, str] = {}
+    apps, core, batch = client.AppsV1Api(cluster.api), client.CoreV1Api(cluster.api), client.BatchV1Api(cluster.api)
+    listings = {
+        "deployment": apps.list_namespaced_deployment(namespace, label_selector=SELECTOR).items,
+        "service": core.list_namespaced_service(namespace, label_selector=SELECTOR).items,
+        "pvc": core.list_namespaced_persistent_volume_claim(namespace, label_selector=SELECTOR).items,
+        "job": batch.list_namespaced_job(namespace, label_selector=SELECTOR).items,
+    }
+    for kind, items in listings.items():
+        for item in items:
+            versions[f"{kind}/{item.metadata.name}"] = item.metadata.resource_version
+    models = client.CustomObjectsApi(cluster.api).list_namespaced_custom_object(
+        v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL
+    )
+    for item in models["items"]:
+        versions[f"im/{item['metadata']['name']}"] = item["metadata"]["resourceVersion"]
+    return versions
+
+
+def all_ready(cluster: Cluster, namespace: str, names: list[str]) -> bool:
+    api = client.CustomObjectsApi(cluster.api)
+    for name in names:
+        body = api.get_namespaced_custom_object(v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, name)
+        conditions = {c["type"]: c["status"] for c in (body.get("status") or {}).get("conditions") or []}
+        if conditions.get("Ready") != "True" or conditions.get("Progressing") != "False":
+            return False
+    return True
+
+
+def test_steady_state_makes_no_writes_for_60_seconds(
+    cluster: Cluster, inferencemodel_crd: str, namespace: str, tmp_path: Path, record_property: pytest.RecordProperty
+) -> None:
+    names = ["quiet-a", "quiet-b"]
+    servers = start_operator(cluster, tmp_path, resync_seconds=5)
+    next(servers)
+    try:
+        api = client.CustomObjectsApi(cluster.api)
+        for name in names:
+            api.create_namespaced_custom_object(
+                v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, model(name)
+            )
+        wait_for(lambda: all_ready(cluster, namespace, names), what="both models Ready and stable", timeout=90)
+        time.sleep(6)  # let the last status patch and the child events it caused settle
+        before = resource_versions(cluster, namespace)
+        time.sleep(60)  # 12 resync periods of the operator
+        after = resource_versions(cluster, namespace)
+    finally:
+        servers.close()
+    changed = sorted(key for key in before if after.get(key) != before[key])
+    record_property("steady_state_writes_in_60s", len(changed))
+    assert len(before) == 4 * len(names) + len(names)
+    assert changed == [], f"objects written in steady state: {changed}"
+
+
+def test_killed_mid_reconcile_the_operator_converges_without_duplicates(
+    cluster: Cluster, inferencemodel_crd: str, namespace: str, tmp_path: Path
+) -> None:
+    names = [f"churn-{i}" for i in range(6)]
+    first = start_operator(cluster, tmp_path / "first", resync_seconds=5)
+    (tmp_path / "first").mkdir()
+    running = next(first)
+    api = client.CustomObjectsApi(cluster.api)
+    for name in names:
+        api.create_namespaced_custom_object(v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, model(name))
+    # Kill it hard while it is working through the new models.
+    wait_for(
+        lambda: bool(client.CoreV1Api(cluster.api).list_namespaced_service(namespace, label_selector=SELECTOR).items),
+        what="the first children",
+        timeout=30,
+        interval=0.05,
+    )
+    running.process.process.send_signal(signal.SIGKILL)
+    running.process.process.wait(timeout=10)
+    first.close()
+
+    (tmp_path / "second").mkdir()
+    second = start_operator(cluster, tmp_path / "second", resync_seconds=5)
+    next(second)
+    try:
+        wait_for(lambda: all_ready(cluster, namespace, names), what="every model Ready after the restart", timeout=120)
+    finally:
+        second.close()
+    per_kind = Counter(key.split("/")[0] for key in resource_versions(cluster, namespace))
+    assert per_kind == {"im": 6, "deployment": 6, "service": 6, "pvc": 6, "job": 6}
