@@ -111,6 +111,9 @@ def test_samples_reconcile_into_the_right_children(
     assert ours
     assert all("f:replicas" not in (m.fields_v1.get("f:spec") or {}) for m in ours), "the HPA owns replicas"
 
+    timings = get_model(cluster, namespace, "llama3-2-1b")["status"]["timings"]
+    assert {"downloadSeconds", "scheduleSeconds", "loadSeconds"} <= set(timings), timings
+
     claim = core.read_namespaced_persistent_volume_claim("im-llama3-2-1b-cache", namespace)
     assert claim.status.phase == "Bound"
     assert claim.spec.resources.requests["storage"] == "10Gi"

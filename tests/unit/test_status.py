@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from modelfleet.operator.status import Observed, conditions_for, merge_conditions, phase_for, transitions
+from modelfleet.operator.status import (
+    Observed,
+    conditions_for,
+    merge_conditions,
+    phase_for,
+    phase_timings,
+    transitions,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -114,3 +121,18 @@ def test_transition_times_survive_unchanged_status_and_transitions_are_reported(
     assert {"Ready", "ModelCached", "Scheduled"} <= changed
     assert "Degraded" not in changed
     assert transitions(merge_conditions(merged, second, 2), second) == []
+
+
+def test_phase_timings_come_from_job_and_pod_timestamps() -> None:
+    job = {"status": {"startTime": "2026-01-01T00:00:00Z", "completionTime": "2026-01-01T00:04:10Z"}}
+    old_pod = {"metadata": {"creationTimestamp": "2026-01-01T00:04:00Z"}, "status": {}}
+    new_pod = {
+        "metadata": {"creationTimestamp": "2026-01-01T00:04:11Z"},
+        "status": {"conditions": [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T00:04:13Z"},
+            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:05:03Z"},
+        ]},
+    }  # fmt: skip
+    timings = phase_timings(Observed(generation=1, prefetch_job=job, pods=[old_pod, new_pod]))
+    assert timings == {"downloadSeconds": 250.0, "scheduleSeconds": 2.0, "loadSeconds": 50.0}
+    assert phase_timings(Observed(generation=1, prefetch_job={"status": {"startTime": "2026-01-01T00:00:00Z"}})) == {}

@@ -259,6 +259,14 @@ class Condition(Model):
     last_transition_time: str | None = Field(None, description="When the status last changed (RFC 3339).")
 
 
+class PhaseTimings(Model):
+    """How long the last start took, per phase, read off the Job's and pods' timestamps (1 s resolution)."""
+
+    download_seconds: float | None = Field(None, description="Prefetch Job start to completion.")
+    schedule_seconds: float | None = Field(None, description="Newest serving pod's creation until it was scheduled.")
+    load_seconds: float | None = Field(None, description="Newest serving pod's scheduling until it was Ready.")
+
+
 class InferenceModelStatus(Model):
     """What is true now, as observed by the operator."""
 
@@ -271,3 +279,4 @@ class InferenceModelStatus(Model):
     selector: str | None = Field(None, description="Label selector of the model's pods (for the scale subresource).")
     endpoint: str | None = Field(None, description="Where the router sends this model's requests.")
     conditions: list[Condition] | None = Field(None, description="Current conditions.")
+    timings: PhaseTimings | None = Field(None, description="Time spent in each start-up phase.")

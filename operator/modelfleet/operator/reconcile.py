@@ -21,6 +21,7 @@ from modelfleet.operator.status import (
     conditions_for,
     merge_conditions,
     phase_for,
+    phase_timings,
     transitions,
 )
 
@@ -125,6 +126,9 @@ def reconcile(kube: Kube, body: Manifest, images: RuntimeImages, probe_timeout: 
             }
         )
         states = conditions_for(observed, gpu_resource=context.resources.gpu_resource, gpus=context.resources.gpu)
+        timings = phase_timings(observed)
+        if timings:
+            status["timings"] = timings
     previous_conditions = previous_status.get("conditions") or []
     status["phase"] = phase_for(states)
     status["conditions"] = merge_conditions(previous_conditions, states, generation)

@@ -164,6 +164,41 @@ def conditions_for(observed: Observed, gpu_resource: str = "nvidia.com/gpu", gpu
     return states
 
 
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def seconds_between(start: str | None, end: str | None) -> float | None:
+    began, ended = parse_time(start), parse_time(end)
+    if began is None or ended is None:
+        return None
+    return max(0.0, (ended - began).total_seconds())
+
+
+def condition_time(pod: Manifest, kind: str) -> str | None:
+    for condition in pod.get("status", {}).get("conditions") or []:
+        if condition.get("type") == kind and condition.get("status") == "True":
+            time_value: str | None = condition.get("lastTransitionTime")
+            return time_value
+    return None
+
+
+def phase_timings(observed: Observed) -> dict[str, float]:
+    """Download, schedule and load durations of the latest start, from the API's own timestamps."""
+    timings: dict[str, float | None] = {}
+    job_status = (observed.prefetch_job or {}).get("status") or {}
+    timings["downloadSeconds"] = seconds_between(job_status.get("startTime"), job_status.get("completionTime"))
+    if observed.pods:
+        newest = max(observed.pods, key=lambda pod: pod.get("metadata", {}).get("creationTimestamp") or "")
+        created = newest.get("metadata", {}).get("creationTimestamp")
+        scheduled = condition_time(newest, "PodScheduled")
+        timings["scheduleSeconds"] = seconds_between(created, scheduled)
+        timings["loadSeconds"] = seconds_between(scheduled, condition_time(newest, "Ready"))
+    return {key: value for key, value in timings.items() if value is not None}
+
+
 def phase_for(states: list[ConditionState]) -> str:
     by_type = {state.type: state for state in states}
     if by_type["Ready"].status == "True":
