@@ -163,7 +163,9 @@ def http_ok(url: str) -> bool:
         return status == 200
 
 
-def start_operator(cluster: Cluster, work_dir: Path, resync_seconds: float = 5.0) -> Iterator[OperatorProcess]:
+def start_operator(
+    cluster: Cluster, work_dir: Path, resync_seconds: float = 5.0, standalone: bool = True, priority: int = 0
+) -> Iterator[OperatorProcess]:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(RBAC_PATH))
     token_request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(expiration_seconds=3600))
     token = (
@@ -177,7 +179,8 @@ def start_operator(cluster: Cluster, work_dir: Path, resync_seconds: float = 5.0
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(work_dir),
         "KUBECONFIG": str(kubeconfig),
-        "MODELFLEET_OPERATOR_STANDALONE": "true",
+        "MODELFLEET_OPERATOR_STANDALONE": str(standalone).lower(),
+        "MODELFLEET_OPERATOR_PRIORITY": str(priority),
         "MODELFLEET_OPERATOR_RESYNC_SECONDS": str(resync_seconds),
         "MODELFLEET_OPERATOR_LIVENESS_HOST": LOOPBACK,
         "MODELFLEET_OPERATOR_LIVENESS_PORT": str(liveness_port),

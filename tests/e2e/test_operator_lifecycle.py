@@ -113,3 +113,28 @@ def test_killed_mid_reconcile_the_operator_converges_without_duplicates(
         second.close()
     per_kind = Counter(key.split("/")[0] for key in resource_versions(cluster, namespace))
     assert per_kind == {"im": 6, "deployment": 6, "service": 6, "pvc": 6, "job": 6}
+
+
+def test_peering_mode_reconciles_and_records_its_heartbeat(
+    cluster: Cluster, inferencemodel_crd: str, namespace: str, tmp_path: Path
+) -> None:
+    """With Kopf peering (the HA mode), the operator announces itself in ClusterKopfPeering/modelfleet."""
+    peering = Path(__file__).resolve().parents[2] / "manifests" / "kopf-peering.yaml"
+    # The file holds the CRDs and an object of one of them: the object needs the CRDs established first.
+    cluster.kubectl("apply", "--server-side", "-f", str(peering), check=False)
+    cluster.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=30s")
+    cluster.kubectl("apply", "--server-side", "-f", str(peering))
+    servers = start_operator(cluster, tmp_path, resync_seconds=5, standalone=False, priority=100)
+    next(servers)
+    try:
+        client.CustomObjectsApi(cluster.api).create_namespaced_custom_object(
+            v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, model("peered")
+        )
+        wait_for(lambda: all_ready(cluster, namespace, ["peered"]), what="Ready under peering", timeout=90)
+        heartbeat = client.CustomObjectsApi(cluster.api).get_cluster_custom_object(
+            "kopf.dev", "v1", "clusterkopfpeerings", "modelfleet"
+        )
+        peers = heartbeat.get("status") or {}
+        assert any(peer.get("priority") == 100 for peer in peers.values()), peers
+    finally:
+        servers.close()
