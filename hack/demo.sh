@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: the local cluster with its GPU nodes, and a real model server answering.
+# `make demo`: the local cluster with its GPU nodes, a real model server, and the router in front of it.
 #
 #   hack/demo.sh up     cluster up, nodes shown, Ollama serving gemma3:270m on 127.0.0.1, a real answer
 #   hack/demo.sh down   stop the demo's Ollama and the cluster
@@ -13,14 +13,16 @@ demo_dir="$repo_root/.cache/demo"
 python="$repo_root/.venv/bin/python"
 kubectl_() { "$repo_root/.cache/bin/kubectl" --kubeconfig "$repo_root/.cache/kubeconfig" "$@"; }
 
-stop_ollama() {
-  if [[ -f "$demo_dir/ollama.pid" ]]; then
-    kill "$(cat "$demo_dir/ollama.pid")" 2>/dev/null || true
-    rm -f "$demo_dir/ollama.pid"
+stop_process() {
+  if [[ -f "$demo_dir/$1.pid" ]]; then
+    kill "$(cat "$demo_dir/$1.pid")" 2>/dev/null || true
+    rm -f "$demo_dir/$1.pid"
   fi
 }
 
-ollama_answers() { curl -fsS --max-time 1 "http://127.0.0.1:$1/api/version" >/dev/null 2>&1; }
+free_port() { "$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+answers() { curl -fsS --max-time 1 "$1" >/dev/null 2>&1; }
 
 up() {
   "$repo_root/hack/cluster.sh" up
@@ -36,9 +38,9 @@ up() {
   store=$("$python" "$repo_root/hack/ollama_model.py" prepare)
   mkdir -p "$demo_dir"
   port=$(sed -n 's/^PORT=//p' "$demo_dir/ollama.env" 2>/dev/null || true)
-  if [[ -z "$port" ]] || ! ollama_answers "$port"; then
-    stop_ollama
-    port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  if [[ -z "$port" ]] || ! answers "http://127.0.0.1:$port/api/version"; then
+    stop_process ollama
+    port=$(free_port)
     mkdir -p "$demo_dir/home"
     # A private models directory of hard links, so the demo never changes the cached store.
     rm -rf "$demo_dir/models" && cp -al "$store" "$demo_dir/models"
@@ -51,27 +53,47 @@ up() {
     echo $! >"$demo_dir/ollama.pid"
     printf 'PORT=%s\n' "$port" >"$demo_dir/ollama.env"
     local deadline=$((SECONDS + 60))
-    until ollama_answers "$port"; do
+    until answers "http://127.0.0.1:$port/api/version"; do
       ((SECONDS < deadline)) || { tail -n 20 "$demo_dir/ollama.log" >&2; echo "demo: Ollama did not start" >&2; exit 1; }
       sleep 0.2
     done
   fi
 
+  echo
+  echo "== The ModelFleet router in front of it (OpenAI API) =="
+  local router_port
+  router_port=$(sed -n 's/^PORT=//p' "$demo_dir/router.env" 2>/dev/null || true)
+  if [[ -z "$router_port" ]] || ! answers "http://127.0.0.1:$router_port/readyz"; then
+    stop_process router
+    router_port=$(free_port)
+    env MODELFLEET_HOST=127.0.0.1 MODELFLEET_PORT="$router_port" \
+      MODELFLEET_MODELS="[{\"name\": \"gemma3:270m\", \"url\": \"http://127.0.0.1:$port\", \"aliases\": [\"gemma\"]}]" \
+      "$python" -m modelfleet.server >"$demo_dir/router.log" 2>&1 &
+    echo $! >"$demo_dir/router.pid"
+    printf 'PORT=%s\n' "$router_port" >"$demo_dir/router.env"
+    local deadline=$((SECONDS + 30))
+    until answers "http://127.0.0.1:$router_port/readyz"; do
+      ((SECONDS < deadline)) || { tail -n 20 "$demo_dir/router.log" >&2; echo "demo: the router did not start" >&2; exit 1; }
+      sleep 0.2
+    done
+  fi
+
   local prompt="Write one sentence about lighthouses."
-  echo "A streamed chat through Ollama's OpenAI-compatible API, as it arrives:"
+  echo "A streamed chat through the router to Ollama, as it arrives:"
   echo
-  "$python" "$repo_root/hack/ollama_model.py" chat "http://127.0.0.1:$port/v1" "$prompt"
+  "$python" "$repo_root/hack/ollama_model.py" chat "http://127.0.0.1:$router_port/v1" "$prompt"
   echo
-  echo "Try it yourself (raw SSE):"
-  echo "  curl -N http://127.0.0.1:$port/v1/chat/completions -H 'Content-Type: application/json' \\"
+  echo "Try it yourself (raw SSE through the router), or point the openai SDK at http://127.0.0.1:$router_port/v1:"
+  echo "  curl -N http://127.0.0.1:$router_port/v1/chat/completions -H 'Content-Type: application/json' \\"
   echo "    -d '{\"model\":\"gemma3:270m\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"$prompt\"}]}'"
   echo
-  echo "Ollama keeps running on 127.0.0.1:$port (log: $demo_dir/ollama.log). Stop everything with: make demo-down"
+  echo "Ollama (127.0.0.1:$port) and the router (127.0.0.1:$router_port) keep running; logs in $demo_dir."
+  echo "Stop everything with: make demo-down"
   echo "Note: the packaged GGUF is Gemma 3 270M's base (pretrained) model: it continues text rather than following instructions, so chat answers are often off-topic. The serving path is what this shows."
 }
 
 case "${1:-up}" in
   up) up ;;
-  down) stop_ollama; rm -f "$demo_dir/ollama.env"; "$repo_root/hack/cluster.sh" down ;;
+  down) stop_process router; stop_process ollama; rm -f "$demo_dir"/*.env; "$repo_root/hack/cluster.sh" down ;;
   *) echo "usage: $0 up|down" >&2; exit 2 ;;
 esac

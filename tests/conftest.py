@@ -6,8 +6,11 @@ so tests never touch a service that the machine (or the user) runs already.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
+import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -160,3 +163,41 @@ def start_ollama(work_dir: Path) -> Iterator[OllamaServer]:
 def ollama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OllamaServer]:
     """`ollama serve` (built by `make tools`) with Gemma 3 270M as gemma3:270m; stopped after the session."""
     yield from start_ollama(tmp_path_factory.mktemp("ollama"))
+
+
+@dataclass
+class RouterServer:
+    base_url: str
+    process: RunningProcess
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"{self.base_url}/v1"
+
+
+def start_router(work_dir: Path, models: list[dict[str, object]], **settings: str) -> Iterator[RouterServer]:
+    """`python -m modelfleet.server` on a free loopback port, configured only through its environment."""
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(work_dir),
+        "MODELFLEET_HOST": LOOPBACK,
+        "MODELFLEET_PORT": str(port),
+        "MODELFLEET_MODELS": json.dumps(models),
+        **{f"MODELFLEET_{key.upper()}": value for key, value in settings.items()},
+    }
+    base_url = f"http://{LOOPBACK}:{port}"
+    with running_process(
+        "router", [sys.executable, "-m", "modelfleet.server"], work_dir,
+        ready=lambda: http_ok(f"{base_url}/readyz"), ready_timeout=30, env=env,
+    ) as process:  # fmt: skip
+        yield RouterServer(base_url=base_url, process=process)
+
+
+@pytest.fixture(scope="session")
+def router_server(ollama_server: OllamaServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterServer]:
+    """The router in front of the real Ollama (OpenAI-compatible API), with the alias `gemma`."""
+    models: list[dict[str, object]] = [
+        {"name": ollama_server.model, "url": ollama_server.base_url, "aliases": ["gemma"]}
+    ]
+    yield from start_router(tmp_path_factory.mktemp("router"), models, max_tokens_cap="512")

@@ -1,0 +1,25 @@
+"""Health endpoints: fast, and they never call a model."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import ORJSONResponse
+
+from modelfleet.server.services import services_of
+
+router = APIRouter()
+
+
+@router.get("/livez")
+async def livez() -> ORJSONResponse:
+    return ORJSONResponse({"status": "ok"})
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> ORJSONResponse:
+    return ORJSONResponse({"status": "ok", "models": len(services_of(request).registry.names())})
+
+
+@router.get("/health")
+async def health(request: Request) -> ORJSONResponse:
+    return ORJSONResponse({"status": "ok", "models": services_of(request).registry.names()})

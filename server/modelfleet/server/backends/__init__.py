@@ -1,0 +1,1 @@
+"""Backends: how the router talks to model servers."""
