@@ -68,7 +68,8 @@ def apply_or_delete(kube: Kube, kind: str, desired: Manifest | None, context: Mo
 
 def reconcile_managed(kube: Kube, context: ModelContext, generation: int) -> Observed:
     claim = cache.build_cache_claim(context)
-    observed_claim = kube.apply(claim) if claim is not None else None
+    if claim is not None:
+        kube.apply(claim)
     job = cache.build_prefetch_job(context)
     observed_job = kube.apply(job) if job is not None else None
     # Jobs of earlier models have served their purpose; the volume keeps their weights.
@@ -98,7 +99,6 @@ def reconcile_managed(kube: Kube, context: ModelContext, generation: int) -> Obs
         pods=pods,
         prefetch_job=observed_job,
         prefetch_expected=job is not None,
-        claim=observed_claim,
     )
 
 

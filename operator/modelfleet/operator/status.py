@@ -19,7 +19,6 @@ class Observed:
     pods: list[Manifest] = field(default_factory=list)
     prefetch_job: Manifest | None = None
     prefetch_expected: bool = True
-    claim: Manifest | None = None
     endpoint_url: str | None = None
     endpoint_reachable: bool | None = None
     endpoint_error: str = ""
