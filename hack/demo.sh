@@ -24,6 +24,17 @@ free_port() { "$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1
 
 answers() { curl -fsS --max-time 1 "$1" >/dev/null 2>&1; }
 
+# record_and_wait NAME PID PORT URL SECONDS: remember a background server, wait until URL answers.
+record_and_wait() {
+  echo "$2" >"$demo_dir/$1.pid"
+  printf 'PORT=%s\n' "$3" >"$demo_dir/$1.env"
+  local deadline=$((SECONDS + $5))
+  until answers "$4"; do
+    ((SECONDS < deadline)) || { tail -n 20 "$demo_dir/$1.log" >&2; echo "demo: $1 did not start" >&2; exit 1; }
+    sleep 0.2
+  done
+}
+
 up() {
   "$repo_root/hack/cluster.sh" up
   echo
@@ -50,13 +61,7 @@ up() {
         OLLAMA_KEEP_ALIVE=-1 OLLAMA_NO_CLOUD=1 OLLAMA_NOPRUNE=1 \
         "$repo_root/.cache/bin/ollama" serve >"$demo_dir/ollama.log" 2>&1
     ) &
-    echo $! >"$demo_dir/ollama.pid"
-    printf 'PORT=%s\n' "$port" >"$demo_dir/ollama.env"
-    local deadline=$((SECONDS + 60))
-    until answers "http://127.0.0.1:$port/api/version"; do
-      ((SECONDS < deadline)) || { tail -n 20 "$demo_dir/ollama.log" >&2; echo "demo: Ollama did not start" >&2; exit 1; }
-      sleep 0.2
-    done
+    record_and_wait ollama $! "$port" "http://127.0.0.1:$port/api/version" 60
   fi
 
   echo
@@ -69,13 +74,7 @@ up() {
     env MODELFLEET_HOST=127.0.0.1 MODELFLEET_PORT="$router_port" \
       MODELFLEET_MODELS="[{\"name\": \"gemma3:270m\", \"url\": \"http://127.0.0.1:$port\", \"aliases\": [\"gemma\"]}]" \
       "$python" -m modelfleet.server >"$demo_dir/router.log" 2>&1 &
-    echo $! >"$demo_dir/router.pid"
-    printf 'PORT=%s\n' "$router_port" >"$demo_dir/router.env"
-    local deadline=$((SECONDS + 30))
-    until answers "http://127.0.0.1:$router_port/readyz"; do
-      ((SECONDS < deadline)) || { tail -n 20 "$demo_dir/router.log" >&2; echo "demo: the router did not start" >&2; exit 1; }
-      sleep 0.2
-    done
+    record_and_wait router $! "$router_port" "http://127.0.0.1:$router_port/readyz" 30
   fi
 
   local prompt="Write one sentence about lighthouses."

@@ -49,6 +49,15 @@ class Cluster:
         return result
 
 
+def client_with_token(cluster: Cluster, token: str) -> client.ApiClient:
+    """A client that authenticates with a ServiceAccount's bearer token, not the admin certificate."""
+    configuration = client.Configuration()
+    configuration.host = cluster.api.configuration.host
+    configuration.ssl_ca_cert = cluster.api.configuration.ssl_ca_cert
+    configuration.api_key = {"authorization": f"Bearer {token}"}
+    return client.ApiClient(configuration)
+
+
 def bring_cluster_up() -> None:
     status = subprocess.run([str(CLUSTER_SCRIPT), "status"], capture_output=True, text=True)
     if status.returncode == 0:

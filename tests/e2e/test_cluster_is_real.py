@@ -8,7 +8,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from tests.e2e.conftest import Cluster, wait_for
+from tests.e2e.conftest import Cluster, client_with_token, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -233,11 +233,7 @@ def test_service_account_with_a_narrow_role_is_denied_the_rest(cluster: Cluster,
     token = core.create_namespaced_service_account_token(
         "reader", namespace, client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(expiration_seconds=600))
     ).status.token
-    as_reader = client.Configuration()
-    as_reader.host = cluster.api.configuration.host
-    as_reader.ssl_ca_cert = cluster.api.configuration.ssl_ca_cert
-    as_reader.api_key = {"authorization": f"Bearer {token}"}
-    with client.ApiClient(as_reader) as reader_api:
+    with client_with_token(cluster, token) as reader_api:
         reader = client.CoreV1Api(reader_api)
         wait_for(
             lambda: reader.list_namespaced_pod(namespace) is not None, what="the RoleBinding to take effect", timeout=30

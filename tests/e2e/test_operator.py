@@ -15,7 +15,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from modelfleet.api import v1alpha1
-from tests.e2e.conftest import Cluster, OperatorProcess, wait_for
+from tests.e2e.conftest import Cluster, OperatorProcess, client_with_token, wait_for
 from tests.support.procs import LOOPBACK
 
 pytestmark = pytest.mark.e2e
@@ -50,6 +50,16 @@ def sample(name: str) -> dict[str, Any]:
     return document
 
 
+def wait_ready(cluster: Cluster, namespace: str, name: str) -> None:
+    cluster.kubectl("wait", "--for=condition=Ready", f"inferencemodels.modelfleet.io/{name}", "-n", namespace,
+                    "--timeout=90s")  # fmt: skip
+
+
+def apply_sample_and_wait_ready(cluster: Cluster, namespace: str, sample_file: str, name: str) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", str(SAMPLES / sample_file))
+    wait_ready(cluster, namespace, name)
+
+
 @pytest.fixture
 def http_endpoint() -> Iterator[str]:
     """A tiny real HTTP server on loopback, standing in for an external model server's reachability."""
@@ -75,8 +85,7 @@ def test_samples_reconcile_into_the_right_children(
         cluster.kubectl("apply", "-n", namespace, "-f", str(SAMPLES / name))
     create_model(cluster, namespace, external)
     for name in ("llama3-2-1b", "qwen2-5-7b-awq", "phi3-mini-autoscaled", "gemma3-270m"):
-        cluster.kubectl("wait", "--for=condition=Ready", f"inferencemodels.modelfleet.io/{name}", "-n", namespace,
-                        "--timeout=90s")  # fmt: skip
+        wait_ready(cluster, namespace, name)
 
     apps = client.AppsV1Api(cluster.api)
     core = client.CoreV1Api(cluster.api)
@@ -168,9 +177,7 @@ def test_drift_is_corrected_and_deleted_children_come_back(
     operator: OperatorProcess,
     namespace: str,
 ) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", str(SAMPLES / "ollama-gpu.yaml"))
-    cluster.kubectl("wait", "--for=condition=Ready", "inferencemodels.modelfleet.io/llama3-2-1b", "-n", namespace,
-                    "--timeout=90s")  # fmt: skip
+    apply_sample_and_wait_ready(cluster, namespace, "ollama-gpu.yaml", "llama3-2-1b")
     apps = client.AppsV1Api(cluster.api)
     core = client.CoreV1Api(cluster.api)
     patch = {"spec": {"template": {"spec": {"containers": [{"name": "ollama", "image": "evil/image:latest"}]}}}}
@@ -193,9 +200,7 @@ def test_scale_subresource_and_deletion_of_all_children(
     operator: OperatorProcess,
     namespace: str,
 ) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", str(SAMPLES / "ollama-gpu.yaml"))
-    cluster.kubectl("wait", "--for=condition=Ready", "inferencemodels.modelfleet.io/llama3-2-1b", "-n", namespace,
-                    "--timeout=90s")  # fmt: skip
+    apply_sample_and_wait_ready(cluster, namespace, "ollama-gpu.yaml", "llama3-2-1b")
     cluster.kubectl("scale", "inferencemodels.modelfleet.io/llama3-2-1b", "--replicas=3", "-n", namespace)
     apps = client.AppsV1Api(cluster.api)
     wait_for(lambda: (apps.read_namespaced_deployment("im-llama3-2-1b", namespace).status.ready_replicas or 0) == 3,
@@ -228,11 +233,7 @@ def test_operator_identity_is_limited_and_it_exports_metrics(
     cluster: Cluster,
     operator: OperatorProcess,
 ) -> None:
-    as_operator = client.Configuration()
-    as_operator.host = cluster.api.configuration.host
-    as_operator.ssl_ca_cert = cluster.api.configuration.ssl_ca_cert
-    as_operator.api_key = {"authorization": f"Bearer {operator.token}"}
-    with client.ApiClient(as_operator) as api:
+    with client_with_token(cluster, operator.token) as api:
         core = client.CoreV1Api(api)
         for forbidden in (lambda: core.list_namespaced_secret("default"), lambda: core.list_node(),
                           lambda: client.RbacAuthorizationV1Api(api).list_cluster_role()):  # fmt: skip

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import hashlib
 
-from modelfleet.operator.builders.common import Manifest, ModelContext, child_name, metadata
+from modelfleet.operator.builders.common import (
+    Manifest,
+    ModelContext,
+    child_name,
+    container_security_context,
+    metadata,
+    pod_security_context,
+)
 from modelfleet.operator.builders.workload import MODELS_MOUNT, scheduling
 
 PREFETCH_TIMEOUT_SECONDS = 2 * 3600
@@ -91,20 +98,14 @@ def build_prefetch_job(context: ModelContext) -> Manifest | None:
                     {"name": "tmp", "mountPath": "/tmp"},
                 ],
                 "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
-                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                "securityContext": container_security_context(),
             }
         ],
         "volumes": [
             {"name": "model-cache", "persistentVolumeClaim": {"claimName": context.cache_claim_name}},
             {"name": "tmp", "emptyDir": {}},
         ],
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "fsGroup": 1000,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         **{k: v for k, v in placement.items() if k in ("nodeSelector", "tolerations", "priorityClassName")},
     }
     job_metadata = metadata(context, prefetch_job_name(context), "model-prefetch")

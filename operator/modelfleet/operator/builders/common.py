@@ -106,3 +106,18 @@ def metadata(context: ModelContext, name: str, component: str) -> Manifest:
         "labels": labels(context, component),
         "ownerReferences": [owner_reference(context)],
     }
+
+
+def pod_security_context() -> Manifest:
+    """Non-root with a fixed UID, so the cache volume (fsGroup) is writable by every pod of the model."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> Manifest:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}

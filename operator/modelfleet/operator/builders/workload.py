@@ -8,8 +8,10 @@ from modelfleet.operator.builders.common import (
     Manifest,
     ModelContext,
     child_name,
+    container_security_context,
     labels,
     metadata,
+    pod_security_context,
     selector_labels,
 )
 
@@ -154,10 +156,7 @@ def build_deployment(context: ModelContext) -> Manifest:
             {"name": "home", "mountPath": "/home/modelfleet"},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": container_security_context(),
     }
     volumes: list[Manifest] = [
         {"name": "model-cache", "persistentVolumeClaim": {"claimName": context.cache_claim_name}},
@@ -172,13 +171,7 @@ def build_deployment(context: ModelContext) -> Manifest:
     pod_spec: Manifest = {
         "containers": [container],
         "volumes": volumes,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "fsGroup": 1000,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         # Streams in flight get time to finish when a pod is replaced.
         "terminationGracePeriodSeconds": 60,
         "enableServiceLinks": False,
