@@ -12,22 +12,33 @@ from modelfleet.server.api import health, openai
 from modelfleet.server.backends.openai_compat import OpenAICompatBackend
 from modelfleet.server.errors import install_error_handlers
 from modelfleet.server.limits import BodySizeLimit
+from modelfleet.server.metrics import RouterMetrics
+from modelfleet.server.queue import ModelQueue
 from modelfleet.server.registry import ModelRegistry
 from modelfleet.server.services import Services
 from modelfleet.server.settings import RouterSettings
 
 
 def create_app(settings: RouterSettings) -> FastAPI:
+    metrics = RouterMetrics.create()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout = httpx.Timeout(settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+            registry = ModelRegistry(settings.all_models())
+            queues = {
+                route.name: ModelQueue(route.name, route.max_in_flight, route.max_queue, metrics)
+                for route in registry.routes()
+            }
             app.state.services = Services(
                 settings=settings,
                 http=http,
-                registry=ModelRegistry(settings.all_models()),
+                registry=registry,
                 backend=OpenAICompatBackend(http),
+                metrics=metrics,
+                queues=queues,
             )
             yield
 

@@ -13,6 +13,9 @@ class ModelRoute:
     name: str
     base_url: str
     upstream_model: str
+    max_in_flight: int = 4
+    max_queue: int = 64
+    request_timeout_seconds: float = 300.0
 
 
 class ModelRegistry:
@@ -21,7 +24,12 @@ class ModelRegistry:
         self._names: list[str] = []
         for model in models:
             route = ModelRoute(
-                name=model.name, base_url=str(model.url).rstrip("/"), upstream_model=model.upstream_model or model.name
+                name=model.name,
+                base_url=str(model.url).rstrip("/"),
+                upstream_model=model.upstream_model or model.name,
+                max_in_flight=model.max_in_flight,
+                max_queue=model.max_queue,
+                request_timeout_seconds=model.request_timeout_seconds,
             )
             self._names.append(model.name)
             for name in [model.name, *model.aliases]:
@@ -38,6 +46,9 @@ class ModelRegistry:
                 param="model",
             )
         return route
+
+    def routes(self) -> list[ModelRoute]:
+        return [self._routes[name] for name in self._names]
 
     def names(self) -> list[str]:
         return list(self._names)

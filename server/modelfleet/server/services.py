@@ -8,6 +8,8 @@ import httpx
 from starlette.requests import Request
 
 from modelfleet.server.backends.openai_compat import OpenAICompatBackend
+from modelfleet.server.metrics import RouterMetrics
+from modelfleet.server.queue import ModelQueue
 from modelfleet.server.registry import ModelRegistry
 from modelfleet.server.settings import RouterSettings
 
@@ -18,6 +20,8 @@ class Services:
     http: httpx.AsyncClient
     registry: ModelRegistry
     backend: OpenAICompatBackend
+    metrics: RouterMetrics
+    queues: dict[str, ModelQueue]
 
 
 def services_of(request: Request) -> Services:

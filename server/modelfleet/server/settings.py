@@ -18,6 +18,9 @@ class StaticModel(BaseModel):
     api: Literal["openai"] = Field("openai", description="The backend's API: OpenAI-compatible (/v1/...).")
     upstream_model: str | None = Field(None, description="Model name at the backend, if it differs.")
     aliases: list[str] = Field(default_factory=list, description="Other names for this model.")
+    max_in_flight: int = Field(4, ge=1, description="Requests the backend runs at once; more wait in the queue.")
+    max_queue: int = Field(64, ge=0, description="Requests that may wait; beyond this the router answers 429.")
+    request_timeout_seconds: float = Field(300.0, gt=0, description="Longest wait in the queue.")
 
 
 class RouterSettings(BaseSettings):

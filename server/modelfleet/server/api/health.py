@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import ORJSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from modelfleet.server.services import services_of
 
@@ -23,3 +24,8 @@ async def readyz(request: Request) -> ORJSONResponse:
 @router.get("/health")
 async def health(request: Request) -> ORJSONResponse:
     return ORJSONResponse({"status": "ok", "models": services_of(request).registry.names()})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(services_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
@@ -33,30 +36,69 @@ def upstream_body(request: SamplingFields, route: ModelRoute, services: Services
     return body
 
 
-async def relay(services: Services, upstream: httpx.Response, route: ModelRoute) -> AsyncIterator[bytes]:
-    """Forward each upstream event as it arrives; an upstream failure becomes an SSE error event."""
+async def relay(
+    services: Services, upstream: httpx.Response, route: ModelRoute, finish: AsyncExitStack
+) -> AsyncIterator[bytes]:
+    """Forward each upstream event as it arrives; an upstream failure becomes an SSE error event.
+
+    `finish` holds the model's slot and the request's metrics; it closes when the stream ends,
+    including when the client goes away (Starlette cancels this generator).
+    """
     renamed = route.upstream_model != route.name
+    async with finish:
+        try:
+            async for payload in services.backend.events(upstream):
+                if renamed and payload != b"[DONE]":
+                    chunk = orjson.loads(payload)
+                    chunk["model"] = route.name
+                    payload = orjson.dumps(chunk)
+                yield b"data: " + payload + b"\n\n"
+        except httpx.HTTPError:
+            services.metrics.upstream_errors.labels(model=route.name, code="mid_stream").inc()
+            error = error_body(f"The backend for `{route.name}` failed mid-stream.", "upstream_error", "upstream_error")
+            yield b"data: " + orjson.dumps(error) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+
+@asynccontextmanager
+async def observed(services: Services, model: str, route_label: str) -> AsyncIterator[None]:
+    """Count the request by status class and time it, whatever way it ends."""
+    started = time.monotonic()
+    status_class = "2xx"
     try:
-        async for payload in services.backend.events(upstream):
-            if renamed and payload != b"[DONE]":
-                chunk = orjson.loads(payload)
-                chunk["model"] = route.name
-                payload = orjson.dumps(chunk)
-            yield b"data: " + payload + b"\n\n"
-    except httpx.HTTPError:
-        error = error_body(f"The backend for `{route.name}` failed mid-stream.", "upstream_error", "upstream_error")
-        yield b"data: " + orjson.dumps(error) + b"\n\n"
-        yield b"data: [DONE]\n\n"
+        yield
+    except RouterError as error:
+        status_class = f"{error.status // 100}xx"
+        if error.type == "upstream_error":
+            services.metrics.upstream_errors.labels(model=model, code=error.code or "unknown").inc()
+        raise
+    except asyncio.CancelledError:
+        status_class = "cancelled"  # the client went away
+        raise
+    except BaseException:
+        status_class = "5xx"
+        raise
+    finally:
+        services.metrics.requests.labels(model=model, route=route_label, status_class=status_class).inc()
+        services.metrics.duration.labels(model=model, route=route_label).observe(time.monotonic() - started)
 
 
 async def forward(http_request: Request, request: SamplingFields, path: str) -> Any:
     services = services_of(http_request)
     route = services.registry.resolve(request.model)
     body = upstream_body(request, route, services)
-    if request.stream:
-        upstream = await services.backend.open_stream(route, path, body)
-        return StreamingResponse(relay(services, upstream, route), media_type="text/event-stream", headers=SSE_HEADERS)
-    result = await services.backend.complete(route, path, body)
+    queue = services.queues[route.name]
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(observed(services, route.name, path))
+        await stack.enter_async_context(queue.slot(route.request_timeout_seconds))
+        if request.stream:
+            upstream = await services.backend.open_stream(route, path, body)
+            # The slot and the metrics now belong to the stream: it releases them when it ends.
+            finish = stack.pop_all()
+            return StreamingResponse(
+                relay(services, upstream, route, finish), media_type="text/event-stream", headers=SSE_HEADERS
+            )
+        result = await services.backend.complete(route, path, body)
     result["model"] = route.name
     return ORJSONResponse(result)
 

@@ -1,0 +1,107 @@
+"""Per-model queueing in front of the real Ollama: slots, a bounded queue, 429, gauges, disconnects."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import OllamaServer, RouterServer, start_router
+from tests.support.procs import wait_until
+
+pytestmark = pytest.mark.integration
+
+LONG = {
+    "model": "gemma3:270m",
+    "messages": [{"role": "user", "content": "Tell a long story about a lighthouse keeper."}],
+    "stream": True,
+    "max_tokens": 120,
+    "temperature": 0,
+}
+
+
+@pytest.fixture
+def narrow_router(ollama_server: OllamaServer, tmp_path: Path) -> Iterator[RouterServer]:
+    """A router that lets one request run and two wait."""
+    models: list[dict[str, object]] = [
+        {"name": ollama_server.model, "url": ollama_server.base_url, "max_in_flight": 1, "max_queue": 2}
+    ]
+    yield from start_router(tmp_path, models)
+
+
+def gauge(router: RouterServer, name: str) -> float:
+    text = httpx.get(f"{router.base_url}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{model="gemma3:270m"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_one_runs_two_queue_one_is_refused_and_the_gauges_agree(narrow_router: RouterServer) -> None:
+    results: dict[int, tuple[int, str]] = {}
+
+    def stream(index: int) -> None:
+        with httpx.stream("POST", f"{narrow_router.openai_base_url}/chat/completions", json=LONG, timeout=120) as r:
+            results[index] = (r.status_code, r.read().decode())
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: gauge(narrow_router, "modelfleet_queue_depth") == 2, timeout=30, interval=0.05)
+    assert gauge(narrow_router, "modelfleet_in_flight_requests") == 1
+
+    refused = httpx.post(f"{narrow_router.openai_base_url}/chat/completions", json=LONG, timeout=30)
+    assert refused.status_code == 429
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "queue_full"
+
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(status for status, _ in results.values()) == [200, 200, 200]
+    assert all(body.rstrip().endswith("data: [DONE]") for _, body in results.values())
+    assert gauge(narrow_router, "modelfleet_queue_depth") == 0
+    assert gauge(narrow_router, "modelfleet_in_flight_requests") == 0
+    metrics = httpx.get(f"{narrow_router.base_url}/metrics", timeout=5).text
+    assert 'modelfleet_rejected_requests_total{model="gemma3:270m",reason="queue_full"} 1.0' in metrics
+    assert (
+        'modelfleet_requests_total{model="gemma3:270m",route="/v1/chat/completions",status_class="4xx"} 1.0' in metrics
+    )
+
+
+def upstream_chat_durations(ollama: OllamaServer) -> list[float]:
+    """Durations of Ollama's finished /v1/chat/completions handlers, from its access log (GIN lines)."""
+    durations = []
+    for line in ollama.process.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("[GIN]") and '"/v1/chat/completions"' in line:
+            match = re.search(r"\|\s*([0-9.]+)(ms|s|µs)\s*\|", line)
+            if match:
+                scale = {"s": 1.0, "ms": 1e-3, "µs": 1e-6}[match.group(2)]
+                durations.append(float(match.group(1)) * scale)
+    return durations
+
+
+def test_a_client_that_disconnects_frees_its_slot_and_stops_the_generation(
+    narrow_router: RouterServer, ollama_server: OllamaServer
+) -> None:
+    body = {**LONG, "max_tokens": 2000}
+    finished_before = len(upstream_chat_durations(ollama_server))
+    with httpx.stream("POST", f"{narrow_router.openai_base_url}/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        received = [next(lines) for _ in range(4)]
+        assert any(line.startswith("data: ") for line in received)
+        assert gauge(narrow_router, "modelfleet_in_flight_requests") == 1
+    # Leaving the block closed the connection mid-stream.
+    wait_until(lambda: gauge(narrow_router, "modelfleet_in_flight_requests") == 0, timeout=10, interval=0.05)
+    # Ollama's handler for that request ended right away: 2000 tokens would take it over 30 s here.
+    wait_until(lambda: len(upstream_chat_durations(ollama_server)) > finished_before, timeout=10, interval=0.1)
+    assert upstream_chat_durations(ollama_server)[finished_before] < 10
+    # The slot is free for the next client straight away (max_in_flight is 1).
+    quick = httpx.post(f"{narrow_router.openai_base_url}/chat/completions",
+                       json={**LONG, "stream": False, "max_tokens": 4}, timeout=60)  # fmt: skip
+    assert quick.status_code == 200
+    metrics = httpx.get(f"{narrow_router.base_url}/metrics", timeout=5).text
+    assert 'status_class="cancelled"' in metrics

@@ -1,0 +1,94 @@
+"""Per-model admission: slots, a bounded FIFO queue, 429 with Retry-After, timeouts and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from modelfleet.server.errors import RouterError
+from modelfleet.server.metrics import RouterMetrics
+from modelfleet.server.queue import ModelQueue
+
+pytestmark = pytest.mark.unit
+
+
+def gauge(metrics: RouterMetrics, name: str) -> float:
+    value = metrics.registry.get_sample_value(name, {"model": "m"})
+    return value if value is not None else 0.0
+
+
+async def hold(queue: ModelQueue, order: list[int], index: int, release: asyncio.Event) -> None:
+    async with queue.slot(max_wait_seconds=10):
+        order.append(index)
+        await release.wait()
+
+
+def test_one_runs_two_wait_the_fourth_gets_429_and_waiters_run_in_order() -> None:
+    async def scenario() -> None:
+        metrics = RouterMetrics.create()
+        queue = ModelQueue("m", max_in_flight=1, max_queue=2, metrics=metrics)
+        order: list[int] = []
+        releases = [asyncio.Event() for _ in range(3)]
+        tasks = [asyncio.create_task(hold(queue, order, i, releases[i])) for i in range(3)]
+        await asyncio.sleep(0.01)
+        assert (queue.in_flight, queue.depth) == (1, 2)
+        assert gauge(metrics, "modelfleet_in_flight_requests") == 1
+        assert gauge(metrics, "modelfleet_queue_depth") == 2
+        with pytest.raises(RouterError) as refused:
+            async with queue.slot(max_wait_seconds=10):
+                pass
+        assert refused.value.status == 429
+        assert refused.value.code == "queue_full"
+        assert int(refused.value.headers["retry-after"]) >= 1
+        for release in releases:
+            release.set()
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        assert order == [0, 1, 2]
+        assert (queue.in_flight, queue.depth) == (0, 0)
+        assert gauge(metrics, "modelfleet_in_flight_requests") == 0
+        assert gauge(metrics, "modelfleet_queue_depth") == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_that_times_out_or_is_cancelled_leaves_the_queue() -> None:
+    async def scenario() -> None:
+        metrics = RouterMetrics.create()
+        queue = ModelQueue("m", max_in_flight=1, max_queue=5, metrics=metrics)
+        release = asyncio.Event()
+        holder = asyncio.create_task(hold(queue, [], 0, release))
+        await asyncio.sleep(0.01)
+        with pytest.raises(RouterError) as timed_out:
+            async with queue.slot(max_wait_seconds=0.05):
+                pass
+        assert (timed_out.value.status, timed_out.value.code) == (504, "queue_timeout")
+        assert queue.depth == 0
+
+        cancelled = asyncio.create_task(hold(queue, [], 1, asyncio.Event()))
+        await asyncio.sleep(0.01)
+        assert queue.depth == 1
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert queue.depth == 0
+        release.set()
+        await holder
+        assert (queue.in_flight, queue.depth) == (0, 0)
+        # The freed slot is usable at once.
+        async with queue.slot(max_wait_seconds=0.05):
+            assert queue.in_flight == 1
+
+    asyncio.run(scenario())
+
+
+def test_max_queue_zero_refuses_as_soon_as_slots_are_taken() -> None:
+    async def scenario() -> None:
+        queue = ModelQueue("m", max_in_flight=2, max_queue=0, metrics=RouterMetrics.create())
+        async with queue.slot(1), queue.slot(1):
+            with pytest.raises(RouterError, match="Too many requests"):
+                async with queue.slot(1):
+                    pass
+
+    asyncio.run(scenario())
