@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -133,6 +134,20 @@ class OllamaServer:
     @property
     def openai_base_url(self) -> str:
         return f"{self.base_url}/v1"
+
+    def finished_chat_durations(self) -> list[float]:
+        """Durations of the /v1/chat/completions requests Ollama has finished, from its access log.
+
+        Each backend call adds one line when its handler returns, so the count proves how many
+        generations ran and the duration shows when a cancelled one stopped.
+        """
+        durations = []
+        for line in self.process.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("[GIN]") and '"/v1/chat/completions"' in line:
+                match = re.search(r"\|\s*([0-9.]+)(ms|s|µs)\s*\|", line)
+                if match:
+                    durations.append(float(match.group(1)) * {"s": 1.0, "ms": 1e-3, "µs": 1e-6}[match.group(2)])
+        return durations
 
 
 def start_ollama(work_dir: Path) -> Iterator[OllamaServer]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,23 +71,11 @@ def test_one_runs_two_queue_one_is_refused_and_the_gauges_agree(narrow_router: R
     )
 
 
-def upstream_chat_durations(ollama: OllamaServer) -> list[float]:
-    """Durations of Ollama's finished /v1/chat/completions handlers, from its access log (GIN lines)."""
-    durations = []
-    for line in ollama.process.log_path.read_text(errors="replace").splitlines():
-        if line.startswith("[GIN]") and '"/v1/chat/completions"' in line:
-            match = re.search(r"\|\s*([0-9.]+)(ms|s|µs)\s*\|", line)
-            if match:
-                scale = {"s": 1.0, "ms": 1e-3, "µs": 1e-6}[match.group(2)]
-                durations.append(float(match.group(1)) * scale)
-    return durations
-
-
 def test_a_client_that_disconnects_frees_its_slot_and_stops_the_generation(
     narrow_router: RouterServer, ollama_server: OllamaServer
 ) -> None:
     body = {**LONG, "max_tokens": 2000}
-    finished_before = len(upstream_chat_durations(ollama_server))
+    finished_before = len(ollama_server.finished_chat_durations())
     with httpx.stream("POST", f"{narrow_router.openai_base_url}/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         received = [next(lines) for _ in range(4)]
@@ -97,8 +84,8 @@ def test_a_client_that_disconnects_frees_its_slot_and_stops_the_generation(
     # Leaving the block closed the connection mid-stream.
     wait_until(lambda: gauge(narrow_router, "modelfleet_in_flight_requests") == 0, timeout=10, interval=0.05)
     # Ollama's handler for that request ended right away: 2000 tokens would take it over 30 s here.
-    wait_until(lambda: len(upstream_chat_durations(ollama_server)) > finished_before, timeout=10, interval=0.1)
-    assert upstream_chat_durations(ollama_server)[finished_before] < 10
+    wait_until(lambda: len(ollama_server.finished_chat_durations()) > finished_before, timeout=10, interval=0.1)
+    assert ollama_server.finished_chat_durations()[finished_before] < 10
     # The slot is free for the next client straight away (max_in_flight is 1).
     quick = httpx.post(f"{narrow_router.openai_base_url}/chat/completions",
                        json={**LONG, "stream": False, "max_tokens": 4}, timeout=60)  # fmt: skip

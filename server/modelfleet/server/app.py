@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from modelfleet.server.api import health, openai
 from modelfleet.server.backends.openai_compat import OpenAICompatBackend
+from modelfleet.server.cache import ResponseCache
 from modelfleet.server.errors import install_error_handlers
 from modelfleet.server.limits import BodySizeLimit
 from modelfleet.server.metrics import RouterMetrics
@@ -39,6 +40,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
                 backend=OpenAICompatBackend(http),
                 metrics=metrics,
                 queues=queues,
+                cache=ResponseCache(settings.cache_size, settings.cache_ttl_seconds) if settings.cache_size else None,
             )
             yield
 

@@ -19,6 +19,7 @@ class RouterMetrics:
     queue_wait: Histogram
     rejected: Counter
     upstream_errors: Counter
+    cache_lookups: Counter
 
     @classmethod
     def create(cls) -> RouterMetrics:
@@ -37,4 +38,6 @@ class RouterMetrics:
                              ["model", "reason"], registry=registry),
             upstream_errors=Counter("modelfleet_upstream_errors_total", "Backend failures", ["model", "code"],
                                     registry=registry),
+            cache_lookups=Counter("modelfleet_cache_lookups_total", "Response cache lookups by result",
+                                  ["model", "result"], registry=registry),
         )  # fmt: skip

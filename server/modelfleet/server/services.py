@@ -8,6 +8,7 @@ import httpx
 from starlette.requests import Request
 
 from modelfleet.server.backends.openai_compat import OpenAICompatBackend
+from modelfleet.server.cache import ResponseCache
 from modelfleet.server.metrics import RouterMetrics
 from modelfleet.server.queue import ModelQueue
 from modelfleet.server.registry import ModelRegistry
@@ -22,6 +23,7 @@ class Services:
     backend: OpenAICompatBackend
     metrics: RouterMetrics
     queues: dict[str, ModelQueue]
+    cache: ResponseCache | None
 
 
 def services_of(request: Request) -> Services:

@@ -31,6 +31,8 @@ class RouterSettings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request sets none.")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
+    cache_size: int = Field(512, ge=0, description="Responses kept in the in-process cache; 0 turns caching off.")
+    cache_ttl_seconds: float = Field(3600.0, gt=0, description="How long a cached response is served.")
     upstream_timeout_seconds: float = Field(300.0, gt=0, description="Deadline of one backend request.")
     upstream_connect_timeout_seconds: float = Field(5.0, gt=0, description="Deadline to connect to a backend.")
 

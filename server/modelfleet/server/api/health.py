@@ -23,7 +23,9 @@ async def readyz(request: Request) -> ORJSONResponse:
 
 @router.get("/health")
 async def health(request: Request) -> ORJSONResponse:
-    return ORJSONResponse({"status": "ok", "models": services_of(request).registry.names()})
+    services = services_of(request)
+    cache = services.cache.stats() if services.cache is not None else {"enabled": False}
+    return ORJSONResponse({"status": "ok", "models": services.registry.names(), "cache": cache})
 
 
 @router.get("/metrics")

@@ -1,0 +1,103 @@
+"""Cache keys, what is cacheable, coalescing, and the SSE assembly/replay round trip."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from modelfleet.server.cache import ResponseCache, cache_key, cacheable
+from modelfleet.server.streaming import Assembler, replay
+
+pytestmark = pytest.mark.unit
+
+BODY = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 8, "seed": 1}
+
+
+def test_key_ignores_field_order_and_transport_fields_but_not_sampling() -> None:
+    base = cache_key("m", "/v1/chat/completions", BODY)
+    assert base == cache_key("m", "/v1/chat/completions", dict(reversed(list(BODY.items()))))
+    assert base == cache_key("m", "/v1/chat/completions", {**BODY, "stream": True, "stream_options": {"x": 1}})
+    assert base != cache_key("m", "/v1/chat/completions", {**BODY, "max_tokens": 9})
+    assert base != cache_key("m", "/v1/completions", BODY)
+    assert base != cache_key("other", "/v1/chat/completions", BODY)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [({"temperature": 0}, True), ({"temperature": 0.7, "seed": 4}, True), ({"temperature": 0.7}, False), ({}, False),
+     ({"seed": 2}, True)],
+)  # fmt: skip
+def test_only_deterministic_requests_are_cacheable(body: dict[str, Any], expected: bool) -> None:
+    assert cacheable(body) is expected
+
+
+def test_identical_concurrent_requests_share_one_computation() -> None:
+    async def scenario() -> None:
+        cache = ResponseCache(max_size=8, ttl_seconds=60)
+        calls = 0
+        gate = asyncio.Event()
+
+        async def compute() -> dict[str, Any]:
+            nonlocal calls
+            calls += 1
+            await gate.wait()
+            return {"answer": 42}
+
+        tasks = [asyncio.create_task(cache.get_or_compute("k", compute)) for _ in range(20)]
+        await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.gather(*tasks)
+        assert calls == 1
+        assert {how for _, how in results} == {"miss", "coalesced"}
+        assert [how for _, how in results].count("miss") == 1
+        assert all(result == {"answer": 42} for result, _ in results)
+        assert await cache.get_or_compute("k", compute) == ({"answer": 42}, "hit")
+        assert cache.stats()["size"] == 1
+
+    asyncio.run(scenario())
+
+
+def test_failures_are_shared_and_not_stored() -> None:
+    async def scenario() -> None:
+        cache = ResponseCache(max_size=8, ttl_seconds=60)
+
+        async def broken() -> dict[str, Any]:
+            await asyncio.sleep(0.01)
+            raise RuntimeError("backend down")
+
+        outcomes = await asyncio.gather(*(cache.get_or_compute("k", broken) for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(outcome, RuntimeError) for outcome in outcomes)
+        assert len(cache) == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_assembles_into_the_response_it_replays() -> None:
+    head = {"id": "c1", "created": 5, "model": "m"}
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    chunks = [
+        {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}, "finish_reason": None}]},
+        {**head, "choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": None}]},
+        {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {**head, "choices": [], "usage": usage},
+    ]  # fmt: skip
+    assembler = Assembler(chat=True)
+    for chunk in chunks:
+        assembler.add(chunk)
+    complete = assembler.result()
+    assert complete is not None
+    assert complete["choices"][0]["message"] == {"role": "assistant", "content": "Hello"}
+    assert complete["usage"]["total_tokens"] == 5
+    events = [event.decode() for event in replay(complete, include_usage=True)]
+    assert all(event.startswith("data: ") and event.endswith("\n\n") for event in events)
+    assert events[-1] == "data: [DONE]\n\n"
+    payloads = [json.loads(event[6:]) for event in events[:-1]]
+    assert "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if p["choices"]) == "Hello"
+    assert payloads[-1]["usage"]["completion_tokens"] == 2
+    assert len(list(replay(complete, include_usage=False))) == len(events) - 1
+    unfinished = Assembler(chat=True)
+    unfinished.add(chunks[0])
+    assert unfinished.result() is None, "an interrupted stream is never cached"
