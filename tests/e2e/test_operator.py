@@ -158,8 +158,14 @@ def test_gpu_shortage_is_reported_and_recovers_when_fixed(
     assert "waiting for nvidia.com/gpu: 8 per replica" in scheduled["message"]
     assert ready["status"] == "False"
     assert "nvidia.com/gpu" in ready["message"]
-    events = client.CoreV1Api(cluster.api).list_namespaced_event(namespace, field_selector="involvedObject.name=huge")
-    assert any(e.reason == "Unschedulable" and e.type == "Warning" for e in events.items)
+    core = client.CoreV1Api(cluster.api)
+
+    def warned() -> bool:
+        events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=huge").items
+        return any(e.reason == "Unschedulable" and e.type == "Warning" for e in events)
+
+    # Kopf posts events from a background queue, a moment after the status patch.
+    wait_for(warned, what="a Warning event with reason Unschedulable", timeout=30)
 
     custom(cluster).patch_namespaced_custom_object(
         v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, "huge", {"spec": {"resources": {"gpu": 2}}}
