@@ -87,8 +87,8 @@ def test_killed_mid_reconcile_the_operator_converges_without_duplicates(
     cluster: Cluster, inferencemodel_crd: str, namespace: str, tmp_path: Path
 ) -> None:
     names = [f"churn-{i}" for i in range(6)]
-    first = start_operator(cluster, tmp_path / "first", resync_seconds=5)
     (tmp_path / "first").mkdir()
+    first = start_operator(cluster, tmp_path / "first", resync_seconds=5)
     running = next(first)
     api = client.CustomObjectsApi(cluster.api)
     for name in names:

@@ -44,7 +44,7 @@ def by_type(observed: Observed, **kwargs: Any) -> dict[str, tuple[str, str, str]
 
 
 def test_ready_when_replicas_are_ready_and_weights_cached() -> None:
-    observed = Observed(generation=3, deployment=deployment(2, 2), pods=[pod("a"), pod("b")], prefetch_job=COMPLETE_JOB)
+    observed = Observed(deployment=deployment(2, 2), pods=[pod("a"), pod("b")], prefetch_job=COMPLETE_JOB)
     states = conditions_for(observed)
     conditions = {s.type: s for s in states}
     assert conditions["Ready"].status == "True"
@@ -56,7 +56,6 @@ def test_ready_when_replicas_are_ready_and_weights_cached() -> None:
 
 def test_crash_looping_pods_are_never_ready_even_if_counted_ready() -> None:
     observed = Observed(
-        generation=1,
         deployment=deployment(1, 1),
         pods=[pod("a", waiting="CrashLoopBackOff")],
         prefetch_job=COMPLETE_JOB,
@@ -69,8 +68,7 @@ def test_crash_looping_pods_are_never_ready_even_if_counted_ready() -> None:
 
 def test_gpu_shortage_names_the_gpu_and_what_to_do() -> None:
     message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
-    observed = Observed(
-        generation=1, deployment=deployment(1, 0), pods=[pod("a", scheduled=False, message=message)],
+    observed = Observed(deployment=deployment(1, 0), pods=[pod("a", scheduled=False, message=message)],
         prefetch_job=COMPLETE_JOB,
     )  # fmt: skip
     conditions = by_type(observed, gpu_resource="nvidia.com/gpu", gpus=8)
@@ -81,11 +79,11 @@ def test_gpu_shortage_names_the_gpu_and_what_to_do() -> None:
 
 
 def test_prefetch_progress_and_failure() -> None:
-    downloading = by_type(Observed(generation=1, prefetch_job=RUNNING_JOB))
+    downloading = by_type(Observed(prefetch_job=RUNNING_JOB))
     assert downloading["ModelCached"][:2] == ("False", "Downloading")
     assert "2 failed attempts" in downloading["ModelCached"][2]
     assert downloading["Scheduled"][1] == "WaitingForCache"
-    failed_states = conditions_for(Observed(generation=1, prefetch_job=FAILED_JOB))
+    failed_states = conditions_for(Observed(prefetch_job=FAILED_JOB))
     failed = {s.type: s for s in failed_states}
     assert failed["Ready"].reason == "PrefetchFailed"
     assert "BackoffLimitExceeded" in failed["Ready"].message
@@ -94,26 +92,22 @@ def test_prefetch_progress_and_failure() -> None:
 
 
 def test_endpoint_models_report_reachability() -> None:
-    up = by_type(Observed(generation=1, managed=False, endpoint_url="http://x:1", endpoint_reachable=True))
+    up = by_type(Observed(managed=False, endpoint_url="http://x:1", endpoint_reachable=True))
     assert up == {"Ready": ("True", "EndpointReachable", "http://x:1 answers")}
     down = by_type(
-        Observed(
-            generation=1, managed=False, endpoint_url="http://x:1", endpoint_reachable=False, endpoint_error="refused"
-        )
+        Observed(managed=False, endpoint_url="http://x:1", endpoint_reachable=False, endpoint_error="refused")
     )
     assert down["Ready"][:2] == ("False", "EndpointUnreachable")
 
 
 def test_transition_times_survive_unchanged_status_and_transitions_are_reported() -> None:
-    first = conditions_for(Observed(generation=1, prefetch_job=RUNNING_JOB))
+    first = conditions_for(Observed(prefetch_job=RUNNING_JOB))
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     t1 = datetime(2026, 1, 2, tzinfo=UTC)
     merged = merge_conditions([], first, 1, now=t0)
     assert all(c["lastTransitionTime"] == "2026-01-01T00:00:00Z" for c in merged)
     assert all(c["observedGeneration"] == 1 for c in merged)
-    second = conditions_for(
-        Observed(generation=2, deployment=deployment(1, 1), pods=[pod("a")], prefetch_job=COMPLETE_JOB)
-    )
+    second = conditions_for(Observed(deployment=deployment(1, 1), pods=[pod("a")], prefetch_job=COMPLETE_JOB))
     remerged = {c["type"]: c for c in merge_conditions(merged, second, 2, now=t1)}
     assert remerged["Ready"]["lastTransitionTime"] == "2026-01-02T00:00:00Z"  # False -> True
     assert remerged["Degraded"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"  # stayed False
@@ -133,6 +127,6 @@ def test_phase_timings_come_from_job_and_pod_timestamps() -> None:
             {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:05:03Z"},
         ]},
     }  # fmt: skip
-    timings = phase_timings(Observed(generation=1, prefetch_job=job, pods=[old_pod, new_pod]))
+    timings = phase_timings(Observed(prefetch_job=job, pods=[old_pod, new_pod]))
     assert timings == {"downloadSeconds": 250.0, "scheduleSeconds": 2.0, "loadSeconds": 50.0}
-    assert phase_timings(Observed(generation=1, prefetch_job={"status": {"startTime": "2026-01-01T00:00:00Z"}})) == {}
+    assert phase_timings(Observed(prefetch_job={"status": {"startTime": "2026-01-01T00:00:00Z"}})) == {}

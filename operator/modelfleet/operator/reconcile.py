@@ -66,7 +66,7 @@ def apply_or_delete(kube: Kube, kind: str, desired: Manifest | None, context: Mo
     return None
 
 
-def reconcile_managed(kube: Kube, context: ModelContext, generation: int) -> Observed:
+def reconcile_managed(kube: Kube, context: ModelContext) -> Observed:
     claim = cache.build_cache_claim(context)
     if claim is not None:
         kube.apply(claim)
@@ -94,7 +94,6 @@ def reconcile_managed(kube: Kube, context: ModelContext, generation: int) -> Obs
         deployment = kube.get("Deployment", context.namespace, child_name(context))
     pods = kube.list("Pod", context.namespace, selector_string(context))
     return Observed(
-        generation=generation,
         deployment=deployment,
         pods=pods,
         prefetch_job=observed_job,
@@ -110,12 +109,12 @@ def reconcile(kube: Kube, body: Manifest, images: RuntimeImages, probe_timeout: 
     if context.spec.endpoint is not None:
         url = context.spec.endpoint.url
         reachable, error = probe_endpoint(url, probe_timeout)
-        observed = Observed(generation=generation, managed=False, endpoint_url=url, endpoint_reachable=reachable,
+        observed = Observed(managed=False, endpoint_url=url, endpoint_reachable=reachable,
                             endpoint_error=error)  # fmt: skip
         status["endpoint"] = url
         states = conditions_for(observed)
     else:
-        observed = reconcile_managed(kube, context, generation)
+        observed = reconcile_managed(kube, context)
         deployment_status = (observed.deployment or {}).get("status") or {}
         status.update(
             {

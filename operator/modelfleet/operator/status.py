@@ -13,7 +13,6 @@ Manifest = dict[str, Any]
 class Observed:
     """The children as read from the API server in this reconcile."""
 
-    generation: int
     managed: bool = True
     deployment: Manifest | None = None
     pods: list[Manifest] = field(default_factory=list)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, Field, HttpUrl
@@ -11,11 +10,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class StaticModel(BaseModel):
-    """A model served from a fixed URL (out-of-cluster use, or tests)."""
+    """A model served from a fixed URL by an OpenAI-compatible backend (out-of-cluster use, or tests)."""
 
     name: str = Field(min_length=1, description="The name clients send as `model`.")
     url: HttpUrl = Field(description="Base URL of the backend, without /v1.")
-    api: Literal["openai"] = Field("openai", description="The backend's API: OpenAI-compatible (/v1/...).")
     upstream_model: str | None = Field(None, description="Model name at the backend, if it differs.")
     aliases: list[str] = Field(default_factory=list, description="Other names for this model.")
     max_in_flight: int = Field(4, ge=1, description="Requests the backend runs at once; more wait in the queue.")
