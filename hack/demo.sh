@@ -71,7 +71,7 @@ up() {
   if [[ -z "$router_port" ]] || ! answers "http://127.0.0.1:$router_port/readyz"; then
     stop_process router
     router_port=$(free_port)
-    env MODELFLEET_HOST=127.0.0.1 MODELFLEET_PORT="$router_port" \
+    env MODELFLEET_HOST=127.0.0.1 MODELFLEET_PORT="$router_port" MODELFLEET_AUTH_REQUIRED=false \
       MODELFLEET_MODELS="[{\"name\": \"gemma3:270m\", \"url\": \"http://127.0.0.1:$port\", \"aliases\": [\"gemma\"]}]" \
       "$python" -m modelfleet.server >"$demo_dir/router.log" 2>&1 &
     record_and_wait router $! "$router_port" "http://127.0.0.1:$router_port/readyz" 30

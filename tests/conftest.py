@@ -6,6 +6,7 @@ so tests never touch a service that the machine (or the user) runs already.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -48,12 +49,10 @@ def redis_answers_ping(port: int) -> bool:
         return sock.recv(16).startswith(b"+PONG")
 
 
-@pytest.fixture
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A real redis-server on a free loopback port, with no persistence; stopped afterwards."""
+@contextlib.contextmanager
+def redis_process(data_dir: Path, port: int) -> Iterator[RunningProcess]:
+    """redis-server on 127.0.0.1:`port` with no persistence, until the block ends (restartable on the same port)."""
     binary = require_binary("redis-server", "run `make install` (Debian package redis-server)")
-    data_dir = tmp_path_factory.mktemp("redis")
-    port = free_port()
     argv = [
         binary,
         "--bind", LOOPBACK,
@@ -65,6 +64,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         "--daemonize", "no",
     ]  # fmt: skip
     with running_process("redis", argv, data_dir, ready=lambda: redis_answers_ping(port)) as process:
+        yield process
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, with no persistence; stopped afterwards."""
+    data_dir = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    with redis_process(data_dir, port) as process:
         yield RedisServer(host=LOOPBACK, port=port, process=process, data_dir=data_dir)
 
 
@@ -199,6 +207,9 @@ def start_router(work_dir: Path, models: list[dict[str, object]], **settings: st
         "MODELFLEET_HOST": LOOPBACK,
         "MODELFLEET_PORT": str(port),
         "MODELFLEET_MODELS": json.dumps(models),
+        # Tests opt in to auth and limits; the router's own defaults are secure (keys required, 100/min).
+        "MODELFLEET_AUTH_REQUIRED": "false",
+        "MODELFLEET_RATE_LIMIT_REQUESTS_PER_MINUTE": "0",
         **{f"MODELFLEET_{key.upper()}": value for key, value in settings.items()},
     }
     base_url = f"http://{LOOPBACK}:{port}"
@@ -207,6 +218,9 @@ def start_router(work_dir: Path, models: list[dict[str, object]], **settings: st
         ready=lambda: http_ok(f"{base_url}/readyz"), ready_timeout=30, env=env,
     ) as process:  # fmt: skip
         yield RouterServer(base_url=base_url, process=process)
+
+
+running_router = contextlib.contextmanager(start_router)
 
 
 @pytest.fixture(scope="session")

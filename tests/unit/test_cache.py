@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import pytest
 
-from modelfleet.server.cache import ResponseCache, cache_key, cacheable
-from modelfleet.server.streaming import Assembler, replay
+from modelfleet.server.cache import MemoryStore, ResponseCache, cache_key, cacheable
+from modelfleet.server.metrics import RouterMetrics
+from modelfleet.server.streaming import Assembler, replay_chunks
 
 pytestmark = pytest.mark.unit
+
+
+def memory_cache(ttl_seconds: float = 60) -> ResponseCache:
+    return ResponseCache(MemoryStore(8), max_size=8, ttl_seconds=ttl_seconds, metrics=RouterMetrics.create())
+
 
 BODY = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 8, "seed": 1}
 
 
 def test_key_ignores_field_order_and_transport_fields_but_not_sampling() -> None:
-    base = cache_key("m", "/v1/chat/completions", BODY)
-    assert base == cache_key("m", "/v1/chat/completions", dict(reversed(list(BODY.items()))))
-    assert base == cache_key("m", "/v1/chat/completions", {**BODY, "stream": True, "stream_options": {"x": 1}})
-    assert base != cache_key("m", "/v1/chat/completions", {**BODY, "max_tokens": 9})
-    assert base != cache_key("m", "/v1/completions", BODY)
-    assert base != cache_key("other", "/v1/chat/completions", BODY)
+    base = cache_key("m", "chat", BODY)
+    assert base == cache_key("m", "chat", dict(reversed(list(BODY.items()))))
+    assert base == cache_key("m", "chat", {**BODY, "stream": True, "stream_options": {"x": 1}})
+    assert base != cache_key("m", "chat", {**BODY, "max_tokens": 9})
+    assert base != cache_key("m", "completion", BODY)
+    assert base != cache_key("other", "chat", BODY)
+    assert base != cache_key("m", "chat", BODY, namespace="key:team-a"), "per-key namespaces never share"
 
 
 @pytest.mark.parametrize(
@@ -36,7 +42,7 @@ def test_only_deterministic_requests_are_cacheable(body: dict[str, Any], expecte
 
 def test_identical_concurrent_requests_share_one_computation() -> None:
     async def scenario() -> None:
-        cache = ResponseCache(max_size=8, ttl_seconds=60)
+        cache = memory_cache()
         calls = 0
         gate = asyncio.Event()
 
@@ -46,7 +52,7 @@ def test_identical_concurrent_requests_share_one_computation() -> None:
             await gate.wait()
             return {"answer": 42}
 
-        tasks = [asyncio.create_task(cache.get_or_compute("k", compute)) for _ in range(20)]
+        tasks = [asyncio.create_task(cache.get_or_compute("m", "k", None, compute)) for _ in range(20)]
         await asyncio.sleep(0.01)
         gate.set()
         results = await asyncio.gather(*tasks)
@@ -54,23 +60,25 @@ def test_identical_concurrent_requests_share_one_computation() -> None:
         assert {how for _, how in results} == {"miss", "coalesced"}
         assert [how for _, how in results].count("miss") == 1
         assert all(result == {"answer": 42} for result, _ in results)
-        assert await cache.get_or_compute("k", compute) == ({"answer": 42}, "hit")
-        assert cache.stats()["size"] == 1
+        assert await cache.get_or_compute("m", "k", None, compute) == ({"answer": 42}, "hit")
+        assert (await cache.stats())["size"] == 1
 
     asyncio.run(scenario())
 
 
 def test_failures_are_shared_and_not_stored() -> None:
     async def scenario() -> None:
-        cache = ResponseCache(max_size=8, ttl_seconds=60)
+        cache = memory_cache()
 
         async def broken() -> dict[str, Any]:
             await asyncio.sleep(0.01)
             raise RuntimeError("backend down")
 
-        outcomes = await asyncio.gather(*(cache.get_or_compute("k", broken) for _ in range(3)), return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(cache.get_or_compute("m", "k", None, broken) for _ in range(3)), return_exceptions=True
+        )
         assert all(isinstance(outcome, RuntimeError) for outcome in outcomes)
-        assert len(cache) == 0
+        assert (await cache.stats())["size"] == 0
 
     asyncio.run(scenario())
 
@@ -91,13 +99,33 @@ def test_a_stream_assembles_into_the_response_it_replays() -> None:
     assert complete is not None
     assert complete["choices"][0]["message"] == {"role": "assistant", "content": "Hello"}
     assert complete["usage"]["total_tokens"] == 5
-    events = [event.decode() for event in replay(complete, include_usage=True)]
-    assert all(event.startswith("data: ") and event.endswith("\n\n") for event in events)
-    assert events[-1] == "data: [DONE]\n\n"
-    payloads = [json.loads(event[6:]) for event in events[:-1]]
-    assert "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if p["choices"]) == "Hello"
-    assert payloads[-1]["usage"]["completion_tokens"] == 2
-    assert len(list(replay(complete, include_usage=False))) == len(events) - 1
+    replayed = list(replay_chunks(complete))
+    assert "".join(p["choices"][0]["delta"].get("content", "") for p in replayed if p["choices"]) == "Hello"
+    assert replayed[-1] == {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+    assert [p["choices"][0]["finish_reason"] for p in replayed if p["choices"]] == [None, "stop"]
     unfinished = Assembler(chat=True)
     unfinished.add(chunks[0])
     assert unfinished.result() is None, "an interrupted stream is never cached"
+
+
+def test_entries_expire_with_their_own_ttl() -> None:
+    async def scenario() -> None:
+        store = MemoryStore(8)
+        await store.set("short", {"a": 1}, ttl_seconds=0.05)
+        await store.set("long", {"b": 2}, ttl_seconds=60)
+        await asyncio.sleep(0.1)
+        assert await store.get("short") is None
+        assert await store.get("long") == {"b": 2}
+
+    asyncio.run(scenario())
+
+
+def test_the_store_holds_at_most_max_size_entries() -> None:
+    async def scenario() -> None:
+        store = MemoryStore(2)
+        for index in range(5):
+            await store.set(str(index), {"i": index}, ttl_seconds=60)
+        assert await store.size() == 2
+        assert await store.get("4") == {"i": 4}
+
+    asyncio.run(scenario())

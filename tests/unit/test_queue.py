@@ -27,7 +27,7 @@ async def hold(queue: ModelQueue, order: list[int], index: int, release: asyncio
 def test_one_runs_two_wait_the_fourth_gets_429_and_waiters_run_in_order() -> None:
     async def scenario() -> None:
         metrics = RouterMetrics.create()
-        queue = ModelQueue("m", max_in_flight=1, max_queue=2, metrics=metrics)
+        queue = ModelQueue("m", capacity=1, max_queue=2, metrics=metrics)
         order: list[int] = []
         releases = [asyncio.Event() for _ in range(3)]
         tasks = [asyncio.create_task(hold(queue, order, i, releases[i])) for i in range(3)]
@@ -56,7 +56,7 @@ def test_one_runs_two_wait_the_fourth_gets_429_and_waiters_run_in_order() -> Non
 def test_a_waiter_that_times_out_or_is_cancelled_leaves_the_queue() -> None:
     async def scenario() -> None:
         metrics = RouterMetrics.create()
-        queue = ModelQueue("m", max_in_flight=1, max_queue=5, metrics=metrics)
+        queue = ModelQueue("m", capacity=1, max_queue=5, metrics=metrics)
         release = asyncio.Event()
         holder = asyncio.create_task(hold(queue, [], 0, release))
         await asyncio.sleep(0.01)
@@ -85,10 +85,48 @@ def test_a_waiter_that_times_out_or_is_cancelled_leaves_the_queue() -> None:
 
 def test_max_queue_zero_refuses_as_soon_as_slots_are_taken() -> None:
     async def scenario() -> None:
-        queue = ModelQueue("m", max_in_flight=2, max_queue=0, metrics=RouterMetrics.create())
+        queue = ModelQueue("m", capacity=2, max_queue=0, metrics=RouterMetrics.create())
         async with queue.slot(1), queue.slot(1):
             with pytest.raises(RouterError, match="Too many requests"):
                 async with queue.slot(1):
                     pass
+
+    asyncio.run(scenario())
+
+
+def test_zero_capacity_waits_and_new_capacity_starts_waiters_in_order() -> None:
+    async def scenario() -> None:
+        metrics = RouterMetrics.create()
+        queue = ModelQueue("m", capacity=0, max_queue=5, metrics=metrics)
+        tickets = [queue.admit() for _ in range(3)]
+        assert not any(ticket.granted for ticket in tickets)
+        assert (queue.in_flight, queue.depth) == (0, 3)
+        queue.set_capacity(2)
+        assert [ticket.granted for ticket in tickets] == [True, True, False]
+        assert (queue.in_flight, queue.depth) == (2, 1)
+        assert gauge(metrics, "modelfleet_queue_depth") == 1
+        await tickets[0].wait(1)
+        tickets[0].release()
+        assert tickets[2].granted, "a freed slot goes to the next in line"
+        for ticket in tickets:
+            ticket.release()
+        assert (queue.in_flight, queue.depth) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_closing_fails_every_waiter_at_once() -> None:
+    async def scenario() -> None:
+        queue = ModelQueue("m", capacity=0, max_queue=5, metrics=RouterMetrics.create())
+        waiting = [asyncio.create_task(queue.admit().wait(30)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        queue.close("The model `m` was removed.")
+        for task in waiting:
+            with pytest.raises(RouterError) as gone:
+                await task
+            assert (gone.value.status, gone.value.code) == (404, "model_not_found")
+        with pytest.raises(RouterError):
+            queue.admit()
+        assert (queue.in_flight, queue.depth) == (0, 0)
 
     asyncio.run(scenario())

@@ -1,53 +1,196 @@
-"""Pure parts of the router: model resolution and the body sent upstream."""
+"""Pure parts of the router: the registry and its replicas, the upstream body, keys, and API translations."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+import yaml
+from starlette.requests import Request
 
-from modelfleet.server.api.openai import upstream_body
+from modelfleet.server.api.compat import as_chat_request as generate_as_chat
+from modelfleet.server.api.responses import as_chat_request as responses_as_chat
+from modelfleet.server.auth import KeyRing
+from modelfleet.server.backends.ollama import native_request, usage_of
 from modelfleet.server.errors import RouterError
-from modelfleet.server.registry import ModelRegistry
-from modelfleet.server.schemas import ChatCompletionRequest
+from modelfleet.server.metrics import RouterMetrics
+from modelfleet.server.pipeline import first_set, upstream_body
+from modelfleet.server.registry import ModelRegistry, ModelSpec
+from modelfleet.server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, ResponsesRequest
 from modelfleet.server.services import Services
 from modelfleet.server.settings import RouterSettings, StaticModel
 
 pytestmark = pytest.mark.unit
 
-REGISTRY = ModelRegistry(
-    [
-        StaticModel.model_validate(
-            {"name": "llama", "url": "http://127.0.0.1:1/", "upstream_model": "llama3.2:1b", "aliases": ["l"]}
-        )
-    ]
-)
+
+def registry_with(*specs: ModelSpec, source: str = "static") -> ModelRegistry:
+    registry = ModelRegistry(RouterMetrics.create())
+    registry.replace_source(source, specs)
+    return registry
 
 
-def services(**settings: Any) -> Services:
-    return cast(Services, SimpleNamespace(settings=RouterSettings(**settings), registry=REGISTRY))
+LLAMA = StaticModel.model_validate(
+    {"name": "llama", "url": "http://127.0.0.1:1/", "upstream_model": "llama3.2:1b", "aliases": ["l"]}
+).spec()
 
 
-def test_aliases_resolve_to_one_route_and_unknown_models_are_404() -> None:
-    assert REGISTRY.resolve("l") == REGISTRY.resolve("llama")
-    assert REGISTRY.resolve("llama").base_url == "http://127.0.0.1:1"
-    assert REGISTRY.names() == ["llama"]
+def services(registry: ModelRegistry | None = None, **settings: Any) -> Services:
+    return cast(
+        Services, SimpleNamespace(settings=RouterSettings(**settings), registry=registry or registry_with(LLAMA))
+    )
+
+
+def test_aliases_resolve_to_one_model_and_unknown_models_are_404() -> None:
+    registry = registry_with(LLAMA)
+    assert registry.resolve("l") is registry.resolve("llama")
+    assert registry.resolve("llama").spec.endpoints == ("http://127.0.0.1:1",)
+    assert registry.names() == ["llama"]
     with pytest.raises(RouterError) as missing:
-        REGISTRY.resolve("gpt-5")
+        registry.resolve("gpt-5")
     assert (missing.value.status, missing.value.code, missing.value.param) == (404, "model_not_found", "model")
 
 
+def spec(name: str, *endpoints: str, source: str = "cluster", per_replica: int = 2) -> ModelSpec:
+    return ModelSpec(name=name, api="openai", upstream_model=name, endpoints=endpoints,
+                     max_in_flight_per_replica=per_replica, source=source)  # fmt: skip
+
+
+def test_a_source_replaces_its_models_and_capacity_follows_replicas() -> None:
+    registry = registry_with(LLAMA)
+    registry.replace_source("cluster", [spec("a", "http://10.0.0.1:8000"), spec("b")])
+    a, b = registry.resolve("a"), registry.resolve("b")
+    assert (a.queue.capacity, b.queue.capacity) == (2, 0), "zero replicas: zero capacity, requests wait"
+    registry.replace_source("cluster", [spec("a", "http://10.0.0.1:8000", "http://10.0.0.2:8000")])
+    assert registry.resolve("a") is a, "an updated model keeps its queue and load counters"
+    assert a.queue.capacity == 4
+    assert b.queue.closed_reason is not None
+    assert registry.names() == ["llama", "a"]
+    with pytest.raises(RouterError):
+        registry.resolve("b")
+
+
+def test_static_models_win_name_clashes_with_the_cluster() -> None:
+    registry = registry_with(LLAMA)
+    registry.replace_source("cluster", [spec("llama", "http://10.0.0.9:8000")])
+    assert registry.resolve("llama").spec.source == "static"
+
+
+def test_least_outstanding_replica_is_picked() -> None:
+    registry = registry_with(spec("a", "http://r1", "http://r2", "http://r3"))
+    model = registry.resolve("a")
+    picks = [model.pick_endpoint() for _ in range(3)]
+    assert sorted(picks) == ["http://r1", "http://r2", "http://r3"], "spread before stacking"
+    model.release_endpoint("http://r2")
+    model.release_endpoint("http://r2")  # releasing twice never goes below zero
+    assert model.pick_endpoint() == "http://r2"
+    assert model.outstanding == {"http://r1": 1, "http://r2": 1, "http://r3": 1}
+
+
+def test_picking_with_no_replica_is_503() -> None:
+    with pytest.raises(RouterError) as none:
+        registry_with(spec("a")).resolve("a").pick_endpoint()
+    assert (none.value.status, none.value.code) == (503, "no_ready_replica")
+
+
 def test_upstream_body_renames_the_model_and_applies_the_token_policy() -> None:
+    model = registry_with(LLAMA).resolve("l")
     request = ChatCompletionRequest.model_validate({"model": "l", "messages": [{"role": "user", "content": "hi"}],
-                                                    "temperature": 0, "stop": ["\n"], "seed": 1})  # fmt: skip
-    body = upstream_body(request, REGISTRY.resolve("l"), services(default_max_tokens=99))
+                                                    "temperature": 0, "stop": ["\n"], "seed": 1,
+                                                    "use_cache": False, "allow_remote": True})  # fmt: skip
+    body = upstream_body(request, model, services(default_max_tokens=99))
     assert body["model"] == "llama3.2:1b"
     assert body["max_tokens"] == 99
     assert (body["temperature"], body["stop"], body["seed"]) == (0, ["\n"], 1)
-    assert "n" not in body
+    assert not {"n", "stream", "use_cache", "allow_remote"} & set(body), "router-only fields stay here"
     capped = ChatCompletionRequest.model_validate(
         {"model": "l", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 5000}
     )
     with pytest.raises(RouterError, match="above this server's limit of 4096"):
-        upstream_body(capped, REGISTRY.resolve("l"), services())
+        upstream_body(capped, model, services())
+
+
+def test_limits_take_the_first_configured_value_and_zero_means_off() -> None:
+    assert first_set(None, 50, 100) == 50
+    assert first_set(None, None, 100) == 100
+    assert first_set(0, 50, 100) is None
+    assert first_set(None, None, None) is None
+
+
+def request_with(headers: dict[str, str]) -> Request:
+    raw = [(name.encode(), value.encode()) for name, value in headers.items()]
+    return Request({"type": "http", "headers": raw, "client": ("10.1.2.3", 5555)})
+
+
+def test_keys_are_held_as_digests_and_roles_are_checked(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [
+        {"name": "team", "sha256": hashlib.sha256(b"k1").hexdigest(), "requests_per_minute": 7},
+        {"name": "ops", "key": "k2", "admin": True},
+    ]}))  # fmt: skip
+    ring = KeyRing(keys, required=True)
+    team = ring.authenticate(request_with({"authorization": "Bearer k1"}))
+    assert (team.name, team.subject, team.admin, team.requests_per_minute) == ("team", "key:team", False, 7)
+    assert ring.authenticate(request_with({"x-api-key": "k2"})).admin
+    assert "k2" not in repr(ring.__dict__), "plain-text keys are dropped after hashing"
+    for headers, code in [({}, "missing_api_key"), ({"authorization": "Bearer nope"}, "invalid_api_key")]:
+        with pytest.raises(RouterError) as refused:
+            ring.authenticate(request_with(headers))
+        assert (refused.value.status, refused.value.code) == (401, code)
+    with pytest.raises(RouterError) as not_admin:
+        ring.require_admin(request_with({"authorization": "Bearer k1"}))
+    assert not_admin.value.status == 403
+
+
+def test_without_required_keys_callers_are_identified_by_address() -> None:
+    ring = KeyRing(None, required=False)
+    anonymous = ring.authenticate(request_with({"authorization": "Bearer whatever"}))
+    assert (anonymous.subject, anonymous.anonymous) == ("ip:10.1.2.3", True)
+    with pytest.raises(RouterError):
+        ring.require_admin(request_with({}))
+
+
+def test_a_key_file_must_give_exactly_one_secret(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"name": "x"}]}))
+    with pytest.raises(ValueError, match="exactly one of sha256 and key"):
+        KeyRing(keys, required=True)
+
+
+def test_ollama_native_requests_carry_options_and_usage_maps_back() -> None:
+    body = {"model": "gemma3:270m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            "temperature": 0, "top_p": 0.9, "max_tokens": 12, "seed": 3, "stop": "\n"}  # fmt: skip
+    path, request = native_request("chat", body, stream=True)
+    assert path == "/api/chat"
+    assert request["messages"] == [{"role": "user", "content": "hi"}]
+    assert request["options"] == {"temperature": 0, "top_p": 0.9, "num_predict": 12, "seed": 3, "stop": ["\n"]}
+    path, request = native_request("completion", {"model": "m", "prompt": "Once"}, stream=False)
+    assert (path, request["prompt"], request["raw"]) == ("/api/generate", "Once", True)
+    assert usage_of({"prompt_eval_count": 5, "eval_count": 7}) == {
+        "prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}  # fmt: skip
+
+
+def test_completions_take_one_prompt() -> None:
+    assert CompletionRequest.model_validate({"model": "m", "prompt": ["only"]}).prompt == "only"
+    with pytest.raises(ValueError, match="exactly one prompt"):
+        CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"]})
+
+
+def test_responses_and_generate_requests_become_chat_requests() -> None:
+    responses = ResponsesRequest.model_validate({"model": "m", "instructions": "Be brief.", "max_output_tokens": 9,
+                                                 "input": [{"role": "user", "content": [{"type": "input_text",
+                                                                                         "text": "Hi"}]}]})  # fmt: skip
+    chat = responses_as_chat(responses)
+    assert [(m.role, m.content) for m in chat.messages] == [("system", "Be brief."), ("user", "Hi")]
+    assert chat.max_tokens == 9
+    generate = GenerateRequest.model_validate({"prompt": "Hi", "system": "Terse.", "temperature": 0})
+    only_model = services(registry_with(LLAMA))
+    converted = generate_as_chat(generate, only_model)
+    assert converted.model == "llama", "the only model is the default"
+    assert [(m.role, m.content) for m in converted.messages] == [("system", "Terse."), ("user", "Hi")]
+    two_models = services(registry_with(LLAMA, spec("other", "http://r1", source="static")))
+    with pytest.raises(RouterError) as ambiguous:
+        generate_as_chat(generate, two_models)
+    assert ambiguous.value.code == "model_required"

@@ -191,6 +191,10 @@ class Endpoint(Model):
             ]
         },
     )
+    api: Literal["openai", "ollama"] = Field(
+        "openai",
+        description="The API the router speaks to it: openai (/v1, e.g. vLLM, llama.cpp) or ollama (/api/chat).",
+    )
     api_key_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding the backend's API key.")
     allow_remote: bool = Field(
         False, description="Allow requests to reach this endpoint when it is outside the cluster."

@@ -1,52 +1,103 @@
-"""`create_app(settings)`: the router's FastAPI application; its lifespan owns every client."""
+"""`create_app(settings)`: the router's FastAPI application; its lifespan owns every client and task."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
-from modelfleet.server.api import health, openai
+from modelfleet.server.api import admin, compat, health, openai, responses
+from modelfleet.server.auth import KeyRing
+from modelfleet.server.backends.ollama import OllamaBackend
 from modelfleet.server.backends.openai_compat import OpenAICompatBackend
-from modelfleet.server.cache import ResponseCache
+from modelfleet.server.cache import CacheStore, MemoryStore, RedisCircuit, RedisStore, ResponseCache
+from modelfleet.server.discovery import ClusterWatcher
 from modelfleet.server.errors import install_error_handlers
 from modelfleet.server.limits import BodySizeLimit
 from modelfleet.server.metrics import RouterMetrics
-from modelfleet.server.queue import ModelQueue
+from modelfleet.server.probe import probe_forever
+from modelfleet.server.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from modelfleet.server.registry import ModelRegistry
 from modelfleet.server.services import Services
 from modelfleet.server.settings import RouterSettings
 
+PROBE_INTERVAL_SECONDS = 10.0
+
 
 def create_app(settings: RouterSettings) -> FastAPI:
-    metrics = RouterMetrics.create()
+    metrics = RouterMetrics.create(with_redis=settings.redis_url is not None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout = httpx.Timeout(settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        tasks: list[asyncio.Task[Any]] = []
+
+        def background(work: Coroutine[Any, Any, Any]) -> None:
+            tasks.append(asyncio.create_task(work))
+
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
-            registry = ModelRegistry(settings.all_models())
-            queues = {
-                route.name: ModelQueue(route.name, route.max_in_flight, route.max_queue, metrics)
-                for route in registry.routes()
-            }
-            app.state.services = Services(
+            registry = ModelRegistry(metrics)
+            registry.replace_source("static", [model.spec() for model in settings.all_models()])
+            redis: Redis | None = None
+            circuit: RedisCircuit | None = None
+            limiter: MemoryRateLimiter | RedisRateLimiter = MemoryRateLimiter()
+            store: CacheStore = MemoryStore(settings.cache_size)
+            if settings.redis_url is not None:
+                # Short timeouts: a hung Redis must cost a request milliseconds, not seconds.
+                # No client-side retries either: the circuit and the failure mode decide what happens.
+                redis = Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5,
+                                       retry=Retry(NoBackoff(), 0))  # fmt: skip
+                circuit = RedisCircuit(redis, metrics)
+                limiter = RedisRateLimiter(redis, fail_open=settings.rate_limit_failure_mode == "open")
+                store = RedisStore(redis, circuit)
+                background(circuit.monitor())
+            services = Services(
                 settings=settings,
                 http=http,
                 registry=registry,
-                backend=OpenAICompatBackend(http),
+                backends={"openai": OpenAICompatBackend(http), "ollama": OllamaBackend(http)},
                 metrics=metrics,
-                queues=queues,
-                cache=ResponseCache(settings.cache_size, settings.cache_ttl_seconds) if settings.cache_size else None,
+                cache=ResponseCache(store, settings.cache_size, settings.cache_ttl_seconds, metrics)
+                if settings.cache_size
+                else None,
+                limiter=limiter,
+                keys=KeyRing(settings.api_keys_file, settings.auth_required),
+                redis=redis,
+                redis_circuit=circuit,
             )
-            yield
+            if settings.kubernetes_discovery:
+                services.watcher = ClusterWatcher(
+                    on_change=lambda specs: registry.replace_source("cluster", specs),
+                    namespace=settings.kubernetes_namespace,
+                    kubeconfig=str(settings.kubeconfig) if settings.kubeconfig else None,
+                )
+                background(services.watcher.run())
+            background(probe_forever(services, PROBE_INTERVAL_SECONDS))
+            app.state.services = services
+            try:
+                yield
+            finally:
+                for task in tasks:
+                    task.cancel()
+                for task in tasks:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+                await limiter.aclose()
+                if redis is not None:
+                    await redis.aclose()
 
     app = FastAPI(title="ModelFleet router", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    app.include_router(openai.router)
-    app.include_router(health.router)
+    for api in (openai, responses, compat, admin, health):
+        app.include_router(api.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

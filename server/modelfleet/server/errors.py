@@ -5,12 +5,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
 
 logger = logging.getLogger(__name__)
+
+
+class OrjsonResponse(JSONResponse):
+    """JSON rendered by orjson: the router passes backend dicts through, with no response model to validate."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 class RouterError(Exception):
@@ -38,8 +46,8 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def error_response(error: RouterError) -> ORJSONResponse:
-    return ORJSONResponse(
+def error_response(error: RouterError) -> OrjsonResponse:
+    return OrjsonResponse(
         error_body(error.message, error.type, error.code, error.param), status_code=error.status, headers=error.headers
     )
 
@@ -58,20 +66,20 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RouterError)
-    async def router_error(_: Request, exc: RouterError) -> ORJSONResponse:
+    async def router_error(_: Request, exc: RouterError) -> OrjsonResponse:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def validation_error(_: Request, exc: RequestValidationError) -> OrjsonResponse:
         message, param = describe_validation_error(exc)
         return error_response(RouterError(400, message, code="invalid_request", param=param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def http_error(_: Request, exc: StarletteHTTPException) -> OrjsonResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(RouterError(exc.status_code, str(exc.detail), type=kind))
 
     @app.exception_handler(Exception)
-    async def unexpected_error(_: Request, exc: Exception) -> ORJSONResponse:
+    async def unexpected_error(_: Request, exc: Exception) -> OrjsonResponse:
         logger.exception("unhandled error", exc_info=exc)
         return error_response(RouterError(500, "The router failed to handle the request.", type="server_error"))

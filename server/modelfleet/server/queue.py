@@ -1,7 +1,9 @@
-"""Per-model admission: up to `max_in_flight` requests run, then a bounded FIFO queue, then 429.
+"""Per-model admission: up to `capacity` requests run, then a bounded FIFO queue, then 429.
 
-The queue depth is the HPA's signal (modelfleet_queue_depth), so it counts exactly the requests
-that wait for a slot.
+Capacity is maxInFlightPerReplica x ready replicas, and follows discovery: with zero ready
+replicas requests wait (up to their deadline) instead of failing, and they start as soon as a
+replica appears.  The queue depth is the HPA's signal (modelfleet_queue_depth), so it counts
+exactly the requests that wait for a slot.
 """
 
 from __future__ import annotations
@@ -17,78 +19,143 @@ from modelfleet.server.errors import RouterError
 from modelfleet.server.metrics import RouterMetrics
 
 
+class Ticket:
+    """One request's place: granted (it holds a slot) or waiting in line."""
+
+    def __init__(self, queue: ModelQueue, waiter: asyncio.Future[None] | None) -> None:
+        self.queue = queue
+        self.waiter = waiter
+        self.created = time.monotonic()
+        self.released = False
+
+    @property
+    def granted(self) -> bool:
+        waiter = self.waiter
+        return waiter is None or (waiter.done() and not waiter.cancelled() and waiter.exception() is None)
+
+    async def wait(self, max_wait_seconds: float) -> float:
+        """Wait for the slot; returns the seconds spent in line.  Gives up with 504 after the deadline."""
+        if self.waiter is not None and not self.granted:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.waiter), max(0.0, max_wait_seconds))
+            except (TimeoutError, asyncio.CancelledError) as exc:
+                self.queue.abandon(self)
+                if isinstance(exc, TimeoutError):
+                    self.queue.metrics.rejected.labels(model=self.queue.model, reason="queue_timeout").inc()
+                    raise RouterError(504, f"Waited {max_wait_seconds:.0f}s for `{self.queue.model}` without a free "
+                                      "slot.", type="timeout_error", code="queue_timeout") from None  # fmt: skip
+                raise
+        waited = time.monotonic() - self.created
+        self.queue.metrics.queue_wait.labels(model=self.queue.model).observe(waited)
+        self.queue.started()
+        return waited
+
+    def release(self) -> None:
+        """Give the slot back (or leave the line); safe to call more than once."""
+        if self.released:
+            return
+        self.released = True
+        if self.granted:
+            self.queue.finished(time.monotonic() - self.created)
+        else:
+            self.queue.abandon(self)
+
+
 class ModelQueue:
-    def __init__(self, model: str, max_in_flight: int, max_queue: int, metrics: RouterMetrics) -> None:
+    def __init__(self, model: str, capacity: int, max_queue: int, metrics: RouterMetrics) -> None:
         self.model = model
-        self.max_in_flight = max_in_flight
+        self.capacity = capacity
         self.max_queue = max_queue
         self.metrics = metrics
         self.in_flight = 0
+        self.closed_reason: str | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._recent_durations: deque[float] = deque(maxlen=32)
+        self._publish()
 
     @property
     def depth(self) -> int:
         return len(self._waiters)
 
     def retry_after_seconds(self) -> int:
-        """A hint for clients: how long the queue ahead would take to drain, from recent durations."""
+        """A hint for clients: how long the work ahead would take to drain, from recent durations."""
         typical = sorted(self._recent_durations)[len(self._recent_durations) // 2] if self._recent_durations else 1.0
-        waves = (self.depth + self.in_flight) / max(1, self.max_in_flight)
+        waves = (self.depth + self.in_flight) / max(1, self.capacity)
         return max(1, math.ceil(typical * waves))
+
+    def admit(self) -> Ticket:
+        """A slot now, a place in line, or 429 when the line is full."""
+        if self.closed_reason is not None:
+            raise RouterError(404, self.closed_reason, type="not_found_error", code="model_not_found")
+        if self.in_flight < self.capacity and not self._waiters:
+            self.in_flight += 1
+            self._publish()
+            return Ticket(self, None)
+        if self.depth >= self.max_queue:
+            self.metrics.rejected.labels(model=self.model, reason="queue_full").inc()
+            raise RouterError(429, f"Too many requests are waiting for `{self.model}`; retry later.",
+                              type="rate_limit_error", code="queue_full",
+                              headers={"retry-after": str(self.retry_after_seconds())})  # fmt: skip
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._publish()
+        return Ticket(self, waiter)
+
+    @asynccontextmanager
+    async def slot(self, max_wait_seconds: float) -> AsyncIterator[float]:
+        """Hold a slot for the block (yields the seconds spent waiting for it)."""
+        ticket = self.admit()
+        try:
+            yield await ticket.wait(max_wait_seconds)
+        finally:
+            ticket.release()
+
+    def set_capacity(self, capacity: int) -> None:
+        """Follow the ready replicas; a larger capacity starts waiting requests at once."""
+        self.capacity = capacity
+        self._grant()
+        self._publish()
+
+    def close(self, reason: str) -> None:
+        """The model is gone: every waiting request fails now rather than at its deadline."""
+        self.closed_reason = reason
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(RouterError(404, reason, type="not_found_error", code="model_not_found"))
+        self._publish()
+
+    def started(self) -> None:
+        self._publish()
+
+    def finished(self, duration: float) -> None:
+        self._recent_durations.append(duration)
+        self.in_flight -= 1
+        self._grant()
+        self._publish()
+
+    def abandon(self, ticket: Ticket) -> None:
+        """A waiting request gave up; if its slot was granted just now, pass the slot on."""
+        waiter = ticket.waiter
+        ticket.released = True
+        if waiter is None:
+            return
+        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            self.in_flight -= 1
+            self._grant()
+        else:
+            waiter.cancel()
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        self._publish()
+
+    def _grant(self) -> None:
+        while self._waiters and self.in_flight < self.capacity:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
 
     def _publish(self) -> None:
         self.metrics.queue_depth.labels(model=self.model).set(self.depth)
         self.metrics.in_flight.labels(model=self.model).set(self.in_flight)
-
-    @asynccontextmanager
-    async def slot(self, max_wait_seconds: float) -> AsyncIterator[None]:
-        """Hold one of the model's slots for the block; wait in line for at most `max_wait_seconds`."""
-        queued_at = time.monotonic()
-        if self.in_flight < self.max_in_flight and not self._waiters:
-            self.in_flight += 1
-        elif self.depth >= self.max_queue:
-            self.metrics.rejected.labels(model=self.model, reason="queue_full").inc()
-            raise RouterError(
-                429,
-                f"Too many requests are waiting for `{self.model}`; retry later.",
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"retry-after": str(self.retry_after_seconds())},
-            )
-        else:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            self._publish()
-            try:
-                await asyncio.wait_for(asyncio.shield(waiter), max_wait_seconds)
-            except (TimeoutError, asyncio.CancelledError) as exc:
-                if waiter.done() and not waiter.cancelled():
-                    self._release()  # the slot was handed over just as we gave up: pass it on
-                else:
-                    waiter.cancel()
-                    self._waiters.remove(waiter)
-                self._publish()
-                if isinstance(exc, TimeoutError):
-                    self.metrics.rejected.labels(model=self.model, reason="queue_timeout").inc()
-                    raise RouterError(504, f"Waited {max_wait_seconds:.0f}s for `{self.model}` without a free slot.",
-                                      type="timeout_error", code="queue_timeout") from None  # fmt: skip
-                raise
-        self.metrics.queue_wait.labels(model=self.model).observe(time.monotonic() - queued_at)
-        self._publish()
-        started = time.monotonic()
-        try:
-            yield
-        finally:
-            self._recent_durations.append(time.monotonic() - started)
-            self._release()
-            self._publish()
-
-    def _release(self) -> None:
-        """Hand the slot to the first waiter still waiting, or free it."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return  # in_flight stays the same: the slot changes hands
-        self.in_flight -= 1

@@ -1,54 +1,133 @@
-"""Which models exist and where they live.  Today: static models from settings."""
+"""Which models exist, where their ready replicas are, and how each one is served.
+
+Two sources feed the registry: static models from settings (out of cluster) and, in cluster,
+InferenceModels with the ready addresses of their EndpointSlices (discovery.py).  Each source
+hands over its complete current list (level-based); the registry works out what appeared,
+changed or vanished, so models come and go without a restart.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
 
 from modelfleet.server.errors import RouterError
-from modelfleet.server.settings import StaticModel
+from modelfleet.server.metrics import RouterMetrics
+from modelfleet.server.queue import ModelQueue
+
+logger = logging.getLogger(__name__)
+
+Api = Literal["openai", "ollama"]
 
 
 @dataclass(frozen=True)
-class ModelRoute:
+class ModelSpec:
+    """How one model is served; what discovery and settings produce, and all the router needs to know."""
+
     name: str
-    base_url: str
+    api: Api
     upstream_model: str
-    max_in_flight: int = 4
+    endpoints: tuple[str, ...]  # base URLs of the ready replicas, without /v1
+    aliases: tuple[str, ...] = ()
+    max_in_flight_per_replica: int = 4
     max_queue: int = 64
     request_timeout_seconds: float = 300.0
+    # A remote provider (outside the cluster): used only by requests that set allow_remote.
+    remote: bool = False
+    cache_enabled: bool = True
+    cache_ttl_seconds: float | None = None  # None: the router's default
+    requests_per_minute: int | None = None  # None: the router's default
+    tokens_per_minute: int | None = None
+    upstream_api_key: str | None = field(default=None, repr=False)
+    source: str = "static"  # "static", or "cluster" for InferenceModels
+
+    @property
+    def capacity(self) -> int:
+        return self.max_in_flight_per_replica * len(self.endpoints)
+
+
+class ServedModel:
+    """A model the router serves now: its spec, its admission queue, and its replicas' load."""
+
+    def __init__(self, spec: ModelSpec, metrics: RouterMetrics) -> None:
+        self.spec = spec
+        self.queue = ModelQueue(spec.name, spec.capacity, spec.max_queue, metrics)
+        self.outstanding: dict[str, int] = dict.fromkeys(spec.endpoints, 0)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def update(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.outstanding = {endpoint: self.outstanding.get(endpoint, 0) for endpoint in spec.endpoints}
+        self.queue.max_queue = spec.max_queue
+        self.queue.set_capacity(spec.capacity)
+
+    def pick_endpoint(self) -> str:
+        """The ready replica with the fewest outstanding requests (ties: the first listed)."""
+        if not self.outstanding:
+            raise RouterError(503, f"`{self.name}` has no ready replica.", type="upstream_error",
+                              code="no_ready_replica")  # fmt: skip
+        endpoint = min(self.outstanding, key=self.outstanding.__getitem__)
+        self.outstanding[endpoint] += 1
+        return endpoint
+
+    def release_endpoint(self, endpoint: str) -> None:
+        if endpoint in self.outstanding:
+            self.outstanding[endpoint] = max(0, self.outstanding[endpoint] - 1)
 
 
 class ModelRegistry:
-    def __init__(self, models: list[StaticModel]) -> None:
-        self._routes: dict[str, ModelRoute] = {}
-        self._names: list[str] = []
-        for model in models:
-            route = ModelRoute(
-                name=model.name,
-                base_url=str(model.url).rstrip("/"),
-                upstream_model=model.upstream_model or model.name,
-                max_in_flight=model.max_in_flight,
-                max_queue=model.max_queue,
-                request_timeout_seconds=model.request_timeout_seconds,
-            )
-            self._names.append(model.name)
-            for name in [model.name, *model.aliases]:
-                self._routes[name] = route
+    def __init__(self, metrics: RouterMetrics) -> None:
+        self.metrics = metrics
+        self._models: dict[str, ServedModel] = {}
+        self._names: dict[str, str] = {}  # name or alias -> model name
 
-    def resolve(self, name: str) -> ModelRoute:
-        route = self._routes.get(name)
-        if route is None:
-            raise RouterError(
-                404,
-                f"The model `{name}` does not exist.",
-                type="not_found_error",
-                code="model_not_found",
-                param="model",
-            )
-        return route
+    def replace_source(self, source: str, specs: Iterable[ModelSpec]) -> None:
+        """Make the models of `source` exactly `specs`: add the new, update the changed, drop the gone.
 
-    def routes(self) -> list[ModelRoute]:
-        return [self._routes[name] for name in self._names]
+        Static models win name clashes over cluster ones; within a source, the first spec wins.
+        """
+        wanted: dict[str, ModelSpec] = {}
+        for spec in specs:
+            owner = self._models.get(spec.name)
+            if spec.name in wanted or (owner is not None and owner.spec.source != source):
+                logger.warning("model name %r is taken; ignoring the one from %s", spec.name, source)
+                continue
+            wanted[spec.name] = spec
+        for name in [name for name, model in self._models.items() if model.spec.source == source]:
+            if name not in wanted:
+                removed = self._models.pop(name)
+                removed.queue.close(f"The model `{name}` was removed.")
+                self.metrics.forget_model(name)
+                logger.info("model %s removed", name)
+        for name, spec in wanted.items():
+            current = self._models.get(name)
+            if current is None:
+                self._models[name] = ServedModel(spec, self.metrics)
+                logger.info("model %s added (%s, %d ready replicas)", name, source, len(spec.endpoints))
+            elif current.spec != spec:
+                current.update(spec)
+                logger.info("model %s updated (%d ready replicas)", name, len(spec.endpoints))
+        for name, spec in wanted.items():
+            self.metrics.ready_replicas.labels(model=name).set(len(spec.endpoints))
+        self._names = {}
+        for model in self._models.values():
+            for name in (model.name, *model.spec.aliases):
+                self._names.setdefault(name, model.name)
+
+    def resolve(self, name: str) -> ServedModel:
+        model_name = self._names.get(name)
+        if model_name is None:
+            raise RouterError(404, f"The model `{name}` does not exist.", type="not_found_error",
+                              code="model_not_found", param="model")  # fmt: skip
+        return self._models[model_name]
+
+    def models(self) -> list[ServedModel]:
+        return list(self._models.values())
 
     def names(self) -> list[str]:
-        return list(self._names)
+        return list(self._models)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
+from redis.asyncio import Redis
 from starlette.requests import Request
 
-from modelfleet.server.backends.openai_compat import OpenAICompatBackend
-from modelfleet.server.cache import ResponseCache
+from modelfleet.server.auth import KeyRing
+from modelfleet.server.backends.base import Backend
+from modelfleet.server.cache import RedisCircuit, ResponseCache
+from modelfleet.server.discovery import ClusterWatcher
 from modelfleet.server.metrics import RouterMetrics
-from modelfleet.server.queue import ModelQueue
+from modelfleet.server.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from modelfleet.server.registry import ModelRegistry
 from modelfleet.server.settings import RouterSettings
 
@@ -20,10 +23,15 @@ class Services:
     settings: RouterSettings
     http: httpx.AsyncClient
     registry: ModelRegistry
-    backend: OpenAICompatBackend
+    backends: dict[str, Backend]  # by ModelSpec.api
     metrics: RouterMetrics
-    queues: dict[str, ModelQueue]
     cache: ResponseCache | None
+    limiter: MemoryRateLimiter | RedisRateLimiter
+    keys: KeyRing
+    redis: Redis | None = None
+    redis_circuit: RedisCircuit | None = None
+    watcher: ClusterWatcher | None = None
+    reachability: dict[str, dict[str, object]] = field(default_factory=dict)  # model -> last probe result
 
 
 def services_of(request: Request) -> Services:

@@ -3,34 +3,87 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, HttpUrl
+from pydantic import BaseModel, Field, HttpUrl, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from modelfleet.server.registry import ModelSpec
 
 
 class StaticModel(BaseModel):
-    """A model served from a fixed URL by an OpenAI-compatible backend (out-of-cluster use, or tests)."""
+    """A model served from a fixed URL (out-of-cluster use, or tests)."""
 
     name: str = Field(min_length=1, description="The name clients send as `model`.")
     url: HttpUrl = Field(description="Base URL of the backend, without /v1.")
+    api: Literal["openai", "ollama"] = Field("openai", description="openai (/v1/...) or ollama (/api/chat).")
     upstream_model: str | None = Field(None, description="Model name at the backend, if it differs.")
     aliases: list[str] = Field(default_factory=list, description="Other names for this model.")
     max_in_flight: int = Field(4, ge=1, description="Requests the backend runs at once; more wait in the queue.")
     max_queue: int = Field(64, ge=0, description="Requests that may wait; beyond this the router answers 429.")
     request_timeout_seconds: float = Field(300.0, gt=0, description="Longest wait in the queue.")
+    remote: bool = Field(False, description="A remote provider: used only by requests that set allow_remote.")
+    cache_enabled: bool = Field(True, description="Cache this model's deterministic answers.")
+    cache_ttl_seconds: float | None = Field(None, gt=0, description="Cache TTL for this model (default: the router's).")
+    requests_per_minute: int | None = Field(None, ge=0, description="Per-key request limit (default: the router's).")
+    tokens_per_minute: int | None = Field(None, ge=0, description="Per-key token limit (default: the router's).")
+    api_key: SecretStr | None = Field(None, description="Bearer token the backend expects.")
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec(
+            name=self.name,
+            api=self.api,
+            upstream_model=self.upstream_model or self.name,
+            endpoints=(str(self.url).rstrip("/"),),
+            aliases=tuple(self.aliases),
+            max_in_flight_per_replica=self.max_in_flight,
+            max_queue=self.max_queue,
+            request_timeout_seconds=self.request_timeout_seconds,
+            remote=self.remote,
+            cache_enabled=self.cache_enabled,
+            cache_ttl_seconds=self.cache_ttl_seconds,
+            requests_per_minute=self.requests_per_minute,
+            tokens_per_minute=self.tokens_per_minute,
+            upstream_api_key=self.api_key.get_secret_value() if self.api_key else None,
+            source="static",
+        )
 
 
 class RouterSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODELFLEET_", extra="ignore")
 
+    # Models
     config_file: Path | None = Field(None, description="YAML file with `models:`, a list of static models.")
     models: list[StaticModel] = Field(default_factory=list, description="Static models (also from config_file).")
+    kubernetes_discovery: bool = Field(False, description="Watch InferenceModels and EndpointSlices for models.")
+    kubernetes_namespace: str | None = Field(None, description="Watch one namespace only (default: all).")
+    kubeconfig: Path | None = Field(None, description="Kubeconfig for discovery (default: in-cluster, $KUBECONFIG).")
+    default_model: str | None = Field(None, description="Model of /v1/generate and /infer requests that name none.")
+    # Requests
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request sets none.")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
+    heartbeat_seconds: float = Field(10.0, gt=0, description="`: ping` interval of a stream that waits in the queue.")
+    # Cache
     cache_size: int = Field(512, ge=0, description="Responses kept in the in-process cache; 0 turns caching off.")
     cache_ttl_seconds: float = Field(3600.0, gt=0, description="How long a cached response is served.")
+    cache_per_key: bool = Field(False, description="Give each API key its own cache namespace.")
+    redis_url: str | None = Field(None, description="Redis for a shared cache and rate limits (default: in-process).")
+    # Rate limits
+    rate_limit_requests_per_minute: int = Field(100, ge=0, description="Requests per key (or client IP) per model "
+                                                "per minute; 0 turns the limit off.")  # fmt: skip
+    rate_limit_tokens_per_minute: int = Field(0, ge=0, description="Prompt + completion tokens per key per model "
+                                              "per minute; 0 turns the limit off.")  # fmt: skip
+    rate_limit_window_seconds: float = Field(60.0, gt=0, description="Length of the sliding window the per-minute "
+                                             "limits apply to (shorter only for tests).")  # fmt: skip
+    rate_limit_failure_mode: Literal["open", "closed"] = Field(
+        "open", description="When Redis is down: open admits requests unlimited, closed refuses them with 503."
+    )
+    # Auth
+    auth_required: bool = Field(True, description="Refuse requests without a valid API key.")
+    api_keys_file: Path | None = Field(None, description="YAML/JSON file of API keys (see auth.py).")
+    # Upstreams
     upstream_timeout_seconds: float = Field(300.0, gt=0, description="Deadline of one backend request.")
     upstream_connect_timeout_seconds: float = Field(5.0, gt=0, description="Deadline to connect to a backend.")
 

@@ -1,4 +1,4 @@
-"""SSE helpers: assemble a streamed completion for the cache, and replay a cached one as SSE."""
+"""Streams in OpenAI's chunk shape: assemble one for the cache, replay a cached answer, frame SSE."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import orjson
+PING = b": ping\n\n"
 
 
-def sse(payload: bytes) -> bytes:
+def sse(payload: bytes, event: str | None = None) -> bytes:
+    if event is not None:
+        return b"event: " + event.encode() + b"\ndata: " + payload + b"\n\n"
     return b"data: " + payload + b"\n\n"
 
 
@@ -55,8 +57,8 @@ class Assembler:
         }
 
 
-def replay(response: dict[str, Any], include_usage: bool) -> Iterator[bytes]:
-    """A cached complete response as the SSE stream an uncached request would have produced."""
+def replay_chunks(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A cached complete response as the chunks an uncached stream would have produced, usage last."""
     chat = response.get("object") == "chat.completion"
     base = {
         "id": response.get("id"),
@@ -67,14 +69,10 @@ def replay(response: dict[str, Any], include_usage: bool) -> Iterator[bytes]:
     choice = response["choices"][0]
     if chat:
         delta = {"role": "assistant", "content": choice["message"].get("content") or ""}
-        yield sse(orjson.dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}))
-        final = {"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason")}
+        yield {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+        yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason")}]}
     else:
-        yield sse(
-            orjson.dumps({**base, "choices": [{"index": 0, "text": choice.get("text", ""), "finish_reason": None}]})
-        )
-        final = {"index": 0, "text": "", "finish_reason": choice.get("finish_reason")}
-    yield sse(orjson.dumps({**base, "choices": [final]}))
-    if include_usage and response.get("usage"):
-        yield sse(orjson.dumps({**base, "choices": [], "usage": response["usage"]}))
-    yield sse(b"[DONE]")
+        yield {**base, "choices": [{"index": 0, "text": choice.get("text", ""), "finish_reason": None}]}
+        yield {**base, "choices": [{"index": 0, "text": "", "finish_reason": choice.get("finish_reason")}]}
+    if response.get("usage"):
+        yield {**base, "choices": [], "usage": response["usage"]}

@@ -1,31 +1,49 @@
-"""Health endpoints: fast, and they never call a model."""
+"""Health endpoints: fast, and they never call a model (reachability comes from the background prober)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from modelfleet.server.errors import OrjsonResponse
 from modelfleet.server.services import services_of
 
-router = APIRouter()
+router = APIRouter(tags=["health"])
 
 
 @router.get("/livez")
-async def livez() -> ORJSONResponse:
-    return ORJSONResponse({"status": "ok"})
+async def livez() -> OrjsonResponse:
+    return OrjsonResponse({"status": "ok"})
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> ORJSONResponse:
-    return ORJSONResponse({"status": "ok", "models": len(services_of(request).registry.names())})
+async def readyz(request: Request) -> OrjsonResponse:
+    """Ready once the router knows its models: with discovery, after the first complete listing."""
+    services = services_of(request)
+    if services.watcher is not None and not services.watcher.synced.is_set():
+        return OrjsonResponse({"status": "waiting for the first InferenceModel listing"}, status_code=503)
+    return OrjsonResponse({"status": "ok", "models": len(services.registry.names())})
 
 
 @router.get("/health")
-async def health(request: Request) -> ORJSONResponse:
+async def health(request: Request) -> OrjsonResponse:
     services = services_of(request)
-    cache = services.cache.stats() if services.cache is not None else {"enabled": False}
-    return ORJSONResponse({"status": "ok", "models": services.registry.names(), "cache": cache})
+    cache = await services.cache.stats() if services.cache is not None else {"enabled": False}
+    backends = {
+        model.name: {"replicas": len(model.spec.endpoints), **services.reachability.get(model.name, {})}
+        for model in services.registry.models()
+    }
+    body = {
+        "status": "ok",
+        "models": services.registry.names(),
+        "cache": cache,
+        "backends": backends,
+        "redis": None if services.redis_circuit is None else {"available": services.redis_circuit.available},
+        "discovery": None if services.watcher is None else {"synced": services.watcher.synced.is_set(),
+                                                              "healthy": services.watcher.healthy},
+    }  # fmt: skip
+    return OrjsonResponse(body)
 
 
 @router.get("/metrics")

@@ -8,67 +8,47 @@ from typing import Any
 import httpx
 import orjson
 
-from modelfleet.server.errors import RouterError
-from modelfleet.server.registry import ModelRoute
+from modelfleet.server.backends.base import Chunk, Kind, StreamBroken, post_json, send_streaming
+from modelfleet.server.registry import ModelSpec
 
-
-def upstream_error(route: ModelRoute, response: httpx.Response, body: bytes) -> RouterError:
-    try:
-        message = orjson.loads(body)["error"]["message"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        message = body.decode(errors="replace")[:500] or response.reason_phrase
-    if response.status_code >= 500:
-        return RouterError(502, f"The backend for `{route.name}` failed: {message}", type="upstream_error",
-                           code="upstream_error")  # fmt: skip
-    return RouterError(response.status_code, message, code="upstream_rejected")
-
-
-def unreachable(route: ModelRoute, exc: httpx.HTTPError) -> RouterError:
-    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
-        return RouterError(504, f"The backend for `{route.name}` did not answer in time.", type="upstream_error",
-                           code="upstream_timeout")  # fmt: skip
-    return RouterError(502, f"The backend for `{route.name}` is unreachable.", type="upstream_error",
-                       code="upstream_unavailable")  # fmt: skip
+PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 
 
 class OpenAICompatBackend:
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
 
-    async def complete(self, route: ModelRoute, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = await self.client.post(f"{route.base_url}{path}", content=orjson.dumps(body),
-                                              headers={"content-type": "application/json"})  # fmt: skip
-        except httpx.HTTPError as exc:
-            raise unreachable(route, exc) from exc
-        if response.status_code >= 400:
-            raise upstream_error(route, response, response.content)
-        result: dict[str, Any] = orjson.loads(response.content)
-        return result
+    async def complete(self, endpoint: str, model: ModelSpec, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
+        return await post_json(self.client, model, f"{endpoint}{PATHS[kind]}", {**body, "stream": False})
 
-    async def open_stream(self, route: ModelRoute, path: str, body: dict[str, Any]) -> httpx.Response:
-        """Send the request and wait for the backend's headers, so errors come before ours are sent."""
-        request = self.client.build_request(
-            "POST", f"{route.base_url}{path}", content=orjson.dumps(body),
-            headers={"content-type": "application/json", "accept": "text/event-stream"},
-        )  # fmt: skip
-        try:
-            response = await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise unreachable(route, exc) from exc
-        if response.status_code >= 400:
-            content = await response.aread()
-            await response.aclose()
-            raise upstream_error(route, response, content)
-        return response
+    async def open_stream(
+        self, endpoint: str, model: ModelSpec, kind: Kind, body: dict[str, Any]
+    ) -> AsyncIterator[Chunk]:
+        # Usage is always asked for: the router needs it for metrics, token limits and the cache.
+        upstream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        response = await send_streaming(self.client, model, f"{endpoint}{PATHS[kind]}", upstream_body,
+                                         "text/event-stream")  # fmt: skip
+        return self._chunks(response)
 
     @staticmethod
-    async def events(response: httpx.Response) -> AsyncIterator[bytes]:
-        """The `data:` payloads of an upstream SSE stream, as they arrive; closes the stream at the end."""
+    async def _chunks(response: httpx.Response) -> AsyncIterator[Chunk]:
         try:
             async for line in response.aiter_lines():
-                if line.startswith("data:"):
-                    yield line[5:].strip().encode()
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    return
+                chunk = orjson.loads(payload)
+                if "error" in chunk:
+                    error = chunk["error"]
+                    raise StreamBroken(error.get("message", "error event") if isinstance(error, dict) else str(error))
+                yield chunk
+            raise StreamBroken("the backend closed the stream before [DONE]")
+        except httpx.HTTPError as exc:
+            raise StreamBroken(type(exc).__name__) from exc
+        except orjson.JSONDecodeError as exc:
+            raise StreamBroken("the backend sent an event that is not JSON") from exc
         finally:
             # Closing the connection is what tells the backend to stop generating.
             await response.aclose()

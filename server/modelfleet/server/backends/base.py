@@ -1,0 +1,94 @@
+"""What every backend offers: one complete answer, or a stream of chunks, both in OpenAI's shapes.
+
+The rest of the router speaks only OpenAI's chat/text completion shapes; a backend translates
+to and from its server's API, so caching, metrics and the other front-end APIs work the same for
+every engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Literal, Protocol
+
+import httpx
+import orjson
+
+from modelfleet.server.errors import RouterError
+from modelfleet.server.registry import ModelSpec
+
+Kind = Literal["chat", "completion"]
+Chunk = dict[str, Any]
+
+
+class StreamBroken(Exception):
+    """The backend failed after the stream had started (connection lost, error event)."""
+
+
+class Backend(Protocol):
+    async def complete(self, endpoint: str, model: ModelSpec, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer as an OpenAI chat.completion or text_completion, with usage."""
+        ...
+
+    async def open_stream(
+        self, endpoint: str, model: ModelSpec, kind: Kind, body: dict[str, Any]
+    ) -> AsyncIterator[Chunk]:
+        """Send the request and wait for the backend's headers, so that a refusal raises RouterError here,
+        before the client got a status.  The iterator yields OpenAI chunks, ends with a usage chunk
+        (choices []), raises StreamBroken on a failure mid-stream, and closing it stops the generation."""
+        ...
+
+
+def upstream_error(model: ModelSpec, response: httpx.Response, body: bytes) -> RouterError:
+    """A backend's refusal in our error shape: its 4xx keep their status, its 5xx become 502."""
+    try:
+        error = orjson.loads(body)["error"]
+        message = error["message"] if isinstance(error, dict) else str(error)
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        message = body.decode(errors="replace")[:500] or response.reason_phrase
+    if response.status_code >= 500:
+        return RouterError(502, f"The backend for `{model.name}` failed: {message}", type="upstream_error",
+                           code="upstream_error")  # fmt: skip
+    return RouterError(response.status_code, message, code="upstream_rejected")
+
+
+def unreachable(model: ModelSpec, exc: httpx.HTTPError) -> RouterError:
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+        return RouterError(504, f"The backend for `{model.name}` did not answer in time.", type="upstream_error",
+                           code="upstream_timeout")  # fmt: skip
+    return RouterError(502, f"The backend for `{model.name}` is unreachable.", type="upstream_error",
+                       code="upstream_unavailable")  # fmt: skip
+
+
+def request_headers(model: ModelSpec, accept: str) -> dict[str, str]:
+    headers = {"content-type": "application/json", "accept": accept}
+    if model.upstream_api_key:
+        headers["authorization"] = f"Bearer {model.upstream_api_key}"
+    return headers
+
+
+async def send_streaming(
+    client: httpx.AsyncClient, model: ModelSpec, url: str, body: dict[str, Any], accept: str
+) -> httpx.Response:
+    request = client.build_request("POST", url, content=orjson.dumps(body), headers=request_headers(model, accept))
+    try:
+        response = await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        raise unreachable(model, exc) from exc
+    if response.status_code >= 400:
+        content = await response.aread()
+        await response.aclose()
+        raise upstream_error(model, response, content)
+    return response
+
+
+async def post_json(client: httpx.AsyncClient, model: ModelSpec, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    try:
+        response = await client.post(
+            url, content=orjson.dumps(body), headers=request_headers(model, "application/json")
+        )
+    except httpx.HTTPError as exc:
+        raise unreachable(model, exc) from exc
+    if response.status_code >= 400:
+        raise upstream_error(model, response, response.content)
+    result: dict[str, Any] = orjson.loads(response.content)
+    return result

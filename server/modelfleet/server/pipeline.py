@@ -1,0 +1,388 @@
+"""One generation through the router, whatever API it came in by.
+
+prepare():   who is calling, which model, remote policy, max_tokens policy, rate limit.
+complete():  cache (with coalescing) -> queue slot -> least-loaded replica -> backend -> accounting.
+stream():    cache replay, or queue slot (heartbeats while waiting) -> replica -> backend chunks.
+
+The API modules (api/openai.py, api/responses.py, api/compat.py) only translate their request
+into a `Generation` and the OpenAI-shaped results back into their own format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from modelfleet.server.auth import Principal
+from modelfleet.server.backends.base import Backend, Chunk, Kind, StreamBroken
+from modelfleet.server.cache import Lookup, cache_key, cacheable
+from modelfleet.server.errors import RouterError
+from modelfleet.server.queue import Ticket
+from modelfleet.server.ratelimit import Decision, Limits, RateLimiterUnavailable
+from modelfleet.server.registry import ServedModel
+from modelfleet.server.schemas import SamplingFields
+from modelfleet.server.services import Services
+from modelfleet.server.streaming import Assembler, replay_chunks
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    """A validated request on its way to a model, in OpenAI terms."""
+
+    services: Services
+    model: ServedModel
+    kind: Kind
+    route: str  # the metrics label: the API path it came in by
+    body: dict[str, Any]  # the upstream body: the backend's model name, bounded max_tokens
+    principal: Principal
+    limits: Limits
+    cache_key: str | None
+    started: float = field(default_factory=time.monotonic)
+    rate_limit: Decision | None = None
+    queue_seconds: float = 0.0
+    backend_seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def response_headers(self) -> dict[str, str]:
+        return self.rate_limit.headers() if self.rate_limit is not None else {}
+
+
+@dataclass
+class Heartbeat:
+    """Nothing to send yet: the stream waits for a slot or a replica."""
+
+
+@dataclass
+class StreamFailure:
+    """The generation failed after the client got its 200: the API sends an error event and ends."""
+
+    error: RouterError
+
+
+StreamEvent = Chunk | Heartbeat | StreamFailure
+
+
+def upstream_body(request: SamplingFields, model: ServedModel, services: Services) -> dict[str, Any]:
+    """The request as the backend should see it: its model name, and max_tokens bounded by policy."""
+    body = request.model_dump(exclude_none=True, exclude={"n", "stream", "stream_options", "use_cache",
+                                                          "allow_remote"})  # fmt: skip
+    requested = body.pop("max_completion_tokens", None) or body.get("max_tokens")
+    cap = services.settings.max_tokens_cap
+    if requested is not None and requested > cap:
+        raise RouterError(400, f"max_tokens is {requested}, above this server's limit of {cap}.",
+                          code="max_tokens_exceeded", param="max_tokens")  # fmt: skip
+    body["max_tokens"] = requested or services.settings.default_max_tokens
+    body["model"] = model.spec.upstream_model
+    return body
+
+
+def wants_cache(http_request: Request, services: Services, model: ServedModel, body: dict[str, Any],
+                use_cache: bool) -> bool:  # fmt: skip
+    directives = http_request.headers.get("cache-control", "").lower()
+    return (
+        use_cache
+        and services.cache is not None
+        and model.spec.cache_enabled
+        and "no-cache" not in directives
+        and "no-store" not in directives
+        and cacheable(body)
+    )
+
+
+async def prepare(
+    services: Services,
+    http_request: Request,
+    request: SamplingFields,
+    kind: Kind,
+    route: str,
+    use_cache: bool = True,
+    allow_remote: bool = False,
+) -> Generation:
+    principal = services.keys.authenticate(http_request)
+    model = services.registry.resolve(request.model)
+    if model.spec.remote and not allow_remote:
+        raise RouterError(403, f"`{model.name}` is served by a remote provider; set `allow_remote: true` in the "
+                          "request to allow sending it there.", type="permission_error",
+                          code="remote_not_allowed", param="allow_remote")  # fmt: skip
+    body = upstream_body(request, model, services)
+    settings = services.settings
+    limits = Limits(
+        requests=first_set(principal.requests_per_minute, model.spec.requests_per_minute,
+                           settings.rate_limit_requests_per_minute),
+        tokens=first_set(principal.tokens_per_minute, model.spec.tokens_per_minute,
+                         settings.rate_limit_tokens_per_minute),
+        window_seconds=settings.rate_limit_window_seconds,
+    )  # fmt: skip
+    namespace = principal.subject if settings.cache_per_key else ""
+    key = cache_key(model.name, kind, body, namespace) if wants_cache(http_request, services, model, body,
+                                                                      use_cache) else None  # fmt: skip
+    generation = Generation(services, model, kind, route, body, principal, limits, key)
+    await admit_rate(generation)
+    return generation
+
+
+def first_set(*values: int | None) -> int | None:
+    """The first configured value; 0 means "no limit"."""
+    for value in values:
+        if value is not None:
+            return value or None
+    return None
+
+
+async def admit_rate(generation: Generation) -> None:
+    limits = generation.limits
+    if limits.requests is None and limits.tokens is None:
+        return
+    services = generation.services
+    subject = f"{generation.principal.subject}|{generation.name}"
+    try:
+        decision = await services.limiter.acquire(subject, limits)
+    except RateLimiterUnavailable:
+        services.metrics.rate_limited.labels(model=generation.name, limit="unavailable").inc()
+        raise RouterError(503, "The rate limiter is unavailable and this router fails closed; retry shortly.",
+                          type="server_error", code="rate_limiter_unavailable",
+                          headers={"retry-after": "1"}) from None  # fmt: skip
+    generation.rate_limit = decision
+    if not decision.allowed:
+        kind = decision.exceeded or "requests"
+        services.metrics.rate_limited.labels(model=generation.name, limit=kind).inc()
+        per = f"{limits.window_seconds:g}s" if limits.window_seconds != 60 else "minute"
+        limit = decision.requests_limit if kind == "requests" else decision.tokens_limit
+        raise RouterError(429, f"Rate limit reached for `{generation.name}`: {limit} {kind} per {per}. "
+                          f"Retry in {decision.retry_after_seconds}s.", type="rate_limit_error",
+                          code=f"rate_limit_{kind}", headers=decision.headers())  # fmt: skip
+
+
+def pick_backend(services: Services, model: ServedModel) -> Backend:
+    return services.backends[model.spec.api]
+
+
+async def account(generation: Generation, usage: dict[str, Any] | None) -> None:
+    """Token metrics and the token budget, once the answer is complete."""
+    if not usage:
+        return
+    services = generation.services
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    services.metrics.prompt_tokens.labels(model=generation.name).inc(prompt)
+    services.metrics.completion_tokens.labels(model=generation.name).inc(completion)
+    if generation.limits.tokens is not None and prompt + completion:
+        subject = f"{generation.principal.subject}|{generation.name}"
+        await services.limiter.charge_tokens(subject, generation.limits, prompt + completion)
+
+
+def observe(generation: Generation, status_class: str, cache: Lookup | str) -> None:
+    metrics = generation.services.metrics
+    metrics.requests.labels(model=generation.name, route=generation.route, status_class=status_class).inc()
+    metrics.duration.labels(model=generation.name, route=generation.route, cache=cache).observe(
+        time.monotonic() - generation.started
+    )
+
+
+def status_class_of(exc: BaseException) -> str:
+    if isinstance(exc, RouterError):
+        return f"{exc.status // 100}xx"
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return "cancelled"  # the client went away
+    return "5xx"
+
+
+async def complete(generation: Generation) -> tuple[dict[str, Any], Lookup]:
+    """The whole answer (OpenAI shape, `model` set to the name the router serves) and how the cache saw it."""
+    services = generation.services
+    try:
+        if generation.cache_key is not None and services.cache is not None:
+            result, lookup = await services.cache.get_or_compute(
+                generation.name, generation.cache_key, generation.model.spec.cache_ttl_seconds,
+                lambda: run_backend(generation),
+            )  # fmt: skip
+        else:
+            result, lookup = await run_backend(generation), "bypass"
+    except BaseException as exc:
+        record_upstream_error(generation, exc)
+        observe(generation, status_class_of(exc), "miss")
+        raise
+    observe(generation, "2xx", lookup)
+    return {**result, "model": generation.name}, lookup
+
+
+def record_upstream_error(generation: Generation, exc: BaseException) -> None:
+    if isinstance(exc, RouterError) and exc.type == "upstream_error":
+        generation.services.metrics.upstream_errors.labels(model=generation.name, code=exc.code or "unknown").inc()
+
+
+async def run_backend(generation: Generation) -> dict[str, Any]:
+    """Queue slot, least-loaded replica, one backend call; this is what the cache computes on a miss."""
+    model = generation.model
+    async with model.queue.slot(model.spec.request_timeout_seconds) as waited:
+        generation.queue_seconds = waited
+        endpoint = model.pick_endpoint()
+        started = time.monotonic()
+        try:
+            result = await pick_backend(generation.services, model).complete(
+                endpoint, model.spec, generation.kind, generation.body
+            )
+        finally:
+            model.release_endpoint(endpoint)
+            generation.backend_seconds = time.monotonic() - started
+    await account(generation, result.get("usage"))
+    return result
+
+
+@dataclass
+class StreamPlan:
+    """What an API needs to answer a streaming request: its events, and whether they came from the cache."""
+
+    events: AsyncIterator[StreamEvent]
+    cached: bool
+
+
+async def stream(generation: Generation) -> StreamPlan:
+    """Decide everything that can still become an HTTP error, then hand over the events.
+
+    A full queue (429) and a backend that refuses the request (4xx/502) are reported with their
+    status while that is still possible; a request that must wait gets its 200 at once so that
+    heartbeats can keep the connection alive.
+    """
+    services = generation.services
+    model = generation.model
+    if generation.cache_key is not None and services.cache is not None:
+        cached, _lookup = await services.cache.get(generation.name, generation.cache_key)
+        if cached is not None:
+            observe(generation, "2xx", "hit")
+            return StreamPlan(iter_async(replay_chunks({**cached, "model": generation.name})), cached=True)
+    try:
+        ticket = model.queue.admit()
+    except RouterError as exc:
+        observe(generation, status_class_of(exc), "miss")
+        raise
+    if not ticket.granted:
+        return StreamPlan(wait_then_relay(generation, ticket), cached=False)
+    try:
+        endpoint, chunks = await open_upstream(generation, ticket)
+    except BaseException as exc:
+        ticket.release()
+        observe(generation, status_class_of(exc), "miss")
+        raise
+    return StreamPlan(relay(generation, ticket, endpoint, chunks), cached=False)
+
+
+async def iter_async(events: Iterator[Chunk]) -> AsyncIterator[StreamEvent]:
+    for event in events:
+        yield event
+
+
+async def open_upstream(generation: Generation, ticket: Ticket) -> tuple[str, AsyncIterator[Chunk]]:
+    model = generation.model
+    generation.queue_seconds = await ticket.wait(0)
+    endpoint = model.pick_endpoint()
+    try:
+        backend = pick_backend(generation.services, model)
+        chunks = await backend.open_stream(endpoint, model.spec, generation.kind, generation.body)
+    except BaseException as exc:
+        model.release_endpoint(endpoint)
+        record_upstream_error(generation, exc)
+        raise
+    return endpoint, chunks
+
+
+async def wait_then_relay(generation: Generation, ticket: Ticket) -> AsyncIterator[StreamEvent]:
+    """Wait in line with heartbeats, then stream; failures now become events, since the 200 is sent."""
+    heartbeat = generation.services.settings.heartbeat_seconds
+    waiting = asyncio.ensure_future(ticket.wait(generation.model.spec.request_timeout_seconds))
+    opened: tuple[str, AsyncIterator[Chunk]] | None = None
+    status_class = "cancelled"  # unless it gets further: the client left while waiting
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=heartbeat)
+            if done:
+                break
+            yield Heartbeat()
+        waiting.result()
+        opened = await open_upstream(generation, ticket)
+    except RouterError as error:
+        status_class = status_class_of(error)
+        yield StreamFailure(error)
+    finally:
+        if opened is None:
+            waiting.cancel()
+            ticket.release()
+            observe(generation, status_class, "miss")
+    if opened is not None:
+        endpoint, chunks = opened
+        async for event in relay(generation, ticket, endpoint, chunks):
+            yield event
+
+
+async def relay(
+    generation: Generation, ticket: Ticket, endpoint: str, chunks: AsyncIterator[Chunk]
+) -> AsyncIterator[StreamEvent]:
+    """Each upstream chunk as it arrives, timed; the cache gets the assembled answer if it completes.
+
+    Starlette cancels this generator when the client disconnects; closing `chunks` then closes
+    the upstream connection, which is what stops the generation.
+    """
+    services = generation.services
+    metrics = services.metrics
+    assembler = Assembler(chat=generation.kind == "chat")
+    first_token_at: float | None = None
+    last_token_at = 0.0
+    status_class = "2xx"
+    started = time.monotonic()
+    try:
+        async for chunk in chunks:
+            chunk["model"] = generation.name
+            assembler.add(chunk)
+            if has_text(chunk):
+                now = time.monotonic()
+                if first_token_at is None:
+                    first_token_at = now
+                    metrics.time_to_first_token.labels(model=generation.name, route=generation.route).observe(
+                        now - generation.started
+                    )
+                else:
+                    metrics.inter_token_latency.labels(model=generation.name).observe(now - last_token_at)
+                last_token_at = now
+            yield chunk
+    except StreamBroken as exc:
+        status_class = "5xx"
+        metrics.upstream_errors.labels(model=generation.name, code="mid_stream").inc()
+        logger.warning("backend of %s failed mid-stream: %s", generation.name, exc)
+        yield StreamFailure(RouterError(502, f"The backend for `{generation.name}` failed mid-stream.",
+                                        type="upstream_error", code="upstream_error"))  # fmt: skip
+    except BaseException as exc:
+        status_class = status_class_of(exc)
+        raise
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        generation.backend_seconds = time.monotonic() - started
+        generation.model.release_endpoint(endpoint)
+        ticket.release()
+        observe(generation, status_class, "miss" if generation.cache_key else "bypass")
+    usage = assembler.usage
+    if usage and first_token_at is not None and last_token_at > first_token_at:
+        completion = int(usage.get("completion_tokens") or 0)
+        metrics.tokens_per_second.labels(model=generation.name).observe(
+            max(0, completion - 1) / (last_token_at - first_token_at)
+        )
+    await account(generation, usage)
+    complete_answer = assembler.result()
+    if generation.cache_key is not None and services.cache is not None and complete_answer is not None:
+        await services.cache.put(generation.cache_key, complete_answer, generation.model.spec.cache_ttl_seconds)
+
+
+def has_text(chunk: Chunk) -> bool:
+    for choice in chunk.get("choices") or ():
+        if (choice.get("delta") or {}).get("content") or choice.get("text"):
+            return True
+    return False

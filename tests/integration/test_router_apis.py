@@ -1,0 +1,217 @@
+"""The router's other APIs in front of the real Ollama: Responses, /v1/generate(/stream), /infer, admin,
+API keys, and the Ollama-native backend.  Shapes and SSE framing are checked line by line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.conftest import OllamaServer, RouterServer, running_router, start_router
+
+pytestmark = pytest.mark.integration
+
+USER_KEY = "mf-user-3f9a1c"
+ADMIN_KEY = "mf-admin-77b2e0"
+
+
+@pytest.fixture(scope="module")
+def keyed_router(ollama_server: OllamaServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterServer]:
+    """Keys required; one user key stored as its SHA-256, one admin key; two models: Ollama's /v1 and native."""
+    work_dir = tmp_path_factory.mktemp("keyed-router")
+    keys_file = work_dir / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"keys": [
+        {"name": "team-a", "sha256": hashlib.sha256(USER_KEY.encode()).hexdigest()},
+        {"name": "ops", "key": ADMIN_KEY, "admin": True},
+    ]}))  # fmt: skip
+    models: list[dict[str, object]] = [
+        {"name": "gemma", "url": ollama_server.base_url, "upstream_model": ollama_server.model},
+        {"name": "gemma-native", "url": ollama_server.base_url, "upstream_model": ollama_server.model,
+         "api": "ollama"},
+    ]  # fmt: skip
+    yield from start_router(work_dir, models, auth_required="true", api_keys_file=str(keys_file),
+                            default_model="gemma")  # fmt: skip
+
+
+def user(key: str = USER_KEY) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def sse_lines(response: httpx.Response) -> list[str]:
+    """Every line of an SSE body, checked to be framed as `field: value` lines with blank separators."""
+    lines = response.text.split("\n")
+    assert lines[-2:] == ["", ""], "an SSE body ends with a blank line"
+    for line in lines:
+        assert line == "" or line.startswith(("data: ", "event: ", ": ")), f"not an SSE line: {line!r}"
+    return [line for line in lines if line]
+
+
+def test_keys_are_required_and_checked(keyed_router: RouterServer) -> None:
+    url = f"{keyed_router.openai_base_url}/models"
+    missing = httpx.get(url, timeout=10)
+    assert missing.status_code == 401
+    assert missing.json()["error"]["code"] == "missing_api_key"
+    wrong = httpx.get(url, headers=user("mf-nope"), timeout=10)
+    assert wrong.status_code == 401
+    assert wrong.json()["error"] == {"message": "Incorrect API key provided.", "type": "authentication_error",
+                                     "param": None, "code": "invalid_api_key"}  # fmt: skip
+    assert httpx.get(url, headers=user(), timeout=10).status_code == 200
+    assert httpx.get(url, headers={"x-api-key": USER_KEY}, timeout=10).status_code == 200
+
+
+def test_admin_models_needs_an_admin_key(keyed_router: RouterServer) -> None:
+    url = f"{keyed_router.base_url}/v1/admin/models"
+    assert httpx.get(url, timeout=10).status_code == 401
+    forbidden = httpx.get(url, headers=user(), timeout=10)
+    assert forbidden.status_code == 403
+    assert forbidden.json()["error"]["code"] == "admin_required"
+    listing = httpx.get(url, headers=user(ADMIN_KEY), timeout=10)
+    assert listing.status_code == 200
+    models = {model["name"]: model for model in listing.json()["data"]}
+    assert set(models) == {"gemma", "gemma-native"}
+    native = models["gemma-native"]
+    assert native["api"] == "ollama"
+    assert native["replicas"] == 1
+    assert native["endpoints"][0]["outstanding"] == 0
+    assert (native["capacity"], native["in_flight"], native["queue_depth"]) == (4, 0, 0)
+    assert native["state"] in {"ready", "unreachable"}  # the prober may not have run yet; it never says unreachable
+    assert native["state"] != "unreachable" or native["reachability"] is None
+
+
+def test_responses_api_with_the_sdk(keyed_router: RouterServer) -> None:
+    sdk = openai.OpenAI(base_url=keyed_router.openai_base_url, api_key=USER_KEY, max_retries=0, timeout=120)
+    response = sdk.responses.create(model="gemma", input="Say hello.", instructions="Be brief.",
+                                    max_output_tokens=16, temperature=0)  # fmt: skip
+    assert response.status in {"completed", "incomplete"}
+    assert response.output_text.strip()
+    assert response.usage is not None
+    assert response.usage.output_tokens > 0
+    extra = response.model_dump()
+    assert set(extra["timings"]) == {"queue_ms", "backend_ms", "total_ms"}
+    assert extra["timings"]["total_ms"] >= extra["timings"]["backend_ms"] > 0
+
+    deltas, finals = [], []
+    for event in sdk.responses.create(model="gemma", input="Name a fruit.", max_output_tokens=16, stream=True):
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+        if event.type in {"response.completed", "response.incomplete"}:
+            finals.append(event.response)
+    assert len(finals) == 1
+    assert deltas
+    assert "".join(deltas) == finals[0].output_text
+
+
+def test_responses_sse_events_in_order(keyed_router: RouterServer) -> None:
+    body = {"model": "gemma", "input": [{"role": "user", "content": "Count to three."}], "max_output_tokens": 12,
+            "stream": True}  # fmt: skip
+    response = httpx.post(f"{keyed_router.openai_base_url}/responses", json=body, headers=user(), timeout=120)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    lines = sse_lines(response)
+    events = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+    payloads = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+    assert len(events) == len(payloads)
+    assert [payload["type"] for payload in payloads] == events
+    assert [payload["sequence_number"] for payload in payloads] == list(range(1, len(payloads) + 1))
+    assert events[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                          "response.content_part.added"]  # fmt: skip
+    assert events[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert events[-1] in {"response.completed", "response.incomplete"}
+    deltas = [payload["delta"] for payload in payloads if payload["type"] == "response.output_text.delta"]
+    assert deltas
+    final = payloads[-1]["response"]
+    assert final["output"][0]["content"][0]["text"] == "".join(deltas)
+    assert final["usage"]["output_tokens"] > 0
+    assert final["timings"]["total_ms"] > 0
+
+
+def test_generate_and_infer(keyed_router: RouterServer) -> None:
+    body = {"prompt": "Write one word.", "system": "You are terse.", "max_tokens": 8, "temperature": 0}
+    first = httpx.post(f"{keyed_router.base_url}/v1/generate", json=body, headers=user(), timeout=120)
+    assert first.status_code == 200, first.text
+    answer = first.json()
+    assert set(answer) == {"text", "model", "cached", "latency_ms", "prompt_tokens", "completion_tokens",
+                           "total_tokens"}  # fmt: skip
+    assert answer["text"]
+    assert answer["model"] == "gemma"
+    assert answer["cached"] is False
+    assert answer["completion_tokens"] > 0
+    assert answer["total_tokens"] == answer["prompt_tokens"] + answer["completion_tokens"]
+    again = httpx.post(f"{keyed_router.base_url}/v1/generate", json=body, headers=user(), timeout=120).json()
+    assert again["cached"] is True
+    assert again["text"] == answer["text"]
+    fresh = httpx.post(f"{keyed_router.base_url}/v1/generate", json={**body, "use_cache": False}, headers=user(),
+                       timeout=120).json()  # fmt: skip
+    assert fresh["cached"] is False
+
+    inferred = httpx.post(f"{keyed_router.base_url}/infer", json={"prompt": "Write one word.", "max_tokens": 8},
+                          headers={"x-api-key": USER_KEY}, timeout=120)  # fmt: skip
+    assert inferred.status_code == 200
+    assert set(inferred.json()) == {"response", "latency_ms", "cached", "model"}
+    assert inferred.json()["response"]
+    assert httpx.post(f"{keyed_router.base_url}/infer", json={"prompt": "x"}, timeout=10).status_code == 401
+
+
+def test_generate_stream_events(keyed_router: RouterServer) -> None:
+    body = {"prompt": "List two animals.", "max_tokens": 16, "model": "gemma-native"}
+    response = httpx.post(f"{keyed_router.base_url}/v1/generate/stream", json=body, headers=user(), timeout=120)
+    assert response.status_code == 200
+    payloads = [json.loads(line.removeprefix("data: ")) for line in sse_lines(response)]
+    *tokens, final = payloads
+    assert tokens
+    assert all(set(p) == {"token", "done", "cached"} and p["done"] is False for p in tokens)
+    assert all(p["token"] for p in tokens)
+    assert final["done"] is True
+    assert final["latency_ms"] > 0
+    assert final["cached"] is False
+    assert final["completion_tokens"] == len(tokens)  # Ollama sends one token per chunk
+
+
+def test_ollama_native_backend_maps_usage(keyed_router: RouterServer) -> None:
+    sdk = openai.OpenAI(base_url=keyed_router.openai_base_url, api_key=USER_KEY, max_retries=0, timeout=120)
+    chat = sdk.chat.completions.create(model="gemma-native", messages=[{"role": "user", "content": "Hi!"}],
+                                       max_tokens=12, stop=["\n\n"], top_p=0.9, seed=7)  # fmt: skip
+    assert chat.model == "gemma-native"
+    assert chat.choices[0].message.content
+    assert chat.usage is not None
+    assert chat.usage.prompt_tokens > 0
+    assert chat.usage.completion_tokens > 0
+    assert chat.choices[0].finish_reason in {"stop", "length"}
+
+    text = sdk.completions.create(model="gemma-native", prompt="The capital of France is", max_tokens=6,
+                                  temperature=0)  # fmt: skip
+    assert text.choices[0].text
+    assert text.usage is not None
+    assert text.usage.completion_tokens <= 6
+
+    stream = sdk.chat.completions.create(
+        model="gemma-native",
+        messages=[{"role": "user", "content": "Hi!"}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+    assert chunks[-1].choices == []
+    assert any(chunk.choices and chunk.choices[0].finish_reason for chunk in chunks)
+
+
+def test_remote_models_need_allow_remote(ollama_server: OllamaServer, tmp_path: Path) -> None:
+    models: list[dict[str, object]] = [
+        {"name": "provider", "url": ollama_server.base_url, "upstream_model": ollama_server.model, "remote": True}
+    ]
+    with running_router(tmp_path, models) as router:
+        url = f"{router.openai_base_url}/chat/completions"
+        body = {"model": "provider", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        refused = httpx.post(url, json=body, timeout=60)
+        assert refused.status_code == 403
+        assert refused.json()["error"]["code"] == "remote_not_allowed"
+        assert httpx.post(url, json={**body, "allow_remote": True}, timeout=60).status_code == 200

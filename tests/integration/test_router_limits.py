@@ -1,0 +1,108 @@
+"""Rate limits through the router, in front of the real Ollama: requests, tokens, window edges, per key."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import OllamaServer, RouterServer, running_router
+
+pytestmark = pytest.mark.integration
+
+TINY = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "use_cache": False}
+
+
+def ask(router: RouterServer, key: str | None = None, model: str = "gemma3:270m", **extra: object) -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{router.openai_base_url}/chat/completions", json={"model": model, **TINY, **extra},
+                      headers=headers, timeout=60)  # fmt: skip
+
+
+def test_request_n_plus_one_is_refused_with_retry_after(ollama_server: OllamaServer, tmp_path: Path) -> None:
+    models: list[dict[str, object]] = [{"name": ollama_server.model, "url": ollama_server.base_url}]
+    with running_router(tmp_path, models, rate_limit_requests_per_minute="3") as router:
+        answers = [ask(router) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        assert [a.headers["x-ratelimit-limit"] for a in answers] == ["3", "3", "3"]
+        assert [a.headers["x-ratelimit-remaining"] for a in answers] == ["2", "1", "0"]
+        assert all(1 <= int(a.headers["x-ratelimit-reset"]) <= 60 for a in answers)
+        refused = ask(router)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "rate_limit_requests"
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        assert refused.headers["x-ratelimit-remaining"] == "0"
+        metrics = httpx.get(f"{router.base_url}/metrics", timeout=5).text
+        assert 'modelfleet_rate_limited_requests_total{limit="requests",model="gemma3:270m"} 1.0' in metrics
+
+
+def test_no_more_than_the_limit_passes_across_a_window_edge(ollama_server: OllamaServer, tmp_path: Path) -> None:
+    """Hammer for 2.5 windows; any `limit + 1` admitted requests must span more than a window.
+
+    The server admits request i at some instant between its send and its answer, so the sound check
+    is: answer time of request i+limit minus send time of request i >= window.  A fixed window (the
+    LiteLLM behaviour) lets 2 x limit through around each edge and fails this.
+    """
+    limit, window = 4, 2.0
+    models: list[dict[str, object]] = [{"name": ollama_server.model, "url": ollama_server.base_url}]
+    with running_router(
+        tmp_path, models, rate_limit_requests_per_minute=str(limit), rate_limit_window_seconds=str(window)
+    ) as router:
+        admitted: list[tuple[float, float]] = []
+        refused = 0
+        deadline = time.monotonic() + 2.5 * window
+        with httpx.Client(timeout=60) as client:
+            while time.monotonic() < deadline:
+                sent = time.monotonic()
+                response = client.post(f"{router.openai_base_url}/chat/completions",
+                                       json={"model": ollama_server.model, **TINY})  # fmt: skip
+                if response.status_code == 200:
+                    admitted.append((sent, time.monotonic()))
+                else:
+                    assert response.status_code == 429
+                    refused += 1
+        assert refused > 0
+        assert len(admitted) >= 2 * limit, "the window slides: more requests pass as it moves"
+        for first, later in zip(admitted, admitted[limit:], strict=False):
+            assert later[1] - first[0] >= window, f"{limit + 1} requests within {later[1] - first[0]:.2f}s"
+
+
+def test_token_budget(ollama_server: OllamaServer, tmp_path: Path) -> None:
+    models: list[dict[str, object]] = [{"name": ollama_server.model, "url": ollama_server.base_url}]
+    with running_router(tmp_path, models, rate_limit_tokens_per_minute="8") as router:
+        first = ask(router, max_tokens=4)
+        assert first.status_code == 200
+        assert first.headers["x-ratelimit-limit-tokens"] == "8"
+        used = first.json()["usage"]["total_tokens"]
+        assert used > 8, "the chat-templated prompt alone is over 8 tokens"
+        refused = ask(router)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "rate_limit_tokens"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+def test_keys_have_their_own_budgets_and_overrides(ollama_server: OllamaServer, tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"keys": [
+        {"name": "a", "sha256": hashlib.sha256(b"key-a").hexdigest()},
+        {"name": "b", "sha256": hashlib.sha256(b"key-b").hexdigest(), "requests_per_minute": 1},
+    ]}))  # fmt: skip
+    models: list[dict[str, object]] = [{"name": ollama_server.model, "url": ollama_server.base_url}]
+    with running_router(
+        tmp_path, models, auth_required="true", api_keys_file=str(keys_file), rate_limit_requests_per_minute="2"
+    ) as router:
+        assert [ask(router, "key-a").status_code for _ in range(3)] == [200, 200, 429]
+        assert [ask(router, "key-b").status_code for _ in range(2)] == [200, 429], "b's own limit is 1"
+
+
+def test_anonymous_clients_are_limited_by_address(ollama_server: OllamaServer, tmp_path: Path) -> None:
+    models: list[dict[str, object]] = [{"name": ollama_server.model, "url": ollama_server.base_url}]
+    with running_router(tmp_path, models, rate_limit_requests_per_minute="2") as router:
+        # Any key is ignored while auth is off: the budget belongs to the client address.
+        assert [ask(router, key).status_code for key in ("k1", "k2", "k3")] == [200, 200, 429]

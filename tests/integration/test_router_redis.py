@@ -1,0 +1,125 @@
+"""The router with Redis: a cache and limits shared by replicas, and Redis failing under it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import OllamaServer, RouterServer, redis_process, running_router
+from tests.support.procs import LOOPBACK, free_port, wait_until
+
+pytestmark = pytest.mark.integration
+
+PINNED = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 6, "temperature": 0}
+
+
+def ask(router: RouterServer, content: str = "Name a colour.") -> httpx.Response:
+    body = {"model": "gemma3:270m", **PINNED, "messages": [{"role": "user", "content": content}]}
+    return httpx.post(f"{router.openai_base_url}/chat/completions", json=body, timeout=60)
+
+
+def backend_calls(ollama: OllamaServer) -> int:
+    return len(ollama.finished_chat_durations())
+
+
+def redis_health(router: RouterServer) -> bool:
+    redis: dict[str, bool] = httpx.get(f"{router.base_url}/health", timeout=5).json()["redis"]
+    return redis["available"]
+
+
+def metric(router: RouterServer, line_start: str) -> float:
+    for line in httpx.get(f"{router.base_url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no metric {line_start}")
+
+
+@contextlib.contextmanager
+def two_routers(ollama: OllamaServer, work_dir: Path, redis_url: str, **settings: str) -> Iterator[list[RouterServer]]:
+    models: list[dict[str, object]] = [{"name": ollama.model, "url": ollama.base_url}]
+    with contextlib.ExitStack() as stack:
+        routers = [
+            stack.enter_context(running_router(work_dir / name, models, redis_url=redis_url, **settings))
+            for name in ("a", "b")
+        ]
+        yield routers
+
+
+def test_replicas_share_the_cache_and_the_limits(ollama_server: OllamaServer, tmp_path: Path) -> None:
+    port = free_port()
+    with (
+        redis_process(tmp_path / "redis", port),
+        two_routers(ollama_server, tmp_path, f"redis://{LOOPBACK}:{port}/0", rate_limit_requests_per_minute="3") as (
+            a,
+            b,
+        ),
+    ):
+        calls = backend_calls(ollama_server)
+        first = ask(a)
+        assert first.headers["x-modelfleet-cache"] == "miss"
+        second = ask(b)
+        assert second.headers["x-modelfleet-cache"] == "hit", "router b reads what router a stored"
+        assert second.json()["choices"] == first.json()["choices"]
+        assert backend_calls(ollama_server) == calls + 1
+        # Three requests per minute for this client, whichever replica it reaches.
+        assert ask(a, "Another.").status_code == 200
+        refused = ask(b, "And another.")
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "rate_limit_requests"
+        assert httpx.get(f"{a.base_url}/health", timeout=5).json()["cache"]["backend"] == "redis"
+
+
+def test_redis_killed_and_restarted(ollama_server: OllamaServer, tmp_path: Path) -> None:
+    """Fail open: with Redis gone every request still succeeds, uncached; once it is back, caching resumes."""
+    port = free_port()
+    redis_url = f"redis://{LOOPBACK}:{port}/0"
+    models: list[dict[str, object]] = [{"name": ollama_server.model, "url": ollama_server.base_url}]
+    with running_router(
+        tmp_path / "router",
+        models,
+        redis_url=redis_url,
+        rate_limit_requests_per_minute="50",
+        rate_limit_failure_mode="open",
+    ) as router:
+        with redis_process(tmp_path / "redis", port):
+            wait_until(lambda: redis_health(router), timeout=10)
+            assert ask(router).headers["x-modelfleet-cache"] == "miss"
+            assert ask(router).headers["x-modelfleet-cache"] == "hit"
+            assert metric(router, "modelfleet_redis_up") == 1
+        # Redis is gone now (the block stopped it).
+        calls = backend_calls(ollama_server)
+        during = [ask(router) for _ in range(4)]
+        assert [r.status_code for r in during] == [200] * 4
+        assert {r.headers["x-modelfleet-cache"] for r in during} == {"bypass"}
+        assert backend_calls(ollama_server) == calls + 4, "bypassed: every request reached the backend"
+        wait_until(lambda: not redis_health(router), timeout=5)
+        assert metric(router, "modelfleet_redis_up") == 0
+        assert metric(router, "modelfleet_cache_errors_total") >= 1
+
+        with redis_process(tmp_path / "redis-again", port):
+            wait_until(lambda: redis_health(router), timeout=10)
+            assert metric(router, "modelfleet_redis_up") == 1
+            assert ask(router, "Back again.").headers["x-modelfleet-cache"] == "miss"
+            assert ask(router, "Back again.").headers["x-modelfleet-cache"] == "hit"
+
+
+def test_fail_closed_refuses_while_redis_is_down(ollama_server: OllamaServer, tmp_path: Path) -> None:
+    port = free_port()
+    models: list[dict[str, object]] = [{"name": ollama_server.model, "url": ollama_server.base_url}]
+    with running_router(
+        tmp_path / "router",
+        models,
+        redis_url=f"redis://{LOOPBACK}:{port}/0",
+        rate_limit_requests_per_minute="50",
+        rate_limit_failure_mode="closed",
+    ) as router:
+        refused = ask(router)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "rate_limiter_unavailable"
+        assert refused.headers["retry-after"] == "1"
+        with redis_process(tmp_path / "redis", port):
+            wait_until(lambda: ask(router).status_code == 200, timeout=10)
