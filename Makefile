@@ -52,10 +52,11 @@ CRD_FILE := crds/modelfleet.io_inferencemodels.yaml
 CHART_CRD_FILE := charts/modelfleet/crds/modelfleet.io_inferencemodels.yaml
 
 .PHONY: generate
-generate: ## Write the CRD from modelfleet.api (crds/ and the chart's crds/)
+generate: ## Write the CRD from modelfleet.api (crds/ and the chart's crds/) and the README's router settings table
 	@mkdir -p $(dir $(CRD_FILE)) $(dir $(CHART_CRD_FILE))
 	$(PY) -m modelfleet.api.crd $(CRD_FILE)
 	cp $(CRD_FILE) $(CHART_CRD_FILE)
+	$(PY) -m hack.settings_doc README.md
 
 .PHONY: verify-generated
 verify-generated: ## Fail if a generated file is stale (CI runs this)
@@ -65,7 +66,9 @@ verify-generated: ## Fail if a generated file is stale (CI runs this)
 	  if ! diff -u "$$f" "$$tmp/crd.yaml" >"$$tmp/diff"; then \
 	    cat "$$tmp/diff"; echo "error: $$f is stale; run 'make generate' and commit the result" >&2; exit 1; \
 	  fi; \
-	done; echo "generated files are current"
+	done; \
+	$(PY) -m hack.settings_doc --check README.md || exit 1; \
+	echo "generated files are current"
 
 .PHONY: test
 test: lint verify-generated test-unit test-integration test-e2e ## Everything CI runs: lint, unit, integration, e2e

@@ -221,3 +221,28 @@ def operator(
 ) -> Iterator[OperatorProcess]:
     """The operator, running with exactly its ServiceAccount's permissions, for one test module."""
     yield from start_operator(cluster, tmp_path_factory.mktemp("operator"))
+
+
+# The router's identity ------------------------------------------------------------------------
+
+ROUTER_RBAC_PATH = Path(__file__).resolve().parents[2] / "manifests" / "rbac" / "router.yaml"
+ROUTER_NAMESPACE = "modelfleet-system"
+ROUTER_ACCOUNT = "modelfleet-router"
+
+
+@pytest.fixture(scope="module")
+def router_token(cluster: Cluster, inferencemodel_crd: str) -> str:
+    """A bound token of the router's ServiceAccount (read InferenceModels and EndpointSlices, nothing else)."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROUTER_RBAC_PATH))
+    request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(expiration_seconds=3600))
+    status = (
+        client.CoreV1Api(cluster.api).create_namespaced_service_account_token(ROUTER_ACCOUNT, ROUTER_NAMESPACE, request)
+    ).status
+    assert status is not None
+    assert status.token
+    return str(status.token)
+
+
+@pytest.fixture(scope="module")
+def router_kubeconfig(cluster: Cluster, router_token: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return service_account_kubeconfig(cluster, router_token, tmp_path_factory.mktemp("router") / "kubeconfig")

@@ -31,27 +31,7 @@ from tests.support.procs import LOOPBACK
 
 pytestmark = pytest.mark.e2e
 
-RBAC_PATH = Path(__file__).resolve().parents[2] / "manifests" / "rbac" / "router.yaml"
-ROUTER_NAMESPACE = "modelfleet-system"
-ROUTER_ACCOUNT = "modelfleet-router"
 WAIT = 30.0
-
-
-@pytest.fixture(scope="module")
-def router_token(cluster: Cluster, inferencemodel_crd: str) -> str:
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(RBAC_PATH))
-    request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(expiration_seconds=3600))
-    status = (
-        client.CoreV1Api(cluster.api).create_namespaced_service_account_token(ROUTER_ACCOUNT, ROUTER_NAMESPACE, request)
-    ).status
-    assert status is not None
-    assert status.token
-    return str(status.token)
-
-
-@pytest.fixture(scope="module")
-def router_kubeconfig(cluster: Cluster, router_token: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return service_account_kubeconfig(cluster, router_token, tmp_path_factory.mktemp("router") / "kubeconfig")
 
 
 class RunningWatcher:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import uvicorn
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +21,8 @@ class ListenSettings(BaseSettings):
 
 def main() -> None:
     listen = ListenSettings()
+    # httpx logs every upstream request at INFO: noise at our request rates (and URLs do not belong in logs).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     uvicorn.run(
         create_app(RouterSettings()),
         host=listen.host,
