@@ -37,11 +37,13 @@ tools: ## Build (or reuse) the pinned kube-*, kubectl, etcd, kwok, kwokctl and h
 	$(PYTHON) hack/build_tools.py
 
 .PHONY: lint
-lint: ## ruff check, ruff format --check, mypy, shellcheck
+lint: ## ruff check, ruff format --check, mypy, shellcheck, hadolint, helm lint --strict
 	$(VENV_BIN)/ruff check $(PY_SOURCES)
 	$(VENV_BIN)/ruff format --check $(PY_SOURCES)
 	$(VENV_BIN)/mypy $(MYPY_TARGETS)
 	shellcheck hack/*.sh .ci/run
+	$(VENV_BIN)/hadolint Dockerfile.operator Dockerfile.server
+	.cache/bin/helm lint --strict charts/modelfleet
 
 .PHONY: format
 format: ## Apply ruff's fixes and formatting
@@ -52,11 +54,12 @@ CRD_FILE := crds/modelfleet.io_inferencemodels.yaml
 CHART_CRD_FILE := charts/modelfleet/crds/modelfleet.io_inferencemodels.yaml
 
 .PHONY: generate
-generate: ## Write the CRD from modelfleet.api (crds/ and the chart's crds/) and the README's router settings table
+generate: ## Write the CRD from modelfleet.api (crds/ and the chart's crds/) the README's router settings table, the chart's values.schema.json and manifests/install.yaml
 	@mkdir -p $(dir $(CRD_FILE)) $(dir $(CHART_CRD_FILE))
 	$(PY) -m modelfleet.api.crd $(CRD_FILE)
 	cp $(CRD_FILE) $(CHART_CRD_FILE)
 	$(PY) -m hack.settings_doc README.md
+	$(PY) -m hack.chart generate
 
 .PHONY: verify-generated
 verify-generated: ## Fail if a generated file is stale (CI runs this)
@@ -68,6 +71,7 @@ verify-generated: ## Fail if a generated file is stale (CI runs this)
 	  fi; \
 	done; \
 	$(PY) -m hack.settings_doc --check README.md || exit 1; \
+	$(PY) -m hack.chart check || exit 1; \
 	echo "generated files are current"
 
 .PHONY: test

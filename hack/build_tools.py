@@ -6,6 +6,12 @@ Every version comes from hack/versions.env.  A binary is built once into
 which lives outside the work tree so that a fresh clone on the same machine reuses it,
 and then linked into ``.cache/bin`` of the checkout.  A rerun only checks files.
 
+Tools: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (k8s.io/kubernetes),
+etcd, kwok, kwokctl, helm, kind (optional) and ollama.  Not every entry is a binary: the
+Prometheus Operator CRDs (prometheus-operator-crds) are YAML copied out of the pinned
+prometheus-operator module into the same cache and linked as ``.cache/crds/prometheus-operator``,
+so that tests can install ServiceMonitor and PrometheusRule without a GitHub download.
+
 Some modules (k8s.io/kubernetes, etcd's server) cannot be ``go install``ed: their go.mod
 replaces sibling modules with local paths that do not exist in the module zip.  For those
 we generate a small wrapper module that requires the tool and replaces each local-path
@@ -33,6 +39,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VERSIONS_FILE = REPO_ROOT / "hack" / "versions.env"
 BIN_DIR = REPO_ROOT / ".cache" / "bin"
+CRDS_DIR = REPO_ROOT / ".cache" / "crds"
 
 
 # Built only on request: kind needs a Docker engine, which these machines do not have.
@@ -89,6 +96,37 @@ class OllamaTool:
     binary_path: str = "bin/ollama"
 
 
+@dataclass(frozen=True)
+class CrdBundle:
+    """CustomResourceDefinitions shipped as YAML inside a Go module: copied, not built.
+
+    Only the Go module proxy is reachable, so the CRDs that projects publish as release
+    assets come from the module zip instead, at the pinned version.
+    """
+
+    name: str
+    module: str
+    version: str
+    source_dir: str  # directory of the CRD files inside the module
+    link_name: str  # the cached directory is linked as .cache/crds/<link_name>
+    # Files that must be there: a renamed directory upstream would otherwise yield an empty,
+    # "successful" bundle and tests failing far from the cause.
+    required: tuple[str, ...] = ()
+
+
+def select_crd_files(names: list[str], required: tuple[str, ...] = ()) -> list[str]:
+    """The CRD manifests among a directory's file names, sorted; refuses a bundle missing a required one.
+
+    Generated CRD files are named <group>_<plural>.yaml (monitoring.coreos.com_servicemonitors.yaml);
+    anything else there (a kustomization.yaml, a README) is not a CRD.
+    """
+    selected = sorted(name for name in names if re.fullmatch(r"[a-z0-9.-]+\.[a-z]+_[a-z0-9]+\.ya?ml", name))
+    missing = [name for name in required if name not in selected]
+    if not selected or missing:
+        raise ToolError(f"no CRD file(s) {', '.join(missing) or '<group>_<plural>.yaml'} among {sorted(names)}")
+    return selected
+
+
 def k8s_staging_version(kubernetes_version: str) -> str:
     """k8s.io/kubernetes v1.36.3 publishes its staging modules as v0.36.3."""
     match = re.fullmatch(r"v1\.(\d+)\.(\d+)", kubernetes_version)
@@ -112,7 +150,10 @@ def kubernetes_ldflags(version: str) -> tuple[str, ...]:
     return tuple(flags)
 
 
-def tool_catalog(versions: dict[str, str]) -> dict[str, GoTool | OllamaTool]:
+Tool = GoTool | OllamaTool | CrdBundle
+
+
+def tool_catalog(versions: dict[str, str]) -> dict[str, Tool]:
     k8s = versions["KUBERNETES_VERSION"]
     etcd = versions["ETCD_VERSION"]
     kwok = versions["KWOK_VERSION"]
@@ -160,8 +201,19 @@ def tool_catalog(versions: dict[str, str]) -> dict[str, GoTool | OllamaTool]:
         GoTool(name="kind", module="sigs.k8s.io/kind", version=kind, package="sigs.k8s.io/kind"),
     ]
     ollama = OllamaTool(version=versions["OLLAMA_VERSION"], miniaudio_version=versions["MINIAUDIO_PYPI_VERSION"])
-    catalog: dict[str, GoTool | OllamaTool] = {tool.name: tool for tool in tools}
+    prometheus_operator_crds = CrdBundle(
+        name="prometheus-operator-crds",
+        module="github.com/prometheus-operator/prometheus-operator",
+        version=versions["PROMETHEUS_OPERATOR_VERSION"],
+        # Not example/prometheus-operator-crd-full: it adds an AlertmanagerConfig v1beta1 that
+        # needs the operator's conversion webhook, which a bare API server does not have.
+        source_dir="example/prometheus-operator-crd",
+        link_name="prometheus-operator",
+        required=("monitoring.coreos.com_servicemonitors.yaml", "monitoring.coreos.com_prometheusrules.yaml"),
+    )
+    catalog: dict[str, Tool] = {tool.name: tool for tool in tools}
     catalog[ollama.name] = ollama
+    catalog[prometheus_operator_crds.name] = prometheus_operator_crds
     return catalog
 
 
@@ -385,7 +437,47 @@ def build_ollama(tool: OllamaTool, dest_dir: Path) -> None:
         partial.replace(dest_dir)
 
 
-def ensure(tool: GoTool | OllamaTool) -> Path:
+def copy_crds(bundle: CrdBundle, dest_dir: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix=f"modelfleet-fetch-{bundle.name}-") as tmp:
+        module_dir = Path(module_download(bundle.module, bundle.version, Path(tmp))["Dir"])
+        source = module_dir / bundle.source_dir
+        if not source.is_dir():
+            raise ToolError(f"{bundle.module}@{bundle.version} has no directory {bundle.source_dir}")
+        try:
+            names = select_crd_files([p.name for p in source.iterdir() if p.is_file()], bundle.required)
+        except ToolError as exc:
+            raise ToolError(f"{bundle.module}@{bundle.version}/{bundle.source_dir}: {exc}") from None
+        # Staged then renamed, as for Ollama: an interrupted copy never looks like a cached bundle.
+        partial = dest_dir.with_name(dest_dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for name in names:
+            # copyfile, not copy2: the module cache's files are read-only, the cache's need not be.
+            shutil.copyfile(source / name, partial / name)
+        shutil.rmtree(dest_dir, ignore_errors=True)
+        partial.replace(dest_dir)
+
+
+def ensure_crds(bundle: CrdBundle) -> Path:
+    bundle_dir = cache_root() / bundle.name / bundle.version
+    if bundle_dir.is_dir() and all((bundle_dir / name).is_file() for name in bundle.required):
+        print(f"  {bundle.name:<24} {bundle.version:<9} cached   {bundle_dir}", flush=True)
+    else:
+        print(f"  {bundle.name:<24} {bundle.version:<9} fetching from {bundle.module} ...", flush=True)
+        started = time.monotonic()
+        copy_crds(bundle, bundle_dir)
+        print(f"  {bundle.name:<24} {bundle.version:<9} fetched in {time.monotonic() - started:.1f}s", flush=True)
+    CRDS_DIR.mkdir(parents=True, exist_ok=True)
+    link = CRDS_DIR / bundle.link_name
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(bundle_dir, target_is_directory=True)
+    return bundle_dir
+
+
+def ensure(tool: Tool) -> Path:
+    if isinstance(tool, CrdBundle):
+        return ensure_crds(tool)
     tool_dir = cache_root() / tool.name / tool.version
     dest = tool_dir / tool.binary_path
     if dest.is_file() and os.access(dest, os.X_OK):
@@ -418,7 +510,7 @@ def main(argv: list[str]) -> int:
         unknown = [name for name in wanted if name not in catalog]
         if unknown:
             raise ToolError(f"unknown tool(s) {', '.join(unknown)}; known: {', '.join(catalog)}")
-        print(f"tools: cache {cache_root()}, links in {BIN_DIR}", flush=True)
+        print(f"tools: cache {cache_root()}, links in {BIN_DIR} and {CRDS_DIR}", flush=True)
         started = time.monotonic()
         for name in wanted:
             ensure(catalog[name])

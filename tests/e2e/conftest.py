@@ -246,3 +246,29 @@ def router_token(cluster: Cluster, inferencemodel_crd: str) -> str:
 @pytest.fixture(scope="module")
 def router_kubeconfig(cluster: Cluster, router_token: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return service_account_kubeconfig(cluster, router_token, tmp_path_factory.mktemp("router") / "kubeconfig")
+
+
+# Prometheus Operator CRDs ---------------------------------------------------------------------
+
+# Linked by `make tools` (hack/build_tools.py prometheus-operator-crds) to the CRDs of the
+# prometheus-operator module pinned in hack/versions.env.
+PROMETHEUS_OPERATOR_CRDS_DIR = Path(__file__).resolve().parents[2] / ".cache" / "crds" / "prometheus-operator"
+
+
+@pytest.fixture(scope="session")
+def prometheus_operator_crds(cluster: Cluster) -> list[str]:
+    """Every Prometheus Operator CRD (ServiceMonitor, PodMonitor, PrometheusRule, ...) applied and Established.
+
+    Returns the CRD names.  Server-side apply: several CRDs are larger than the 256 KiB that
+    client-side apply's last-applied annotation allows.  Nothing is deleted afterwards: the
+    cluster is shared, and other sessions' tests may be using the CRDs.
+    """
+    files = sorted(PROMETHEUS_OPERATOR_CRDS_DIR.glob("*.yaml")) if PROMETHEUS_OPERATOR_CRDS_DIR.is_dir() else []
+    if not files:
+        pytest.fail(f"no Prometheus Operator CRDs in {PROMETHEUS_OPERATOR_CRDS_DIR}; run `make tools`", pytrace=False)
+    # Resolved: kubectl does not descend into a symlink to a directory (the link is one).
+    crds_dir = str(PROMETHEUS_OPERATOR_CRDS_DIR.resolve())
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", crds_dir)
+    cluster.kubectl("wait", "--for=condition=Established", "-f", crds_dir, "--timeout=60s")
+    # monitoring.coreos.com_servicemonitors.yaml defines servicemonitors.monitoring.coreos.com.
+    return [".".join(reversed(f.stem.split("_", 1))) for f in files]

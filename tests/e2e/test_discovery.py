@@ -132,6 +132,7 @@ def test_endpoint_model_is_discovered_and_dropped_when_deleted(
         cache_ttl_seconds=None,
         requests_per_minute=60,
         source="cluster",
+        namespace=namespace,
     )
     assert watcher.watcher.healthy
 

@@ -36,7 +36,7 @@ def narrow_router(ollama_server: OllamaServer, tmp_path: Path) -> Iterator[Route
 def gauge(router: RouterServer, name: str) -> float:
     text = httpx.get(f"{router.base_url}/metrics", timeout=5).text
     for line in text.splitlines():
-        if line.startswith(f'{name}{{model="gemma3:270m"}}'):
+        if line.startswith(f'{name}{{model="gemma3:270m"'):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 

@@ -46,7 +46,7 @@ class InProcessRouter:
 
     def gauge(self, name: str, model: str) -> float:
         for line in httpx.get(f"{self.base_url}/metrics", timeout=5).text.splitlines():
-            if line.startswith(f'{name}{{model="{model}"}}'):
+            if line.startswith(f'{name}{{model="{model}"'):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 

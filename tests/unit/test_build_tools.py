@@ -1,7 +1,8 @@
-"""Pure parts of hack/build_tools.py: version mapping and go.mod replacement parsing."""
+"""Pure parts of hack/build_tools.py: version mapping, go.mod replacement parsing, CRD selection."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,13 @@ def test_versions_file_has_every_tool_version(tmp_path: Path) -> None:
     versions = build_tools.read_versions()
     catalog = build_tools.tool_catalog(versions)
     kubernetes = {"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"}
-    assert set(catalog) == kubernetes | {"etcd", "kwok", "kwokctl", "helm", "kind", "ollama"}
+    others = {"etcd", "kwok", "kwokctl", "helm", "kind", "ollama", "prometheus-operator-crds"}
+    assert set(catalog) == kubernetes | others
+    crds = catalog["prometheus-operator-crds"]
+    assert isinstance(crds, build_tools.CrdBundle)
+    assert crds.version == versions["PROMETHEUS_OPERATOR_VERSION"]
+    # CI needs the CRDs: `make tools` (no arguments) must fetch them.
+    assert "prometheus-operator-crds" not in build_tools.OPTIONAL_TOOLS
     assert catalog["kube-apiserver"].sibling_version == build_tools.k8s_staging_version(versions["KUBERNETES_VERSION"])
     assert f"-X k8s.io/component-base/version.gitVersion={versions['KUBERNETES_VERSION']}" in catalog["kubectl"].ldflags
 
@@ -53,3 +60,64 @@ def test_amx_scan_finds_tile_instructions_and_ignores_lookalikes() -> None:
     avx = "  401000:\tvpdpbusd %ymm2,%ymm1,%ymm0\n  401006:\tcall 401100 <tileloadd_helper>\n"
     assert build_tools.amx_instruction_count(amx) == 3
     assert build_tools.amx_instruction_count(avx) == 0
+
+
+SERVICEMONITORS = "monitoring.coreos.com_servicemonitors.yaml"
+PROMETHEUSRULES = "monitoring.coreos.com_prometheusrules.yaml"
+
+
+def test_crd_selection_keeps_group_plural_yaml_files_only_sorted() -> None:
+    names = [PROMETHEUSRULES, "kustomization.yaml", "README.md", SERVICEMONITORS, "monitoring.coreos.com_probes.yml"]
+    assert build_tools.select_crd_files(names, (SERVICEMONITORS,)) == [
+        "monitoring.coreos.com_probes.yml",
+        PROMETHEUSRULES,
+        SERVICEMONITORS,
+    ]
+
+
+def test_crd_selection_refuses_a_missing_required_file_or_an_empty_directory() -> None:
+    with pytest.raises(build_tools.ToolError, match=SERVICEMONITORS):
+        build_tools.select_crd_files([PROMETHEUSRULES], (SERVICEMONITORS, PROMETHEUSRULES))
+    with pytest.raises(build_tools.ToolError, match="no CRD file"):
+        build_tools.select_crd_files(["kustomization.yaml"])
+
+
+def test_crd_bundle_is_copied_once_then_reused_and_linked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stand-in for the module cache: read-only files, as `go mod download` leaves them.
+    module_dir = tmp_path / "module"
+    source = module_dir / "example" / "prometheus-operator-crd"
+    source.mkdir(parents=True)
+    for name in (SERVICEMONITORS, PROMETHEUSRULES, "kustomization.yaml"):
+        (source / name).write_text(f"# {name}\n")
+        (source / name).chmod(0o444)
+    downloads: list[str] = []
+
+    def fake_download(module: str, version: str, workdir: Path) -> dict[str, str]:
+        downloads.append(f"{module}@{version}")
+        return {"Dir": str(module_dir)}
+
+    monkeypatch.setattr(build_tools, "module_download", fake_download)
+    monkeypatch.setattr(build_tools, "CRDS_DIR", tmp_path / "checkout" / ".cache" / "crds")
+    monkeypatch.setenv("MODELFLEET_TOOLS_CACHE", str(tmp_path / "tools"))
+    bundle = build_tools.CrdBundle(
+        name="prometheus-operator-crds",
+        module="github.com/prometheus-operator/prometheus-operator",
+        version="v0.1.0",
+        source_dir="example/prometheus-operator-crd",
+        link_name="prometheus-operator",
+        required=(SERVICEMONITORS, PROMETHEUSRULES),
+    )
+
+    cached = build_tools.ensure(bundle)
+    assert cached == tmp_path / "tools" / "prometheus-operator-crds" / "v0.1.0"
+    assert sorted(p.name for p in cached.iterdir()) == [PROMETHEUSRULES, SERVICEMONITORS]
+    link = tmp_path / "checkout" / ".cache" / "crds" / "prometheus-operator"
+    assert link.is_symlink()
+    assert link.resolve() == cached.resolve()
+    assert build_tools.ensure(bundle) == cached
+    assert downloads == ["github.com/prometheus-operator/prometheus-operator@v0.1.0"]
+
+    # An upstream move of the directory is one clear error, not an empty bundle.
+    moved = dataclasses.replace(bundle, version="v0.2.0", source_dir="example/crds")
+    with pytest.raises(build_tools.ToolError, match="has no directory example/crds"):
+        build_tools.ensure(moved)

@@ -106,6 +106,7 @@ def test_endpoint_model_with_defaults() -> None:
         requests_per_minute=None,
         tokens_per_minute=None,
         source="cluster",
+        namespace="ai",
     )
 
 

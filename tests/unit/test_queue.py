@@ -14,7 +14,8 @@ pytestmark = pytest.mark.unit
 
 
 def gauge(metrics: RouterMetrics, name: str) -> float:
-    value = metrics.registry.get_sample_value(name, {"model": "m"})
+    labels = {"model": "m", "namespace": ""} if name == "modelfleet_queue_depth" else {"model": "m"}
+    value = metrics.registry.get_sample_value(name, labels)
     return value if value is not None else 0.0
 
 

@@ -163,7 +163,7 @@ def configure(settings: kopf.OperatorSettings, operator: OperatorSettings) -> No
     settings.peering.standalone = operator.standalone
     settings.peering.mandatory = not operator.standalone
     settings.peering.name = operator.peering_name
-    settings.peering.priority = operator.priority
+    settings.peering.priority = operator.peering_priority()
     settings.peering.clusterwide = not operator.namespaces
     settings.persistence.finalizer = "modelfleet.io/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="modelfleet.io")

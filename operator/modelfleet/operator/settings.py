@@ -24,7 +24,21 @@ class OperatorSettings(BaseSettings):
     metrics_host: str = Field("0.0.0.0", description="Address of the metrics endpoint.")
     peering_name: str = Field("modelfleet", description="Kopf peering object shared by the operator's replicas.")
     standalone: bool = Field(False, description="Run without peering (one replica, or local development).")
-    priority: int = Field(0, description="Kopf peering priority of this replica.")
+    priority: int | None = Field(
+        None, description="Kopf peering priority of this replica (default: from the pod's StatefulSet ordinal)."
+    )
+    pod_name: str = Field("", description="This pod's name (downward API); its ordinal sets the default priority.")
+
+    def peering_priority(self) -> int:
+        """Replicas must differ: Kopf freezes every peer when two share the highest priority.
+
+        In the chart's StatefulSet, pod -0 gets 100, -1 gets 99, ...: the lowest ordinal works and
+        the others stand by in a predictable order.
+        """
+        if self.priority is not None:
+            return self.priority
+        ordinal = self.pod_name.rsplit("-", 1)[-1]
+        return 100 - int(ordinal) if ordinal.isdigit() else 0
 
     @property
     def images(self) -> RuntimeImages:

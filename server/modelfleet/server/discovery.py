@@ -168,6 +168,7 @@ def _spec_for(
         requests_per_minute=None if rpm is None else int(rpm),
         tokens_per_minute=None if tpm is None else int(tpm),
         source=SOURCE,
+        namespace=candidate.namespace,
     )
 
 

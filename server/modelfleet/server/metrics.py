@@ -60,7 +60,9 @@ class RouterMetrics:
             tokens_per_second=Histogram("modelfleet_generation_tokens_per_second",
                                         "Completion tokens per second of one request, after its first token",
                                         ["model"], buckets=RATE_BUCKETS, registry=registry),
-            queue_depth=Gauge("modelfleet_queue_depth", "Requests waiting for a slot", ["model"], registry=registry),
+            queue_depth=Gauge("modelfleet_queue_depth", "Requests waiting for a slot (namespace: the "
+                              "InferenceModel's, empty for static models)", ["model", "namespace"],
+                              registry=registry),
             in_flight=Gauge("modelfleet_in_flight_requests", "Requests holding a slot", ["model"], registry=registry),
             ready_replicas=Gauge("modelfleet_ready_replicas", "Ready replicas the router can send to", ["model"],
                                  registry=registry),
@@ -82,8 +84,10 @@ class RouterMetrics:
                            registry=registry) if with_redis else None,
         )  # fmt: skip
 
-    def forget_model(self, model: str) -> None:
-        """Drop a removed model's gauges so dashboards do not show a ghost."""
-        for gauge in (self.queue_depth, self.in_flight, self.ready_replicas):
+    def forget_model(self, model: str, namespace: str) -> None:
+        """Drop a removed model's gauges so dashboards and HPAs do not see a ghost."""
+        with contextlib.suppress(KeyError):
+            self.queue_depth.remove(model, namespace)
+        for gauge in (self.in_flight, self.ready_replicas):
             with contextlib.suppress(KeyError):
                 gauge.remove(model)

@@ -62,8 +62,9 @@ class Ticket:
 
 
 class ModelQueue:
-    def __init__(self, model: str, capacity: int, max_queue: int, metrics: RouterMetrics) -> None:
+    def __init__(self, model: str, capacity: int, max_queue: int, metrics: RouterMetrics, namespace: str = "") -> None:
         self.model = model
+        self.namespace = namespace
         self.capacity = capacity
         self.max_queue = max_queue
         self.metrics = metrics
@@ -157,5 +158,5 @@ class ModelQueue:
                 waiter.set_result(None)
 
     def _publish(self) -> None:
-        self.metrics.queue_depth.labels(model=self.model).set(self.depth)
+        self.metrics.queue_depth.labels(model=self.model, namespace=self.namespace).set(self.depth)
         self.metrics.in_flight.labels(model=self.model).set(self.in_flight)

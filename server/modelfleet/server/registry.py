@@ -42,6 +42,9 @@ class ModelSpec:
     tokens_per_minute: int | None = None
     upstream_api_key: str | None = field(default=None, repr=False)
     source: str = "static"  # "static", or "cluster" for InferenceModels
+    # The InferenceModel's namespace: a label of modelfleet_queue_depth, which prometheus-adapter
+    # matches against the namespace of the HPA that reads it.
+    namespace: str = ""
 
     @property
     def capacity(self) -> int:
@@ -53,7 +56,7 @@ class ServedModel:
 
     def __init__(self, spec: ModelSpec, metrics: RouterMetrics) -> None:
         self.spec = spec
-        self.queue = ModelQueue(spec.name, spec.capacity, spec.max_queue, metrics)
+        self.queue = ModelQueue(spec.name, spec.capacity, spec.max_queue, metrics, spec.namespace)
         self.outstanding: dict[str, int] = dict.fromkeys(spec.endpoints, 0)
 
     @property
@@ -102,7 +105,7 @@ class ModelRegistry:
             if name not in wanted:
                 removed = self._models.pop(name)
                 removed.queue.close(f"The model `{name}` was removed.")
-                self.metrics.forget_model(name)
+                self.metrics.forget_model(name, removed.spec.namespace)
                 logger.info("model %s removed", name)
         for name, spec in wanted.items():
             current = self._models.get(name)

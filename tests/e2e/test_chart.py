@@ -1,0 +1,245 @@
+"""The Helm chart: lint, a matrix of values, the schema, and every rendered object accepted by the real
+API server (server-side dry run), with pods that pass Pod Security "restricted"."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from tests.e2e.conftest import Cluster
+from tests.support.cluster import BIN_DIR
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "modelfleet"
+HELM = BIN_DIR / "helm"
+MONITORING = ["--api-versions", "monitoring.coreos.com/v1"]
+
+Rendered = list[dict[str, Any]]
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+def render(namespace: str = "modelfleet-system", *options: str) -> Rendered:
+    out = helm("template", "modelfleet", str(CHART), "--namespace", namespace, *options).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def kinds(objects: Rendered) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for obj in objects:
+        found.setdefault(obj["kind"], []).append(obj["metadata"]["name"])
+    return found
+
+
+def one(objects: Rendered, kind: str, name: str) -> dict[str, Any]:
+    matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} rendered"
+    return matches[0]
+
+
+def router_env(objects: Rendered) -> dict[str, str]:
+    container = one(objects, "Deployment", "modelfleet-router")["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", "") for e in container["env"]}
+
+
+def test_lint_is_clean_in_strict_mode() -> None:
+    result = helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_defaults() -> None:
+    objects = render()
+    found = kinds(objects)
+    assert found["StatefulSet"] == ["modelfleet-operator"]
+    assert sorted(found["Deployment"]) == ["modelfleet-redis", "modelfleet-router"]
+    assert "ServiceMonitor" not in found, "no Prometheus Operator CRDs: no ServiceMonitor"
+    assert "Ingress" not in found
+    assert "HorizontalPodAutoscaler" not in found
+    env = router_env(objects)
+    assert env["MODELFLEET_REDIS_URL"] == "redis://modelfleet-redis.modelfleet-system.svc:6379/0"
+    assert env["MODELFLEET_AUTH_REQUIRED"] == "true"
+    assert env["MODELFLEET_KUBERNETES_DISCOVERY"] == "true"
+    secret = one(objects, "Secret", "modelfleet-api-keys")["stringData"]
+    keys = yaml.safe_load(secret["keys.yaml"])["keys"]
+    assert [k["name"] for k in keys] == ["default", "admin"]
+    assert all(len(k["sha256"]) == 64 for k in keys)
+    assert secret["user-key"] not in secret["keys.yaml"], "the router's file holds digests only"
+    assert one(objects, "PodDisruptionBudget", "modelfleet-router")["spec"]["maxUnavailable"] == 1
+    dashboard = one(objects, "ConfigMap", "modelfleet-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["modelfleet.json"])["uid"] == "modelfleet-router"
+
+
+def test_redis_off_or_external() -> None:
+    off = render("modelfleet-system", "--set", "redis.enabled=false")
+    assert "modelfleet-redis" not in kinds(off)["Deployment"]
+    assert "MODELFLEET_REDIS_URL" not in router_env(off), "without Redis the router keeps cache and limits in-process"
+    external = render("modelfleet-system", "--set", "redis.externalUrl=redis://cache.infra:6379/2")
+    assert "modelfleet-redis" not in kinds(external)["Deployment"]
+    assert router_env(external)["MODELFLEET_REDIS_URL"] == "redis://cache.infra:6379/2"
+
+
+def test_ingress_carries_sse_settings() -> None:
+    objects = render("modelfleet-system", "--set", "ingress.enabled=true", "--set", "ingress.className=nginx",
+                     "--set", "ingress.host=llm.example.com", "--set", "ingress.tlsSecretName=llm-tls")  # fmt: skip
+    ingress = one(objects, "Ingress", "modelfleet-router")
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "3600"
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"][0]["hosts"] == ["llm.example.com"]
+
+
+def test_monitoring_when_the_prometheus_operator_crds_exist() -> None:
+    objects = render("modelfleet-system", *MONITORING)
+    rule = one(objects, "PrometheusRule", "modelfleet")
+    alerts = {r["alert"] for group in rule["spec"]["groups"] for r in group["rules"] if "alert" in r}
+    assert {"ModelFleetHighErrorRate", "ModelFleetQueueSaturated", "ModelFleetModelNotReady",
+            "ModelFleetRedisDown"} <= alerts  # fmt: skip
+    monitor = one(objects, "ServiceMonitor", "modelfleet")
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"http", "metrics"}
+    off = render("modelfleet-system", *MONITORING, "--set", "monitoring.enabled=false")
+    assert "ServiceMonitor" not in kinds(off)
+
+
+def test_autoscaling_replaces_fixed_replicas() -> None:
+    objects = render("modelfleet-system", "--set", "router.autoscaling.enabled=true")
+    hpa = one(objects, "HorizontalPodAutoscaler", "modelfleet-router")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
+    assert "replicas" not in one(objects, "Deployment", "modelfleet-router")["spec"]
+
+
+def test_existing_key_secret_and_auth_off() -> None:
+    existing = render("modelfleet-system", "--set", "router.auth.existingSecret=my-keys")
+    assert "Secret" not in kinds(existing)
+    volumes = one(existing, "Deployment", "modelfleet-router")["spec"]["template"]["spec"]["volumes"]
+    keys_volume = {
+        "name": "api-keys",
+        "secret": {"secretName": "my-keys", "items": [{"key": "keys.yaml", "path": "keys.yaml"}]},
+    }
+    assert keys_volume in volumes
+    open_router = render("modelfleet-system", "--set", "router.auth.required=false")
+    assert router_env(open_router)["MODELFLEET_AUTH_REQUIRED"] == "false"
+    assert "MODELFLEET_API_KEYS_FILE" not in router_env(open_router)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [("router.replica=3", "additional properties 'replica' not allowed"),
+     ("router.rateLimit.failureMode=maybe", "value must be one of 'open', 'closed'"),
+     ("router.replicas=0", "minimum"),
+     ("redis.enabled=yes", "got string, want boolean")],
+)  # fmt: skip
+def test_the_schema_refuses_bad_values(setting: str, message: str) -> None:
+    result = helm("template", "x", str(CHART), "--set-string" if "yes" in setting else "--set", setting, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def rules_of(documents: Rendered, kind: str = "ClusterRole") -> dict[str, Any]:
+    return {doc["metadata"]["name"]: doc["rules"] for doc in documents if doc["kind"] == kind}
+
+
+def test_rbac_equals_the_plain_manifests_the_e2e_tests_run_with() -> None:
+    chart = rules_of(render())
+    for name in ("operator", "router"):
+        manifest = list(yaml.safe_load_all((REPO / "manifests" / "rbac" / f"{name}.yaml").read_text()))
+        assert chart[f"modelfleet-{name}"] == rules_of(manifest)[f"modelfleet-{name}"]
+
+
+def test_the_router_may_not_read_secrets() -> None:
+    router_rules = rules_of(render())["modelfleet-router"]
+    assert {resource for rule in router_rules for resource in rule["resources"]} == {"inferencemodels",
+                                                                                     "endpointslices"}  # fmt: skip
+    assert {verb for rule in router_rules for verb in rule["verbs"]} == {"get", "list", "watch"}
+
+
+# Against the API server ------------------------------------------------------------------------
+
+MATRIX = {
+    "defaults": [],
+    "redis-off": ["--set", "redis.enabled=false"],
+    "redis-external": ["--set", "redis.externalUrl=redis://cache.infra:6379/0"],
+    "ingress": ["--set", "ingress.enabled=true", "--set", "ingress.className=nginx"],
+    "monitoring": MONITORING,
+    "autoscaling": ["--set", "router.autoscaling.enabled=true"],
+}
+
+
+@pytest.fixture(scope="module")
+def chart_crds(cluster: Cluster, inferencemodel_crd: str, prometheus_operator_crds: Path) -> None:
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "--timeout=60s")
+
+
+def dry_run(cluster: Cluster, objects: Rendered) -> subprocess.CompletedProcess[str]:
+    return cluster.kubectl("apply", "--dry-run=server", "--server-side", "-f", "-",
+                           input_text=yaml.safe_dump_all(objects), check=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(MATRIX))
+def test_every_rendered_object_is_accepted_by_the_api_server(
+    case: str, cluster: Cluster, chart_crds: None, namespace: str
+) -> None:
+    objects = render(namespace, *MATRIX[case])
+    result = dry_run(cluster, objects)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("(server dry run)") == len(objects)
+
+
+def pod_templates(objects: Rendered) -> list[tuple[str, dict[str, Any]]]:
+    pods = []
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "StatefulSet"):
+            pods.append((f"{obj['kind']}/{obj['metadata']['name']}", obj["spec"]["template"]["spec"]))
+        elif obj["kind"] == "Pod":
+            pods.append((f"Pod/{obj['metadata']['name']}", obj["spec"]))
+    return pods
+
+
+@pytest.fixture
+def restricted_namespace(cluster: Cluster, namespace: str) -> str:
+    labels = {
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest",
+    }
+    client.CoreV1Api(cluster.api).patch_namespace(namespace, {"metadata": {"labels": labels}})
+    return namespace
+
+
+def create_pod_dry_run(cluster: Cluster, namespace: str, spec: dict[str, Any]) -> Callable[[], object]:
+    # The ServiceAccounts are not created by a dry run; Pod Security does not look at them.
+    spec = {key: value for key, value in spec.items() if key != "serviceAccountName"}
+    body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "psa-"}, "spec": spec}
+    return lambda: client.CoreV1Api(cluster.api).create_namespaced_pod(namespace, body, dry_run="All")
+
+
+def test_every_pod_passes_pod_security_restricted(cluster: Cluster, restricted_namespace: str) -> None:
+    objects = render(restricted_namespace, *MONITORING)
+    templates = pod_templates(objects)
+    assert {name for name, _ in templates} >= {"StatefulSet/modelfleet-operator", "Deployment/modelfleet-router",
+                                               "Deployment/modelfleet-redis", "Pod/modelfleet-test-health"}  # fmt: skip
+    for _name, spec in templates:
+        create_pod_dry_run(cluster, restricted_namespace, spec)()  # raises 403 with the violations if any
+    # The check can fail: the same pod without its security context is refused.
+    spec = dict(templates[0][1])
+    spec["securityContext"] = {}
+    spec["containers"] = [{**c, "securityContext": {}} for c in spec["containers"]]
+    with pytest.raises(client.ApiException) as refused:
+        create_pod_dry_run(cluster, restricted_namespace, spec)()
+    assert refused.value.status == 403
+    assert "violates PodSecurity" in str(refused.value.body)
