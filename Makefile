@@ -74,6 +74,10 @@ verify-generated: ## Fail if a generated file is stale (CI runs this)
 	$(PY) -m hack.chart check || exit 1; \
 	echo "generated files are current"
 
+.PHONY: bench
+bench: install ## Benchmarks against same-run baselines (router overhead, cache, 1,000 streams, Gemma, operator scale)
+	$(PY) -m hack.bench.run --out bench-results.json
+
 .PHONY: test
 test: lint verify-generated test-unit test-integration test-e2e ## Everything CI runs: lint, unit, integration, e2e
 

@@ -1,0 +1,3 @@
+module modelfleet.dev/bench
+
+go 1.22

@@ -1,0 +1,635 @@
+"""`make bench`: the router and the operator measured against baselines taken in the same run.
+
+    python -m hack.bench.run [--quick] [--only overhead,cache,streams,model,operator] [--out bench-results.json]
+
+Each comparison alternates A and B in one invocation and reports ratios. The load generator and
+the fake upstream are Go programs (hack/bench/loadgen, hack/bench/upstream) so that the Python
+router is what is measured; the load generator reports its own CPU use. Everything listens on
+127.0.0.1 and stops by itself. Results go to bench-results.json and bench-results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hack import ollama_model
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH_DIR = REPO / "hack" / "bench"
+BIN_DIR = REPO / ".cache" / "bench-bin"
+PYTHON = sys.executable
+LOOPBACK = "127.0.0.1"
+CHAT = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+
+Result = dict[str, Any]
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def build_go_tools() -> None:
+    BIN_DIR.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["go", "build", "-o", str(BIN_DIR) + "/", "./..."], cwd=BENCH_DIR, check=True)
+
+
+def raise_file_limit() -> None:
+    # 1,000 streams through the router hold 2,000 sockets; allow what the hard limit allows.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def rss_peak_mb(self) -> float:
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+
+@contextlib.contextmanager
+def running(
+    name: str,
+    argv: list[str],
+    work: Path,
+    ready: Callable[[], bool],
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> Iterator[Process]:
+    log_path = work / f"{name}.log"
+    with log_path.open("wb") as out:
+        popen = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=raise_file_limit,
+        )
+        process = Process(name, popen, log_path)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                with contextlib.suppress(Exception):
+                    if ready():
+                        break
+                if popen.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not start: {log_path.read_text()[-2000:]}")
+                time.sleep(0.05)
+            yield process
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGTERM)
+            try:
+                popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(popen.pid, signal.SIGKILL)
+                popen.wait(timeout=5)
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return bool(response.status == 200)
+
+
+@contextlib.contextmanager
+def upstream(work: Path, chunks: int = 20, interval: str = "50ms") -> Iterator[str]:
+    port = free_port()
+    argv = [str(BIN_DIR / "upstream"), "-addr", f"{LOOPBACK}:{port}", "-chunks", str(chunks), "-interval", interval]
+    base = f"http://{LOOPBACK}:{port}"
+    with running(f"upstream-{chunks}", argv, work, lambda: http_ok(f"{base}/v1/models")):
+        yield base
+
+
+@contextlib.contextmanager
+def router(
+    work: Path, upstream_url: str, upstream_model: str = "bench", **settings: str
+) -> Iterator[tuple[str, Process]]:
+    port = free_port()
+    model = {
+        "name": "bench",
+        "url": upstream_url,
+        "upstream_model": upstream_model,
+        "max_in_flight": 4096,
+        "max_queue": 4096,
+    }
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(work),
+        "MODELFLEET_HOST": LOOPBACK,
+        "MODELFLEET_PORT": str(port),
+        "MODELFLEET_MODELS": json.dumps([model]),
+        "MODELFLEET_AUTH_REQUIRED": "false",
+        "MODELFLEET_RATE_LIMIT_REQUESTS_PER_MINUTE": "0",
+        **{f"MODELFLEET_{key.upper()}": value for key, value in settings.items()},
+    }
+    base = f"http://{LOOPBACK}:{port}"
+    with running(
+        f"router-{uuid.uuid4().hex[:6]}",
+        [PYTHON, "-m", "modelfleet.server"],
+        work,
+        lambda: http_ok(f"{base}/readyz"),
+        env=env,
+    ) as process:
+        yield base, process
+
+
+def loadgen(url: str, *args: str, body: dict[str, Any] | None = None) -> Result:
+    argv = [str(BIN_DIR / "loadgen"), "-url", url, "-body", json.dumps(body or CHAT), *args]
+    completed = subprocess.run(
+        argv, capture_output=True, text=True, check=True, timeout=900, preexec_fn=raise_file_limit
+    )
+    result: Result = json.loads(completed.stdout)
+    return result
+
+
+def median_of(runs: list[Result], *path: str) -> float:
+    values = []
+    for run in runs:
+        value: Any = run
+        for key in path:
+            value = value[key]
+        values.append(float(value))
+    return statistics.median(values)
+
+
+# 1. Router overhead ------------------------------------------------------------------------
+
+
+def bench_overhead(work: Path, seconds: float, rounds: int) -> Result:
+    """Direct to the upstream vs through the router (cache off), alternating, at 1, 32 and 256 clients."""
+    results: Result = {}
+    with upstream(work) as direct_base, router(work, direct_base, cache_size="0") as (router_base, process):
+        for concurrency in (1, 32, 256):
+            direct, routed = [], []
+            cpu_before = process.cpu_seconds()
+            routed_seconds = 0.0
+            for _ in range(rounds):
+                args = ("-concurrency", str(concurrency), "-duration", f"{seconds}s")
+                direct.append(loadgen(f"{direct_base}/v1/chat/completions", *args))
+                routed.append(loadgen(f"{router_base}/v1/chat/completions", *args))
+                routed_seconds += routed[-1]["duration_s"]
+            router_cpu = (process.cpu_seconds() - cpu_before) / routed_seconds  # upper bound: includes direct time
+            entry = {
+                "direct_rps": median_of(direct, "rps"),
+                "router_rps": median_of(routed, "rps"),
+                "direct_p50_ms": median_of(direct, "latency_ms", "p50"),
+                "direct_p99_ms": median_of(direct, "latency_ms", "p99"),
+                "router_p50_ms": median_of(routed, "latency_ms", "p50"),
+                "router_p99_ms": median_of(routed, "latency_ms", "p99"),
+                "router_errors": sum(run["errors"] for run in routed),
+                "router_cpu_cores": round(router_cpu, 3),
+                "loadgen_cpu_percent": median_of(routed, "loadgen_cpu_percent_of_one_core"),
+            }
+            entry["added_p50_ms"] = round(entry["router_p50_ms"] - entry["direct_p50_ms"], 3)
+            entry["added_p99_ms"] = round(entry["router_p99_ms"] - entry["direct_p99_ms"], 3)
+            entry["throughput_ratio"] = round(entry["router_rps"] / entry["direct_rps"], 4)
+            results[f"c{concurrency}"] = entry
+            log(f"overhead c={concurrency}: {entry}")
+    return results
+
+
+# 2. Cache hits -----------------------------------------------------------------------------
+
+
+def bench_cache(work: Path, seconds: float, rounds: int) -> Result:
+    """Cache hits through the router: the in-process cache vs Redis, alternating, 32 clients."""
+    redis_port = free_port()
+    redis_argv = [
+        shutil.which("redis-server") or "redis-server",
+        "--bind",
+        LOOPBACK,
+        "--port",
+        str(redis_port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(work),
+    ]
+    pinned = {**CHAT, "temperature": 0}
+
+    def redis_ready() -> bool:
+        with socket.create_connection((LOOPBACK, redis_port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+
+    results: Result = {}
+    with (
+        upstream(work) as upstream_base,
+        running("redis", redis_argv, work, redis_ready),
+        router(work, upstream_base) as (memory_base, _),
+        router(work, upstream_base, redis_url=f"redis://{LOOPBACK}:{redis_port}/0") as (redis_base, _),
+    ):
+        runs: dict[str, list[Result]] = {"memory": [], "redis": []}
+        for base in (memory_base, redis_base):
+            loadgen(f"{base}/v1/chat/completions", "-concurrency", "1", "-duration", "1s", body=pinned)  # prime
+        for _ in range(rounds):
+            for name, base in (("memory", memory_base), ("redis", redis_base)):
+                args = ("-concurrency", "32", "-duration", f"{seconds}s")
+                runs[name].append(loadgen(f"{base}/v1/chat/completions", *args, body=pinned))
+        for name, name_runs in runs.items():
+            results[name] = {
+                "rps": median_of(name_runs, "rps"),
+                "p50_ms": median_of(name_runs, "latency_ms", "p50"),
+                "p99_ms": median_of(name_runs, "latency_ms", "p99"),
+                "errors": sum(run["errors"] for run in name_runs),
+            }
+        for name, base in (("memory", memory_base), ("redis", redis_base)):
+            with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                cache = json.load(response)["cache"]
+            results[name]["hits"], results[name]["misses"] = cache["hits"], cache["misses"]
+        # One request at a time: the latency of a hit without queueing, as the seed projects measured it.
+        for name, base in (("memory", memory_base), ("redis", redis_base)):
+            single = loadgen(
+                f"{base}/v1/chat/completions", "-concurrency", "1", "-duration", f"{seconds}s", body=pinned
+            )
+            results[name]["c1_p50_ms"] = single["latency_ms"]["p50"]
+            results[name]["c1_mean_ms"] = single["latency_ms"]["mean"]
+        log(f"cache: {results}")
+    return results
+
+
+# 3. Streaming scale ------------------------------------------------------------------------
+
+
+def bench_streams(work: Path, streams: int, rounds: int) -> Result:
+    """`streams` concurrent SSE streams (20 chunks, 50 ms apart), direct vs through one router process."""
+    results: Result = {}
+    with (
+        upstream(work, chunks=20, interval="50ms") as upstream_base,
+        router(work, upstream_base, cache_size="0") as (router_base, process),
+    ):
+        body = {**CHAT, "stream": True}
+        direct, routed = [], []
+        for _ in range(rounds):
+            direct.append(
+                loadgen(f"{upstream_base}/v1/chat/completions", "-mode", "stream", "-streams", str(streams), body=body)
+            )
+            routed.append(
+                loadgen(f"{router_base}/v1/chat/completions", "-mode", "stream", "-streams", str(streams), body=body)
+            )
+        results = {
+            "streams": streams,
+            "router_failed_streams": sum(run["errors"] for run in routed),
+            "router_completed_streams": sum(run["requests"] for run in routed),
+            "direct_failed_streams": sum(run["errors"] for run in direct),
+            "router_peak_rss_mb": round(process.rss_peak_mb(), 1),
+            "direct_ttft_p50_ms": median_of(direct, "ttft_ms", "p50"),
+            "direct_ttft_p99_ms": median_of(direct, "ttft_ms", "p99"),
+            "router_ttft_p50_ms": median_of(routed, "ttft_ms", "p50"),
+            "router_ttft_p99_ms": median_of(routed, "ttft_ms", "p99"),
+            "direct_gap_p50_ms": median_of(direct, "chunk_gap_ms", "p50"),
+            "direct_gap_p99_ms": median_of(direct, "chunk_gap_ms", "p99"),
+            "router_gap_p50_ms": median_of(routed, "chunk_gap_ms", "p50"),
+            "router_gap_p99_ms": median_of(routed, "chunk_gap_ms", "p99"),
+            "first_errors": [error for run in routed for error in run.get("first_errors") or []][:5],
+        }
+        results["ttft_overhead_p50_ms"] = round(results["router_ttft_p50_ms"] - results["direct_ttft_p50_ms"], 3)
+        results["ttft_overhead_p99_ms"] = round(results["router_ttft_p99_ms"] - results["direct_ttft_p99_ms"], 3)
+        results["chunk_gap_added_p50_ms"] = round(results["router_gap_p50_ms"] - results["direct_gap_p50_ms"], 3)
+        results["chunk_gap_added_p99_ms"] = round(results["router_gap_p99_ms"] - results["direct_gap_p99_ms"], 3)
+        log(f"streams: {results}")
+    return results
+
+
+# 4. Real model -----------------------------------------------------------------------------
+
+
+def stream_tokens(base_url: str, model: str, tokens: int) -> tuple[float, float, int]:
+    """(TTFT seconds, tokens/s after the first token, completion tokens) of one streamed chat."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Tell a long story about a lighthouse keeper."}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "seed": 7,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    request = urllib.request.Request(
+        f"{base_url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Cache-Control": "no-cache"},
+    )
+    started = time.monotonic()
+    first = last = 0.0
+    completion = 0
+    with urllib.request.urlopen(request, timeout=300) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                completion = int(chunk["usage"]["completion_tokens"])
+            for choice in chunk.get("choices") or ():
+                if (choice.get("delta") or {}).get("content"):
+                    now = time.monotonic()
+                    first = first or now
+                    last = now
+    return first - started, (completion - 1) / (last - first), completion
+
+
+def bench_model(work: Path, rounds: int, tokens: int) -> Result:
+    store = ollama_model.prepare()
+    models_dir = ollama_model.link_copy(store, work / "models")
+    with (
+        ollama_model.serve(models_dir, work / "ollama") as ollama,
+        router(work, ollama.base_url, upstream_model=ollama_model.MODEL_NAME) as (router_base, _),
+    ):
+        # The router's model is "bench"; Ollama's is gemma3:270m. One warm-up each loads the model.
+        runs: dict[str, list[tuple[float, float, int]]] = {"direct": [], "router": []}
+        stream_tokens(ollama.base_url, ollama_model.MODEL_NAME, 8)
+        for _ in range(rounds):
+            runs["direct"].append(stream_tokens(ollama.base_url, ollama_model.MODEL_NAME, tokens))
+            runs["router"].append(stream_tokens_via_router(router_base, tokens))
+    result: Result = {
+        name: {
+            "ttft_ms": round(statistics.median(r[0] for r in values) * 1000, 1),
+            "tokens_per_s": round(statistics.median(r[1] for r in values), 2),
+            "completion_tokens": statistics.median(r[2] for r in values),
+        }
+        for name, values in runs.items()
+    }
+    result["tokens_per_s_ratio"] = round(result["router"]["tokens_per_s"] / result["direct"]["tokens_per_s"], 4)
+    result["ttft_added_ms"] = round(result["router"]["ttft_ms"] - result["direct"]["ttft_ms"], 1)
+    log(f"model: {result}")
+    return result
+
+
+def stream_tokens_via_router(router_base: str, tokens: int) -> tuple[float, float, int]:
+    return stream_tokens(router_base, "bench", tokens)
+
+
+# 5. Operator scale -------------------------------------------------------------------------
+
+
+def kubectl(*args: str, input_text: str | None = None) -> str:
+    argv = [str(REPO / ".cache" / "bin" / "kubectl"), "--kubeconfig", str(REPO / ".cache" / "kubeconfig"), *args]
+    return subprocess.run(argv, capture_output=True, text=True, check=True, input=input_text, timeout=300).stdout
+
+
+def count_ready(namespace: str, kind: str) -> tuple[int, list[dict[str, Any]]]:
+    items = json.loads(kubectl("get", kind, "-n", namespace, "-o", "json"))["items"]
+    return len(items), items
+
+
+def bench_operator(work: Path, models: int, steady_seconds: float) -> Result:
+    subprocess.run([str(REPO / "hack" / "cluster.sh"), "up"], check=True, capture_output=True)
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    namespace = f"bench-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "namespace", namespace)
+    health = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(work),
+        "KUBECONFIG": str(REPO / ".cache" / "kubeconfig"),
+        "MODELFLEET_OPERATOR_STANDALONE": "true",
+        "MODELFLEET_OPERATOR_NAMESPACES": json.dumps([namespace]),
+        "MODELFLEET_OPERATOR_LIVENESS_HOST": LOOPBACK,
+        "MODELFLEET_OPERATOR_LIVENESS_PORT": str(health),
+        "MODELFLEET_OPERATOR_METRICS_HOST": LOOPBACK,
+        "MODELFLEET_OPERATOR_METRICS_PORT": str(free_port()),
+    }
+    documents = [
+        {
+            "apiVersion": "modelfleet.io/v1alpha1",
+            "kind": "InferenceModel",
+            "metadata": {"name": f"m{i:03d}", "namespace": namespace},
+            "spec": {
+                "runtime": "ollama",
+                "model": f"bench-{i}",
+                "resources": {"cpu": "100m", "memory": "256Mi"},
+                "cache": {"size": "1Gi"},
+            },
+        }
+        for i in range(models)
+    ]
+    result: Result = {"models": models}
+    try:
+        with running(
+            "operator",
+            [PYTHON, "-m", "modelfleet.operator"],
+            work,
+            lambda: http_ok(f"http://{LOOPBACK}:{health}/healthz"),
+            env=env,
+        ) as operator:
+            applied = time.monotonic()
+            kubectl("apply", "--server-side", "-f", "-", input_text="\n---\n".join(json.dumps(d) for d in documents))
+            result["apply_s"] = round(time.monotonic() - applied, 2)
+            milestones = {"children_s": False, "deployments_s": False, "ready_s": False}
+            deadline = applied + 600
+            while not all(milestones.values()) and time.monotonic() < deadline:
+                services = count_ready(namespace, "services")[0]
+                claims = count_ready(namespace, "persistentvolumeclaims")[0]
+                jobs = count_ready(namespace, "jobs")[0]
+                deployments = count_ready(namespace, "deployments")[0]
+                now = round(time.monotonic() - applied, 2)
+                if not milestones["children_s"] and min(services, claims, jobs) >= models:
+                    milestones["children_s"] = True
+                    result["children_s"] = now
+                if not milestones["deployments_s"] and deployments >= models:
+                    milestones["deployments_s"] = True
+                    result["deployments_s"] = now
+                _, items = count_ready(namespace, "inferencemodels")
+                ready = sum(
+                    any(
+                        c["type"] == "Ready" and c["status"] == "True"
+                        for c in (item.get("status") or {}).get("conditions") or []
+                    )
+                    for item in items
+                )
+                if not milestones["ready_s"] and ready >= models:
+                    milestones["ready_s"] = True
+                    result["ready_s"] = now
+                time.sleep(1)
+            result["ready_models"] = ready
+            versions_before = resource_versions(namespace)
+            time.sleep(steady_seconds)
+            versions_after = resource_versions(namespace)
+            result["steady_state_seconds"] = steady_seconds
+            result["steady_state_writes"] = sum(
+                1 for key, version in versions_after.items() if versions_before.get(key) != version
+            )
+            result["operator_peak_rss_mb"] = round(operator.rss_peak_mb(), 1)
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            kubectl("delete", "namespace", namespace, "--wait=false")
+    log(f"operator: {result}")
+    return result
+
+
+def resource_versions(namespace: str) -> dict[str, str]:
+    versions = {}
+    for kind in ("inferencemodels", "deployments", "services", "persistentvolumeclaims", "jobs"):
+        for item in count_ready(namespace, kind)[1]:
+            versions[f"{kind}/{item['metadata']['name']}"] = item["metadata"]["resourceVersion"]
+    return versions
+
+
+# Report ------------------------------------------------------------------------------------
+
+
+def machine() -> Result:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    memory_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory_kb / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def markdown(results: Result) -> str:
+    lines = [
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
+        f"{results['machine']['memory_gib']} GiB; Python {results['machine']['python']}. "
+        f"Run took {results['total_seconds']:.0f} s.",
+        "",
+    ]
+    if "overhead" in results:
+        lines += [
+            "| router overhead (cache off) | direct rps | router rps | ratio | direct p50/p99 ms | "
+            "router p50/p99 ms | added p50/p99 ms | router CPU (cores) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, entry in results["overhead"].items():
+            lines.append(
+                f"| concurrency {name[1:]} | {entry['direct_rps']:.0f} | {entry['router_rps']:.0f} | "
+                f"{entry['throughput_ratio']:.3f} | {entry['direct_p50_ms']:.2f} / {entry['direct_p99_ms']:.2f} | "
+                f"{entry['router_p50_ms']:.2f} / {entry['router_p99_ms']:.2f} | "
+                f"{entry['added_p50_ms']:.2f} / {entry['added_p99_ms']:.2f} | {entry['router_cpu_cores']:.2f} |"
+            )
+        lines.append("")
+    if "cache" in results:
+        lines += [
+            "| cache hits, 32 clients | rps | p50 ms | p99 ms | one client: p50 / mean ms |",
+            "|---|---|---|---|---|",
+        ]
+        for name, entry in results["cache"].items():
+            lines.append(
+                f"| {name} | {entry['rps']:.0f} | {entry['p50_ms']:.2f} | {entry['p99_ms']:.2f} | "
+                f"{entry['c1_p50_ms']:.2f} / {entry['c1_mean_ms']:.2f} |"
+            )
+        lines.append("")
+    if "streams" in results:
+        s = results["streams"]
+        lines += [
+            "| streaming scale | value |",
+            "|---|---|",
+            f"| concurrent streams | {s['streams']} |",
+            f"| failed / completed through the router | {s['router_failed_streams']} / "
+            f"{s['router_completed_streams']} |",
+            f"| router peak RSS | {s['router_peak_rss_mb']} MB |",
+            f"| TTFT direct / router p50 | {s['direct_ttft_p50_ms']:.1f} / {s['router_ttft_p50_ms']:.1f} ms |",
+            f"| TTFT overhead p50 / p99 | {s['ttft_overhead_p50_ms']:.1f} / {s['ttft_overhead_p99_ms']:.1f} ms |",
+            f"| chunk gap added p50 / p99 | {s['chunk_gap_added_p50_ms']:.2f} / {s['chunk_gap_added_p99_ms']:.2f} ms |",
+            "",
+        ]
+    if "model" in results:
+        m = results["model"]
+        lines += [
+            "| Gemma 3 270M on Ollama | tokens/s | TTFT ms |",
+            "|---|---|---|",
+            f"| direct | {m['direct']['tokens_per_s']} | {m['direct']['ttft_ms']} |",
+            f"| through the router | {m['router']['tokens_per_s']} | {m['router']['ttft_ms']} |",
+            f"| ratio / added | {m['tokens_per_s_ratio']} | {m['ttft_added_ms']} |",
+            "",
+        ]
+    if "operator" in results:
+        o = results["operator"]
+        lines += [
+            "| operator scale | value |",
+            "|---|---|",
+            f"| InferenceModels applied at once | {o['models']} |",
+            f"| all Services, PVCs and prefetch Jobs exist | {o.get('children_s', 'not reached')} s |",
+            f"| all Deployments exist (after the prefetch Jobs) | {o.get('deployments_s', 'not reached')} s |",
+            f"| all Ready | {o.get('ready_s', 'not reached')} s ({o['ready_models']} ready) |",
+            f"| operator peak RSS | {o['operator_peak_rss_mb']} MB |",
+            f"| objects written in {o['steady_state_seconds']:.0f} s of steady state | {o['steady_state_writes']} |",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="short runs, to check the harness")
+    parser.add_argument("--only", default="overhead,cache,streams,model,operator")
+    parser.add_argument("--out", type=Path, default=REPO / "bench-results.json")
+    args = parser.parse_args(argv)
+    wanted = set(args.only.split(","))
+    seconds, rounds = (2.0, 1) if args.quick else (8.0, 2)
+    started = time.monotonic()
+    build_go_tools()
+    results: Result = {"machine": machine(), "quick": args.quick}
+    with tempfile.TemporaryDirectory(prefix="modelfleet-bench-") as tmp:
+        work = Path(tmp)
+        if "overhead" in wanted:
+            results["overhead"] = bench_overhead(work, seconds, rounds)
+        if "cache" in wanted:
+            results["cache"] = bench_cache(work, seconds, rounds)
+        if "streams" in wanted:
+            results["streams"] = bench_streams(work, 200 if args.quick else 1000, rounds)
+        if "model" in wanted:
+            results["model"] = bench_model(work, 2 if args.quick else 5, 64 if args.quick else 128)
+        if "operator" in wanted:
+            results["operator"] = bench_operator(work, 20 if args.quick else 200, 10 if args.quick else 60)
+    results["total_seconds"] = round(time.monotonic() - started, 1)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
