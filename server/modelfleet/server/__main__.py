@@ -17,11 +17,12 @@ class ListenSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in a pod).")
     port: int = Field(8000, description="Port to listen on.")
+    access_log: bool = Field(False, description="Log every request (costs CPU per request; metrics count them).")
 
 
 def main() -> None:
     listen = ListenSettings()
-    # httpx logs every upstream request at INFO: noise at our request rates (and URLs do not belong in logs).
+    # httpx (discovery's client) logs every request at INFO: noise, and URLs do not belong in logs.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     uvicorn.run(
         create_app(RouterSettings()),
@@ -31,6 +32,7 @@ def main() -> None:
         http="httptools",
         timeout_graceful_shutdown=30,
         log_level="info",
+        access_log=listen.access_log,
     )
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
+import aiohttp
 from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -37,14 +37,18 @@ def create_app(settings: RouterSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        timeout = httpx.Timeout(settings.upstream_timeout_seconds, connect=settings.upstream_connect_timeout_seconds)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        # aiohttp rather than httpx: httpx's pool scans every connection on each request, which
+        # made it the router's bottleneck under concurrency (profiled with py-spy; see docs/benchmarks.md).
+        # No total deadline (a stream may run for minutes); a backend silent for the timeout fails.
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=settings.upstream_timeout_seconds,
+                                        sock_connect=settings.upstream_connect_timeout_seconds)  # fmt: skip
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=30, keepalive_timeout=30)
         tasks: list[asyncio.Task[Any]] = []
 
         def background(work: Coroutine[Any, Any, Any]) -> None:
             tasks.append(asyncio.create_task(work))
 
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False) as http:
             registry = ModelRegistry(metrics)
             registry.replace_source("static", [model.spec() for model in settings.all_models()])
             redis: Redis | None = None

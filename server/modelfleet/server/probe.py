@@ -9,23 +9,24 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
+import aiohttp
 
-from modelfleet.server.backends.base import request_headers
+from modelfleet.server.backends.base import UPSTREAM_FAILURES, request_headers
 from modelfleet.server.registry import ModelSpec
 from modelfleet.server.services import Services
 
 PROBE_PATHS = {"ollama": "/api/version", "openai": "/v1/models"}
 
 
-async def probe_endpoint(client: httpx.AsyncClient, spec: ModelSpec, endpoint: str) -> str | None:
+async def probe_endpoint(session: aiohttp.ClientSession, spec: ModelSpec, endpoint: str) -> str | None:
     """None when the endpoint answered, else a short reason."""
     try:
-        response = await client.get(f"{endpoint}{PROBE_PATHS[spec.api]}", timeout=2.0,
-                                    headers=request_headers(spec, "application/json"))  # fmt: skip
-    except httpx.HTTPError as exc:
+        async with session.get(f"{endpoint}{PROBE_PATHS[spec.api]}", timeout=aiohttp.ClientTimeout(total=2.0),
+                               headers=request_headers(spec, "application/json")) as response:  # fmt: skip
+            status = response.status
+    except UPSTREAM_FAILURES as exc:
         return type(exc).__name__
-    return None if response.status_code < 500 else f"HTTP {response.status_code}"
+    return None if status < 500 else f"HTTP {status}"
 
 
 async def probe_once(services: Services) -> None:

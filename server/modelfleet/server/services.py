@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 from redis.asyncio import Redis
 from starlette.requests import Request
 
@@ -21,7 +21,7 @@ from modelfleet.server.settings import RouterSettings
 @dataclass
 class Services:
     settings: RouterSettings
-    http: httpx.AsyncClient
+    http: aiohttp.ClientSession
     registry: ModelRegistry
     backends: dict[str, Backend]  # by ModelSpec.api
     metrics: RouterMetrics

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Literal, Protocol
 
-import httpx
+import aiohttp
 import orjson
 
 from modelfleet.server.errors import RouterError
@@ -38,21 +38,25 @@ class Backend(Protocol):
         ...
 
 
-def upstream_error(model: ModelSpec, response: httpx.Response, body: bytes) -> RouterError:
+def upstream_error(model: ModelSpec, status: int, reason: str, body: bytes) -> RouterError:
     """A backend's refusal in our error shape: its 4xx keep their status, its 5xx become 502."""
     try:
         error = orjson.loads(body)["error"]
         message = error["message"] if isinstance(error, dict) else str(error)
     except (orjson.JSONDecodeError, KeyError, TypeError):
-        message = body.decode(errors="replace")[:500] or response.reason_phrase
-    if response.status_code >= 500:
+        message = body.decode(errors="replace")[:500] or reason
+    if status >= 500:
         return RouterError(502, f"The backend for `{model.name}` failed: {message}", type="upstream_error",
                            code="upstream_error")  # fmt: skip
-    return RouterError(response.status_code, message, code="upstream_rejected")
+    return RouterError(status, message, code="upstream_rejected")
 
 
-def unreachable(model: ModelSpec, exc: httpx.HTTPError) -> RouterError:
-    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+# What aiohttp raises when a backend is unreachable, slow or drops the connection.
+UPSTREAM_FAILURES = (aiohttp.ClientError, TimeoutError)
+
+
+def unreachable(model: ModelSpec, exc: BaseException) -> RouterError:
+    if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError):
         return RouterError(504, f"The backend for `{model.name}` did not answer in time.", type="upstream_error",
                            code="upstream_timeout")  # fmt: skip
     return RouterError(502, f"The backend for `{model.name}` is unreachable.", type="upstream_error",
@@ -67,28 +71,31 @@ def request_headers(model: ModelSpec, accept: str) -> dict[str, str]:
 
 
 async def send_streaming(
-    client: httpx.AsyncClient, model: ModelSpec, url: str, body: dict[str, Any], accept: str
-) -> httpx.Response:
-    request = client.build_request("POST", url, content=orjson.dumps(body), headers=request_headers(model, accept))
+    session: aiohttp.ClientSession, model: ModelSpec, url: str, body: dict[str, Any], accept: str
+) -> aiohttp.ClientResponse:
+    """The backend's response once its headers arrived; the caller reads the body and closes it."""
     try:
-        response = await client.send(request, stream=True)
-    except httpx.HTTPError as exc:
+        response = await session.post(url, data=orjson.dumps(body), headers=request_headers(model, accept))
+    except UPSTREAM_FAILURES as exc:
         raise unreachable(model, exc) from exc
-    if response.status_code >= 400:
-        content = await response.aread()
-        await response.aclose()
-        raise upstream_error(model, response, content)
+    if response.status >= 400:
+        try:
+            content = await response.read()
+        except UPSTREAM_FAILURES:
+            content = b""
+        response.close()
+        raise upstream_error(model, response.status, response.reason or "", content)
     return response
 
 
-async def post_json(client: httpx.AsyncClient, model: ModelSpec, url: str, body: dict[str, Any]) -> dict[str, Any]:
+async def post_json(session: aiohttp.ClientSession, model: ModelSpec, url: str, body: dict[str, Any]) -> dict[str, Any]:
     try:
-        response = await client.post(
-            url, content=orjson.dumps(body), headers=request_headers(model, "application/json")
-        )
-    except httpx.HTTPError as exc:
+        async with session.post(url, data=orjson.dumps(body), headers=request_headers(model, "application/json")) as r:
+            content = await r.read()
+            status, reason = r.status, r.reason or ""
+    except UPSTREAM_FAILURES as exc:
         raise unreachable(model, exc) from exc
-    if response.status_code >= 400:
-        raise upstream_error(model, response, response.content)
-    result: dict[str, Any] = orjson.loads(response.content)
+    if status >= 400:
+        raise upstream_error(model, status, reason, content)
+    result: dict[str, Any] = orjson.loads(content)
     return result

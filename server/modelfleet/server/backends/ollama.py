@@ -11,10 +11,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
-from modelfleet.server.backends.base import Chunk, Kind, StreamBroken, post_json, send_streaming
+from modelfleet.server.backends.base import UPSTREAM_FAILURES, Chunk, Kind, StreamBroken, post_json, send_streaming
 from modelfleet.server.registry import ModelSpec
 
 # OpenAI request field -> Ollama option.
@@ -64,12 +64,12 @@ def finish_reason(answer: dict[str, Any]) -> str:
 
 
 class OllamaBackend:
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self.client = client
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
 
     async def complete(self, endpoint: str, model: ModelSpec, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
         path, request = native_request(kind, body, stream=False)
-        answer = await post_json(self.client, model, f"{endpoint}{path}", request)
+        answer = await post_json(self.session, model, f"{endpoint}{path}", request)
         base = {"created": int(time.time()), "model": body["model"], "usage": usage_of(answer)}
         if kind == "chat":
             message = {"role": "assistant", "content": (answer.get("message") or {}).get("content", "")}
@@ -82,11 +82,11 @@ class OllamaBackend:
         self, endpoint: str, model: ModelSpec, kind: Kind, body: dict[str, Any]
     ) -> AsyncIterator[Chunk]:
         path, request = native_request(kind, body, stream=True)
-        response = await send_streaming(self.client, model, f"{endpoint}{path}", request, "application/x-ndjson")
+        response = await send_streaming(self.session, model, f"{endpoint}{path}", request, "application/x-ndjson")
         return self._chunks(response, kind, body["model"])
 
     @staticmethod
-    async def _chunks(response: httpx.Response, kind: Kind, model_name: str) -> AsyncIterator[Chunk]:
+    async def _chunks(response: aiohttp.ClientResponse, kind: Kind, model_name: str) -> AsyncIterator[Chunk]:
         chat = kind == "chat"
         base = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
@@ -96,7 +96,7 @@ class OllamaBackend:
         }
         first = True
         try:
-            async for line in response.aiter_lines():
+            async for line in response.content:
                 if not line.strip():
                     continue
                 part = orjson.loads(line)
@@ -117,10 +117,10 @@ class OllamaBackend:
                     yield {**base, "choices": [], "usage": usage_of(part)}
                     return
             raise StreamBroken("the backend closed the stream before done")
-        except httpx.HTTPError as exc:
+        except UPSTREAM_FAILURES as exc:
             raise StreamBroken(type(exc).__name__) from exc
         except orjson.JSONDecodeError as exc:
             raise StreamBroken("the backend sent a line that is not JSON") from exc
         finally:
             # Closing the connection is what tells Ollama to stop generating.
-            await response.aclose()
+            response.close()

@@ -5,39 +5,39 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
-from modelfleet.server.backends.base import Chunk, Kind, StreamBroken, post_json, send_streaming
+from modelfleet.server.backends.base import UPSTREAM_FAILURES, Chunk, Kind, StreamBroken, post_json, send_streaming
 from modelfleet.server.registry import ModelSpec
 
 PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 
 
 class OpenAICompatBackend:
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self.client = client
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
 
     async def complete(self, endpoint: str, model: ModelSpec, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
-        return await post_json(self.client, model, f"{endpoint}{PATHS[kind]}", {**body, "stream": False})
+        return await post_json(self.session, model, f"{endpoint}{PATHS[kind]}", {**body, "stream": False})
 
     async def open_stream(
         self, endpoint: str, model: ModelSpec, kind: Kind, body: dict[str, Any]
     ) -> AsyncIterator[Chunk]:
         # Usage is always asked for: the router needs it for metrics, token limits and the cache.
         upstream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        response = await send_streaming(self.client, model, f"{endpoint}{PATHS[kind]}", upstream_body,
+        response = await send_streaming(self.session, model, f"{endpoint}{PATHS[kind]}", upstream_body,
                                          "text/event-stream")  # fmt: skip
         return self._chunks(response)
 
     @staticmethod
-    async def _chunks(response: httpx.Response) -> AsyncIterator[Chunk]:
+    async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
         try:
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
+            async for line in response.content:
+                if not line.startswith(b"data:"):
                     continue
                 payload = line[5:].strip()
-                if payload == "[DONE]":
+                if payload == b"[DONE]":
                     return
                 chunk = orjson.loads(payload)
                 if "error" in chunk:
@@ -45,10 +45,10 @@ class OpenAICompatBackend:
                     raise StreamBroken(error.get("message", "error event") if isinstance(error, dict) else str(error))
                 yield chunk
             raise StreamBroken("the backend closed the stream before [DONE]")
-        except httpx.HTTPError as exc:
+        except UPSTREAM_FAILURES as exc:
             raise StreamBroken(type(exc).__name__) from exc
         except orjson.JSONDecodeError as exc:
             raise StreamBroken("the backend sent an event that is not JSON") from exc
         finally:
             # Closing the connection is what tells the backend to stop generating.
-            await response.aclose()
+            response.close()
