@@ -438,7 +438,11 @@ def bench_operator(work: Path, models: int, steady_seconds: float) -> Result:
             "spec": {
                 "runtime": "ollama",
                 "model": f"bench-{i}",
-                "resources": {"cpu": "100m", "memory": "256Mi"},
+                # CPU models that may also use the GPU nodes: 200 pods exceed one node's 110-pod limit.
+                "resources": {"gpu": 0, "cpu": "10m", "memory": "64Mi"},
+                "scheduling": {
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+                },
                 "cache": {"size": "1Gi"},
             },
         }
@@ -457,7 +461,7 @@ def bench_operator(work: Path, models: int, steady_seconds: float) -> Result:
             kubectl("apply", "--server-side", "-f", "-", input_text="\n---\n".join(json.dumps(d) for d in documents))
             result["apply_s"] = round(time.monotonic() - applied, 2)
             milestones = {"children_s": False, "deployments_s": False, "ready_s": False}
-            deadline = applied + 600
+            deadline = applied + 300
             while not all(milestones.values()) and time.monotonic() < deadline:
                 services = count_ready(namespace, "services")[0]
                 claims = count_ready(namespace, "persistentvolumeclaims")[0]
@@ -613,16 +617,18 @@ def main(argv: list[str]) -> int:
     results: Result = {"machine": machine(), "quick": args.quick}
     with tempfile.TemporaryDirectory(prefix="modelfleet-bench-") as tmp:
         work = Path(tmp)
-        if "overhead" in wanted:
-            results["overhead"] = bench_overhead(work, seconds, rounds)
-        if "cache" in wanted:
-            results["cache"] = bench_cache(work, seconds, rounds)
-        if "streams" in wanted:
-            results["streams"] = bench_streams(work, 200 if args.quick else 1000, rounds)
-        if "model" in wanted:
-            results["model"] = bench_model(work, 2 if args.quick else 5, 64 if args.quick else 128)
-        if "operator" in wanted:
-            results["operator"] = bench_operator(work, 20 if args.quick else 200, 10 if args.quick else 60)
+        sections: dict[str, Callable[[], Result]] = {
+            "overhead": lambda: bench_overhead(work, seconds, rounds),
+            "cache": lambda: bench_cache(work, seconds, rounds),
+            "streams": lambda: bench_streams(work, 200 if args.quick else 1000, rounds),
+            "model": lambda: bench_model(work, 2 if args.quick else 5, 64 if args.quick else 128),
+            "operator": lambda: bench_operator(work, 20 if args.quick else 200, 10 if args.quick else 60),
+        }
+        for name, section in sections.items():
+            if name in wanted:
+                results[name] = section()
+                # Written after every section, so an interrupted run keeps what it measured.
+                args.out.write_text(json.dumps(results, indent=2) + "\n")
     results["total_seconds"] = round(time.monotonic() - started, 1)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
