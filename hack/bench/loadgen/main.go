@@ -2,6 +2,7 @@
 // and what it cost itself (CPU), so that it is never the hidden bottleneck.
 //
 //	loadgen -url URL -body JSON -concurrency 32 -duration 10s           # request/response
+//	loadgen -url URL -body JSON -rate 500 -duration 10s                 # open loop: a fixed request rate
 //	loadgen -url URL -body JSON -mode stream -streams 1000              # each worker: one SSE stream
 //
 // Latencies are per request (request mode) or time to first content chunk and gaps between
@@ -102,6 +103,7 @@ func main() {
 	concurrency := flag.Int("concurrency", 1, "parallel workers (request mode)")
 	duration := flag.Duration("duration", 10*time.Second, "how long to send (request mode)")
 	streams := flag.Int("streams", 1, "concurrent streams, one per worker (stream mode)")
+	rate := flag.Float64("rate", 0, "requests per second, sent on schedule whatever the answers (open loop); 0: closed loop")
 	timeout := flag.Duration("timeout", 120*time.Second, "deadline of one request or stream")
 	var headers headerList
 	flag.Var(&headers, "header", "extra header, 'Name: value' (repeatable)")
@@ -150,6 +152,19 @@ func main() {
 			}()
 		}
 		close(gate)
+	} else if *rate > 0 {
+		// Open loop: requests leave on a fixed schedule, so a slow server shows as latency, not as a
+		// lower offered load (the closed loop's coordinated omission).
+		interval := time.Duration(float64(time.Second) / *rate)
+		deadline := started.Add(*duration)
+		for next := started; next.Before(deadline); next = next.Add(interval) {
+			time.Sleep(time.Until(next))
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				one(send, results)
+			}()
+		}
 	} else {
 		deadline := started.Add(*duration)
 		for i := 0; i < workers; i++ {
