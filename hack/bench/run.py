@@ -451,13 +451,14 @@ def api_client() -> Any:
 
 def count_ready(namespace: str, kind: str, client: Any = None) -> tuple[int, list[dict[str, Any]]]:
     client = client or api_client()
-    response = client.call_api(
-        LIST_PATHS[kind].format(ns=namespace),
-        "GET",
-        auth_settings=["BearerToken"],
-        _preload_content=False,
+    request = client.param_serialize(
+        method="GET",
+        resource_path=LIST_PATHS[kind].format(ns=namespace),
         header_params={"Accept": "application/json"},
+        auth_settings=["BearerToken"],
     )
+    response = client.call_api(*request)
+    response.read()
     items: list[dict[str, Any]] = json.loads(response.data)["items"]
     return len(items), items
 
