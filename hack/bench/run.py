@@ -193,60 +193,45 @@ def median_of(runs: list[Result], *path: str) -> float:
 # 1. Router overhead ------------------------------------------------------------------------
 
 
+def compare(direct: list[Result], routed: list[Result], router_cpu_cores: float | None) -> Result:
+    """Medians of alternating direct and routed runs, and what the router adds."""
+    entry: Result = {
+        "direct_rps": median_of(direct, "rps"),
+        "router_rps": median_of(routed, "rps"),
+        "direct_p50_ms": median_of(direct, "latency_ms", "p50"),
+        "direct_p99_ms": median_of(direct, "latency_ms", "p99"),
+        "router_p50_ms": median_of(routed, "latency_ms", "p50"),
+        "router_p99_ms": median_of(routed, "latency_ms", "p99"),
+        "router_errors": sum(run["errors"] for run in routed),
+        "router_cpu_cores": router_cpu_cores,
+        "loadgen_cpu_percent": median_of(routed, "loadgen_cpu_percent_of_one_core"),
+    }
+    entry["added_p50_ms"] = round(entry["router_p50_ms"] - entry["direct_p50_ms"], 3)
+    entry["added_p99_ms"] = round(entry["router_p99_ms"] - entry["direct_p99_ms"], 3)
+    entry["throughput_ratio"] = round(entry["router_rps"] / entry["direct_rps"], 4)
+    return entry
+
+
 def bench_overhead(work: Path, seconds: float, rounds: int) -> Result:
-    """Direct to the upstream vs through the router (cache off), alternating, at 1, 32 and 256 clients."""
+    """Direct to the upstream vs through the router (cache off), alternating: closed loop at 1, 32 and
+    256 clients, then open loop at fixed rates below saturation (as TensorZero measured LiteLLM at
+    100 QPS), which shows the added latency of a router that is not queueing."""
     results: Result = {}
+    loads = [(f"c{n}", ("-concurrency", str(n))) for n in (1, 32, 256)]
+    loads += [(f"rate{r}", ("-rate", str(r))) for r in (100, 500)]
     with upstream(work) as direct_base, router(work, direct_base, cache_size="0") as (router_base, process):
-        for concurrency in (1, 32, 256):
+        for name, load in loads:
             direct, routed = [], []
-            cpu_before = process.cpu_seconds()
-            routed_seconds = 0.0
+            cpu_before, routed_seconds = process.cpu_seconds(), 0.0
             for _ in range(rounds):
-                args = ("-concurrency", str(concurrency), "-duration", f"{seconds}s")
+                args = (*load, "-duration", f"{seconds}s")
                 direct.append(loadgen(f"{direct_base}/v1/chat/completions", *args))
                 routed.append(loadgen(f"{router_base}/v1/chat/completions", *args))
                 routed_seconds += routed[-1]["duration_s"]
-            router_cpu = (process.cpu_seconds() - cpu_before) / routed_seconds  # upper bound: includes direct time
-            entry = {
-                "direct_rps": median_of(direct, "rps"),
-                "router_rps": median_of(routed, "rps"),
-                "direct_p50_ms": median_of(direct, "latency_ms", "p50"),
-                "direct_p99_ms": median_of(direct, "latency_ms", "p99"),
-                "router_p50_ms": median_of(routed, "latency_ms", "p50"),
-                "router_p99_ms": median_of(routed, "latency_ms", "p99"),
-                "router_errors": sum(run["errors"] for run in routed),
-                "router_cpu_cores": round(router_cpu, 3),
-                "loadgen_cpu_percent": median_of(routed, "loadgen_cpu_percent_of_one_core"),
-            }
-            entry["added_p50_ms"] = round(entry["router_p50_ms"] - entry["direct_p50_ms"], 3)
-            entry["added_p99_ms"] = round(entry["router_p99_ms"] - entry["direct_p99_ms"], 3)
-            entry["throughput_ratio"] = round(entry["router_rps"] / entry["direct_rps"], 4)
-            results[f"c{concurrency}"] = entry
-            log(f"overhead c={concurrency}: {entry}")
-        # Open loop at fixed rates below saturation (as TensorZero measured LiteLLM at 100 QPS): the
-        # added latency of a router that is not queueing.
-        for rate in (100, 500):
-            direct, routed = [], []
-            for _ in range(rounds):
-                args = ("-rate", str(rate), "-duration", f"{seconds}s")
-                direct.append(loadgen(f"{direct_base}/v1/chat/completions", *args))
-                routed.append(loadgen(f"{router_base}/v1/chat/completions", *args))
-            entry = {
-                "direct_rps": median_of(direct, "rps"),
-                "router_rps": median_of(routed, "rps"),
-                "direct_p50_ms": median_of(direct, "latency_ms", "p50"),
-                "direct_p99_ms": median_of(direct, "latency_ms", "p99"),
-                "router_p50_ms": median_of(routed, "latency_ms", "p50"),
-                "router_p99_ms": median_of(routed, "latency_ms", "p99"),
-                "router_errors": sum(run["errors"] for run in routed),
-                "router_cpu_cores": None,  # not measured for open-loop runs
-                "loadgen_cpu_percent": median_of(routed, "loadgen_cpu_percent_of_one_core"),
-            }
-            entry["added_p50_ms"] = round(entry["router_p50_ms"] - entry["direct_p50_ms"], 3)
-            entry["added_p99_ms"] = round(entry["router_p99_ms"] - entry["direct_p99_ms"], 3)
-            entry["throughput_ratio"] = round(entry["router_rps"] / entry["direct_rps"], 4)
-            results[f"rate{rate}"] = entry
-            log(f"overhead rate={rate}/s: {entry}")
+            # Busy cores only mean something when the router is driven flat out (closed loop).
+            cpu = round((process.cpu_seconds() - cpu_before) / routed_seconds, 3) if name.startswith("c") else None
+            results[name] = compare(direct, routed, cpu)
+            log(f"overhead {name}: {results[name]}")
     return results
 
 
