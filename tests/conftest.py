@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from hack import ollama_model
-from tests.support.procs import LOOPBACK, RunningProcess, free_port, running_process
+from tests.support.procs import LOOPBACK, RunningProcess, free_port, running_process, wait_until
 
 
 def require_binary(name: str, install_hint: str) -> str:
@@ -156,6 +157,28 @@ class OllamaServer:
                 if match:
                     durations.append(float(match.group(1)) * {"s": 1.0, "ms": 1e-3, "µs": 1e-6}[match.group(2)])
         return durations
+
+
+def expect_chat_calls(ollama: OllamaServer, expected: int) -> None:
+    """Ollama has finished exactly `expected` chat requests in all.
+
+    It logs a request when its handler returns, which can be just after the client got its answer,
+    so wait for the count to reach `expected`, then give a late line the chance to show an extra call.
+    """
+    wait_until(lambda: len(ollama.finished_chat_durations()) >= expected, timeout=10)
+    time.sleep(0.3)
+    assert len(ollama.finished_chat_durations()) == expected
+
+
+def settled_chat_calls(ollama: OllamaServer) -> int:
+    """The count of finished chat requests once no late log line has arrived for 0.3 s (a baseline)."""
+    count = len(ollama.finished_chat_durations())
+    while True:
+        time.sleep(0.3)
+        latest = len(ollama.finished_chat_durations())
+        if latest == count:
+            return count
+        count = latest
 
 
 def start_ollama(work_dir: Path) -> Iterator[OllamaServer]:

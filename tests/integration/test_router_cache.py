@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import OllamaServer, RouterServer, start_router
+from tests.conftest import OllamaServer, RouterServer, expect_chat_calls, settled_chat_calls, start_router
 
 pytestmark = pytest.mark.integration
 
@@ -24,22 +24,20 @@ def chat(prompt: str, **extra: object) -> dict[str, object]:
     return {"model": "gemma3:270m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 16, **extra}
 
 
-def backend_calls(ollama: OllamaServer) -> int:
-    return len(ollama.finished_chat_durations())
-
-
 def test_a_repeated_request_is_served_from_the_cache_without_a_backend_call(
     router: RouterServer, ollama_server: OllamaServer
 ) -> None:
     url = f"{router.openai_base_url}/chat/completions"
     body = chat("Name a colour.", temperature=0)
+    before = settled_chat_calls(ollama_server)
     first = httpx.post(url, json=body, timeout=60)
-    calls = backend_calls(ollama_server)
+    expect_chat_calls(ollama_server, before + 1)
+    calls = before + 1
     second = httpx.post(url, json=body, timeout=60)
     assert first.headers["x-modelfleet-cache"] == "miss"
     assert second.headers["x-modelfleet-cache"] == "hit"
     assert second.json()["choices"] == first.json()["choices"]
-    assert backend_calls(ollama_server) == calls, "a hit must not reach the backend"
+    expect_chat_calls(ollama_server, calls)  # a hit must not reach the backend
 
     # The same request streamed is replayed from the cache as SSE.
     with httpx.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}},
@@ -51,7 +49,7 @@ def test_a_repeated_request_is_served_from_the_cache_without_a_backend_call(
     text = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if p["choices"])
     assert text == first.json()["choices"][0]["message"]["content"]
     assert payloads[-1]["usage"] == first.json()["usage"]
-    assert backend_calls(ollama_server) == calls
+    expect_chat_calls(ollama_server, calls)
 
     health = httpx.get(f"{router.base_url}/health", timeout=5).json()["cache"]
     assert health["hits"] >= 2
@@ -63,13 +61,15 @@ def test_a_repeated_request_is_served_from_the_cache_without_a_backend_call(
 def test_a_streamed_answer_is_cached_once_complete(router: RouterServer, ollama_server: OllamaServer) -> None:
     url = f"{router.openai_base_url}/chat/completions"
     body = chat("Count to five.", temperature=0)
+    before = settled_chat_calls(ollama_server)
     with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as streamed:
         streamed_events = [line for line in streamed.iter_lines() if line]
     assert not any('"usage"' in e and '"choices":[]' in e for e in streamed_events), "usage only when asked for"
-    calls = backend_calls(ollama_server)
+    expect_chat_calls(ollama_server, before + 1)
+    calls = before + 1
     cached = httpx.post(url, json=body, timeout=60)
     assert cached.headers["x-modelfleet-cache"] == "hit"
-    assert backend_calls(ollama_server) == calls
+    expect_chat_calls(ollama_server, calls)
 
 
 def test_twenty_identical_concurrent_requests_cause_one_generation(
@@ -77,7 +77,7 @@ def test_twenty_identical_concurrent_requests_cause_one_generation(
 ) -> None:
     url = f"{router.openai_base_url}/chat/completions"
     body = chat("Describe the sea in one line.", temperature=0, max_tokens=48)
-    calls = backend_calls(ollama_server)
+    calls = settled_chat_calls(ollama_server)
     answers: list[httpx.Response] = []
     lock = threading.Lock()
 
@@ -94,7 +94,7 @@ def test_twenty_identical_concurrent_requests_cause_one_generation(
     assert len(answers) == 20
     assert all(answer.status_code == 200 for answer in answers)
     assert len({answer.text for answer in answers}) == 1
-    assert backend_calls(ollama_server) == calls + 1
+    expect_chat_calls(ollama_server, calls + 1)
     kinds = sorted(answer.headers["x-modelfleet-cache"] for answer in answers)
     assert kinds.count("miss") == 1
 
@@ -103,7 +103,7 @@ def test_sampled_requests_and_no_cache_requests_bypass_the_cache(
     router: RouterServer, ollama_server: OllamaServer
 ) -> None:
     url = f"{router.openai_base_url}/chat/completions"
-    calls = backend_calls(ollama_server)
+    calls = settled_chat_calls(ollama_server)
     sampled = chat("Pick a number.", temperature=0.9)
     for _ in range(2):
         assert httpx.post(url, json=sampled, timeout=60).headers["x-modelfleet-cache"] == "bypass"
@@ -111,4 +111,4 @@ def test_sampled_requests_and_no_cache_requests_bypass_the_cache(
     for _ in range(2):
         response = httpx.post(url, json=pinned, headers={"cache-control": "no-cache"}, timeout=60)
         assert response.headers["x-modelfleet-cache"] == "bypass"
-    assert backend_calls(ollama_server) == calls + 4
+    expect_chat_calls(ollama_server, calls + 4)

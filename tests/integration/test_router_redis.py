@@ -9,7 +9,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import OllamaServer, RouterServer, redis_process, running_router
+from tests.conftest import (
+    OllamaServer,
+    RouterServer,
+    expect_chat_calls,
+    redis_process,
+    running_router,
+    settled_chat_calls,
+)
 from tests.support.procs import LOOPBACK, free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -20,10 +27,6 @@ PINNED = {"messages": [{"role": "user", "content": "Name a colour."}], "max_toke
 def ask(router: RouterServer, content: str = "Name a colour.") -> httpx.Response:
     body = {"model": "gemma3:270m", **PINNED, "messages": [{"role": "user", "content": content}]}
     return httpx.post(f"{router.openai_base_url}/chat/completions", json=body, timeout=60)
-
-
-def backend_calls(ollama: OllamaServer) -> int:
-    return len(ollama.finished_chat_durations())
 
 
 def redis_health(router: RouterServer) -> bool:
@@ -58,13 +61,13 @@ def test_replicas_share_the_cache_and_the_limits(ollama_server: OllamaServer, tm
             b,
         ),
     ):
-        calls = backend_calls(ollama_server)
+        calls = settled_chat_calls(ollama_server)
         first = ask(a)
         assert first.headers["x-modelfleet-cache"] == "miss"
         second = ask(b)
         assert second.headers["x-modelfleet-cache"] == "hit", "router b reads what router a stored"
         assert second.json()["choices"] == first.json()["choices"]
-        assert backend_calls(ollama_server) == calls + 1
+        expect_chat_calls(ollama_server, calls + 1)
         # Three requests per minute for this client, whichever replica it reaches.
         assert ask(a, "Another.").status_code == 200
         refused = ask(b, "And another.")
@@ -91,11 +94,11 @@ def test_redis_killed_and_restarted(ollama_server: OllamaServer, tmp_path: Path)
             assert ask(router).headers["x-modelfleet-cache"] == "hit"
             assert metric(router, "modelfleet_redis_up") == 1
         # Redis is gone now (the block stopped it).
-        calls = backend_calls(ollama_server)
+        calls = settled_chat_calls(ollama_server)
         during = [ask(router) for _ in range(4)]
         assert [r.status_code for r in during] == [200] * 4
         assert {r.headers["x-modelfleet-cache"] for r in during} == {"bypass"}
-        assert backend_calls(ollama_server) == calls + 4, "bypassed: every request reached the backend"
+        expect_chat_calls(ollama_server, calls + 4)  # bypassed: every request reached the backend
         wait_until(lambda: not redis_health(router), timeout=5)
         assert metric(router, "modelfleet_redis_up") == 0
         assert metric(router, "modelfleet_cache_errors_total") >= 1
