@@ -21,21 +21,33 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self.refuse(send)
             return
+        # A chunked body has no length to check up front: read it here, within the limit, and hand
+        # the app one message. Raising from inside the app's receive() would surface as the
+        # framework's own 400 "error parsing the body" instead of our 413.
+        parts: list[bytes] = []
         received = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge
-            return message
+            if message["type"] != "http.request":
+                break  # the client left before sending its body; the app will see the disconnect
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.max_bytes:
+                await self.refuse(send)
+                return
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except BodyTooLarge:
-            await self.refuse(send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+            return await receive()  # later calls wait for the client to disconnect, as before
+
+        await self.app(scope, replay, send)
 
     async def refuse(self, send: Send) -> None:
         body = orjson.dumps(
@@ -44,7 +56,3 @@ class BodySizeLimit:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-
-
-class BodyTooLarge(Exception):
-    """Raised inside receive() when a chunked body passes the limit."""
