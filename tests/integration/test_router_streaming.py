@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import threading
 import time
@@ -160,7 +161,8 @@ def test_backend_killed_mid_stream_becomes_an_error_event(tmp_path: Path) -> Non
                     lines.append((time.monotonic(), line))
                     if sum(text.startswith("data: {") for _, text in lines) == 3 and not killed_at:
                         killed_at = time.monotonic()
-                        doomed.process.process.send_signal(signal.SIGKILL)
+                        # The whole group, as when a pod dies: `ollama serve` and its model runner.
+                        os.killpg(doomed.process.process.pid, signal.SIGKILL)
             events = [(at, line) for at, line in lines if line.startswith("data: ")]
             error_at, error_line = events[-2]
             assert json.loads(error_line.removeprefix("data: "))["error"]["code"] == "upstream_error"

@@ -48,6 +48,10 @@ class RunningProcess:
     def stop(self, grace_seconds: float = 10.0) -> None:
         """SIGTERM the whole process group, then SIGKILL whatever outlives the grace period."""
         if self.process.poll() is not None:
+            # The leader is gone (a test may have killed it), but its children (Ollama's model
+            # runner) share its group and would outlive the test.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGTERM)
