@@ -7,7 +7,7 @@ every engine.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Literal, Protocol
 
 import aiohttp
@@ -99,3 +99,25 @@ async def post_json(session: aiohttp.ClientSession, model: ModelSpec, url: str, 
         raise upstream_error(model, status, reason, content)
     result: dict[str, Any] = orjson.loads(content)
     return result
+
+
+async def upstream_lines(response: aiohttp.ClientResponse) -> AsyncGenerator[bytes]:
+    """The body's lines as they arrive; a broken connection becomes StreamBroken.
+
+    Closing this iterator closes the connection, which is what tells the backend to stop generating.
+    """
+    try:
+        async for line in response.content:
+            yield line
+    except UPSTREAM_FAILURES as exc:
+        raise StreamBroken(type(exc).__name__) from exc
+    finally:
+        response.close()
+
+
+def decode(payload: bytes) -> dict[str, Any]:
+    try:
+        parsed: dict[str, Any] = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise StreamBroken("the backend sent data that is not JSON") from exc
+    return parsed

@@ -6,15 +6,23 @@ answer (usage), and accepts options such as num_predict and seed directly.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import orjson
 
-from modelfleet.server.backends.base import UPSTREAM_FAILURES, Chunk, Kind, StreamBroken, post_json, send_streaming
+from modelfleet.server.backends.base import (
+    Chunk,
+    Kind,
+    StreamBroken,
+    decode,
+    post_json,
+    send_streaming,
+    upstream_lines,
+)
 from modelfleet.server.registry import ModelSpec
 
 # OpenAI request field -> Ollama option.
@@ -95,11 +103,11 @@ class OllamaBackend:
             "model": model_name,
         }
         first = True
-        try:
-            async for line in response.content:
+        async with contextlib.aclosing(upstream_lines(response)) as lines:
+            async for line in lines:
                 if not line.strip():
                     continue
-                part = orjson.loads(line)
+                part = decode(line)
                 if "error" in part:
                     raise StreamBroken(str(part["error"]))
                 done = bool(part.get("done"))
@@ -117,10 +125,3 @@ class OllamaBackend:
                     yield {**base, "choices": [], "usage": usage_of(part)}
                     return
             raise StreamBroken("the backend closed the stream before done")
-        except UPSTREAM_FAILURES as exc:
-            raise StreamBroken(type(exc).__name__) from exc
-        except orjson.JSONDecodeError as exc:
-            raise StreamBroken("the backend sent a line that is not JSON") from exc
-        finally:
-            # Closing the connection is what tells Ollama to stop generating.
-            response.close()

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import orjson
 
-from modelfleet.server.backends.base import UPSTREAM_FAILURES, Chunk, Kind, StreamBroken, post_json, send_streaming
+from modelfleet.server.backends.base import (
+    Chunk,
+    Kind,
+    StreamBroken,
+    decode,
+    post_json,
+    send_streaming,
+    upstream_lines,
+)
 from modelfleet.server.registry import ModelSpec
 
 PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
@@ -32,23 +40,16 @@ class OpenAICompatBackend:
 
     @staticmethod
     async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
-        try:
-            async for line in response.content:
+        async with contextlib.aclosing(upstream_lines(response)) as lines:
+            async for line in lines:
                 if not line.startswith(b"data:"):
                     continue
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
                     return
-                chunk = orjson.loads(payload)
+                chunk = decode(payload)
                 if "error" in chunk:
                     error = chunk["error"]
                     raise StreamBroken(error.get("message", "error event") if isinstance(error, dict) else str(error))
                 yield chunk
             raise StreamBroken("the backend closed the stream before [DONE]")
-        except UPSTREAM_FAILURES as exc:
-            raise StreamBroken(type(exc).__name__) from exc
-        except orjson.JSONDecodeError as exc:
-            raise StreamBroken("the backend sent an event that is not JSON") from exc
-        finally:
-            # Closing the connection is what tells the backend to stop generating.
-            response.close()
