@@ -16,6 +16,7 @@ from modelfleet.server.api.responses import as_chat_request as responses_as_chat
 from modelfleet.server.auth import KeyRing
 from modelfleet.server.backends.ollama import native_request, usage_of
 from modelfleet.server.errors import RouterError
+from modelfleet.server.lifecycle import Drain
 from modelfleet.server.metrics import RouterMetrics
 from modelfleet.server.pipeline import first_set, upstream_body
 from modelfleet.server.registry import ModelRegistry, ModelSpec
@@ -194,3 +195,16 @@ def test_responses_and_generate_requests_become_chat_requests() -> None:
     with pytest.raises(RouterError) as ambiguous:
         generate_as_chat(generate, two_models)
     assert ambiguous.value.code == "model_required"
+
+
+def test_drain_is_over_only_after_its_seconds_since_the_first_signal() -> None:
+    drain = Drain(seconds=60)
+    assert not drain.draining
+    assert not drain.over()
+    drain.begin()
+    first = drain.started_at
+    drain.begin()  # a second signal does not restart the clock
+    assert drain.started_at == first
+    assert drain.draining
+    assert not drain.over()
+    assert Drain(seconds=0, started_at=0.0).over()

@@ -9,6 +9,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from modelfleet.server.app import create_app
+from modelfleet.server.lifecycle import Drain, DrainingServer
 from modelfleet.server.settings import RouterSettings
 
 
@@ -18,22 +19,36 @@ class ListenSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in a pod).")
     port: int = Field(8000, description="Port to listen on.")
     access_log: bool = Field(False, description="Log every request (costs CPU per request; metrics count them).")
+    shutdown_drain_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="After SIGTERM, keep serving this long with /readyz failing, so load balancers "
+        "stop sending before the listener closes (0: close at once).",
+    )
+    shutdown_grace_seconds: int = Field(
+        30,
+        ge=0,
+        description="Then wait this long for in-flight requests and streams; longer ones are cancelled. "
+        "The pod's terminationGracePeriodSeconds must exceed drain + grace.",
+    )
 
 
 def main() -> None:
     listen = ListenSettings()
     # httpx (discovery's client) logs every request at INFO: noise, and URLs do not belong in logs.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    uvicorn.run(
-        create_app(RouterSettings()),
+    drain = Drain(seconds=listen.shutdown_drain_seconds)
+    config = uvicorn.Config(
+        create_app(RouterSettings(), drain),
         host=listen.host,
         port=listen.port,
         loop="uvloop",
         http="httptools",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=listen.shutdown_grace_seconds,
         log_level="info",
         access_log=listen.access_log,
     )
+    DrainingServer(config, drain).run()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from modelfleet.server.backends.openai_compat import OpenAICompatBackend
 from modelfleet.server.cache import CacheStore, MemoryStore, RedisCircuit, RedisStore, ResponseCache
 from modelfleet.server.discovery import ClusterWatcher
 from modelfleet.server.errors import install_error_handlers
+from modelfleet.server.lifecycle import CloseWhenDraining, Drain
 from modelfleet.server.limits import BodySizeLimit
 from modelfleet.server.metrics import RouterMetrics
 from modelfleet.server.probe import probe_forever
@@ -32,7 +33,8 @@ from modelfleet.server.settings import RouterSettings
 PROBE_INTERVAL_SECONDS = 10.0
 
 
-def create_app(settings: RouterSettings) -> FastAPI:
+def create_app(settings: RouterSettings, drain: Drain | None = None) -> FastAPI:
+    """The router app; `drain` is shared with the server that runs it (see lifecycle.py)."""
     metrics = RouterMetrics.create(with_redis=settings.redis_url is not None)
 
     @asynccontextmanager
@@ -104,4 +106,6 @@ def create_app(settings: RouterSettings) -> FastAPI:
     for api in (openai, responses, compat, admin, health):
         app.include_router(api.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.state.drain = drain if drain is not None else Drain(seconds=0)
+    app.add_middleware(CloseWhenDraining, drain=app.state.drain)
     return app

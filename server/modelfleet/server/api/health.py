@@ -19,7 +19,9 @@ async def livez() -> OrjsonResponse:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> OrjsonResponse:
-    """Ready once the router knows its models: with discovery, after the first complete listing."""
+    """Ready once the router knows its models (with discovery, after the first complete listing), until it drains."""
+    if request.app.state.drain.draining:
+        return OrjsonResponse({"status": "draining"}, status_code=503)
     services = services_of(request)
     if services.watcher is not None and not services.watcher.synced.is_set():
         return OrjsonResponse({"status": "waiting for the first InferenceModel listing"}, status_code=503)
