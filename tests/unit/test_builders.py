@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import pytest
 
 from modelfleet.api import v1alpha1
-from modelfleet.operator.builders import autoscaling, cache, service, workload
-from modelfleet.operator.builders.common import MODEL_LABEL, ModelContext, selector_labels
+from modelfleet.operator.builders import autoscaling, cache, networkpolicy, service, workload
+from modelfleet.operator.builders.common import MODEL_LABEL, ModelContext, NetworkPeers, selector_labels
+from modelfleet.operator.settings import OperatorSettings
 from tests.support.models import COMBINATIONS, all_children, make_context
 
 pytestmark = pytest.mark.unit
@@ -192,3 +196,85 @@ def test_endpoint_models_have_no_workload() -> None:
     )
     with pytest.raises(ValueError, match="endpoint model"):
         workload.build_deployment(endpoint)
+
+
+# The per-model NetworkPolicy ------------------------------------------------------------------
+
+PEERS = NetworkPeers(
+    router_namespace="gateway",
+    router_pod_labels={"app.kubernetes.io/instance": "mf", "app.kubernetes.io/component": "router"},
+    monitoring_namespace_labels={"kubernetes.io/metadata.name": "monitoring"},
+    monitoring_pod_labels={"app.kubernetes.io/name": "prometheus"},
+)
+
+
+def with_peers(context: ModelContext, peers: NetworkPeers | None = PEERS) -> ModelContext:
+    return dataclasses.replace(context, network=peers)
+
+
+def matches(selector: dict[str, Any], pod_labels: dict[str, str]) -> bool:
+    assert set(selector) == {"matchLabels"}, "the policies use matchLabels only"
+    return bool(selector["matchLabels"].items() <= pod_labels.items())
+
+
+def test_network_policy_admits_only_the_router_to_every_pod_of_the_model(context: ModelContext) -> None:
+    context = with_peers(context)
+    policy = networkpolicy.build_network_policy(context)
+    assert policy is not None
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    meta = policy["metadata"]
+    assert (meta["name"], meta["namespace"], meta["labels"][MODEL_LABEL]) == ("im-demo", "models", "demo")
+    assert meta["ownerReferences"][0]["uid"] == "1234-uid"
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"], "egress stays open: prefetch Jobs download weights"
+    # It selects the serving pods and the prefetch pods, and no other model's pods.
+    pods = [workload.build_deployment(context)["spec"]["template"]["metadata"]["labels"]]
+    job = cache.build_prefetch_job(context)
+    if job is not None:
+        pods.append(job["spec"]["template"]["metadata"]["labels"])
+    assert all(matches(spec["podSelector"], labels) for labels in pods)
+    other = with_peers(ModelContext(name="other", namespace="models", uid="u", spec=context.spec))
+    assert not matches(spec["podSelector"], workload.build_deployment(other)["spec"]["template"]["metadata"]["labels"])
+    # One rule: the serving port, from the router's pods in the router's namespace (and Prometheus for vLLM).
+    (rule,) = spec["ingress"]
+    container = workload.build_deployment(context)["spec"]["template"]["spec"]["containers"][0]
+    assert rule["ports"] == [{"protocol": "TCP", "port": container["ports"][0]["containerPort"]}]
+    router = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/instance": "mf", "app.kubernetes.io/component": "router"}},
+    }
+    prometheus = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+    # Both selectors in one peer (AND): never a bare namespaceSelector or podSelector, which would admit more.
+    assert rule["from"] == ([router, prometheus] if context.runtime == "vllm" else [router])
+
+
+def test_network_policy_is_optional_and_prometheus_only_when_configured() -> None:
+    base = make_context("vllm", 1, "engine", "rwo")
+    assert networkpolicy.build_network_policy(base) is None, "no peers configured: no policy"
+    no_monitoring = dataclasses.replace(PEERS, monitoring_namespace_labels={})
+    policy = networkpolicy.build_network_policy(with_peers(base, no_monitoring))
+    assert policy is not None
+    (rule,) = policy["spec"]["ingress"]
+    assert [peer["namespaceSelector"]["matchLabels"] for peer in rule["from"]] == [
+        {"kubernetes.io/metadata.name": "gateway"}
+    ]
+    assert networkpolicy.build_network_policy(with_peers(base)) == networkpolicy.build_network_policy(with_peers(base))
+
+
+def test_operator_settings_give_the_builder_its_peers() -> None:
+    defaults = OperatorSettings().network_peers
+    assert defaults is not None
+    assert defaults.router_namespace == "modelfleet-system"
+    assert defaults.router_pod_labels == {
+        "app.kubernetes.io/name": "modelfleet",
+        "app.kubernetes.io/component": "router",
+    }
+    assert OperatorSettings(network_policy=False).network_peers is None
+    chart_style = OperatorSettings.model_validate(
+        {"router_namespace": "gateway", "router_pod_labels": PEERS.router_pod_labels, "monitoring_namespace_labels": {}}
+    ).network_peers
+    assert chart_style is not None
+    assert (chart_style.router_namespace, chart_style.monitoring_namespace_labels) == ("gateway", {})

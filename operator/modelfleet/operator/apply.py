@@ -37,6 +37,7 @@ KINDS: dict[str, KindPath] = {
     "HorizontalPodAutoscaler": KindPath("autoscaling", "v2", "horizontalpodautoscalers"),
     "PodDisruptionBudget": KindPath("policy", "v1", "poddisruptionbudgets"),
     "Pod": KindPath("", "v1", "pods"),
+    "NetworkPolicy": KindPath("networking.k8s.io", "v1", "networkpolicies"),
 }
 
 

@@ -33,6 +33,7 @@ CHILD_RESOURCES = [
     ("", "v1", "persistentvolumeclaims"),
     ("autoscaling", "v2", "horizontalpodautoscalers"),
     ("policy", "v1", "poddisruptionbudgets"),
+    ("networking.k8s.io", "v1", "networkpolicies"),
 ]
 
 
@@ -112,7 +113,13 @@ class Runtime:
         self.metrics.total.labels(trigger=trigger).inc()
         started = time.monotonic()
         try:
-            outcome = reconcile(self.kube, body, self.settings.images, self.settings.endpoint_probe_timeout_seconds)
+            outcome = reconcile(
+                self.kube,
+                body,
+                self.settings.images,
+                self.settings.endpoint_probe_timeout_seconds,
+                self.settings.network_peers,
+            )
         except Exception:
             self.metrics.errors.inc()
             raise

@@ -13,8 +13,15 @@ from typing import Any
 
 from modelfleet.api import v1alpha1
 from modelfleet.operator.apply import Kube, Manifest
-from modelfleet.operator.builders import autoscaling, cache, service, workload
-from modelfleet.operator.builders.common import MODEL_LABEL, ModelContext, RuntimeImages, child_name, selector_labels
+from modelfleet.operator.builders import autoscaling, cache, networkpolicy, service, workload
+from modelfleet.operator.builders.common import (
+    MODEL_LABEL,
+    ModelContext,
+    NetworkPeers,
+    RuntimeImages,
+    child_name,
+    selector_labels,
+)
 from modelfleet.operator.status import (
     ConditionState,
     Observed,
@@ -32,7 +39,7 @@ class Outcome:
     transitions: list[ConditionState]
 
 
-def context_from(body: Manifest, images: RuntimeImages) -> ModelContext:
+def context_from(body: Manifest, images: RuntimeImages, network: NetworkPeers | None = None) -> ModelContext:
     meta = body["metadata"]
     return ModelContext(
         name=meta["name"],
@@ -40,6 +47,7 @@ def context_from(body: Manifest, images: RuntimeImages) -> ModelContext:
         uid=meta["uid"],
         spec=v1alpha1.InferenceModelSpec.model_validate(body.get("spec") or {}),
         images=images,
+        network=network,
     )
 
 
@@ -67,6 +75,8 @@ def apply_or_delete(kube: Kube, kind: str, desired: Manifest | None, context: Mo
 
 
 def reconcile_managed(kube: Kube, context: ModelContext) -> Observed:
+    # First, so that no pod of the model ever runs unprotected.
+    apply_or_delete(kube, "NetworkPolicy", networkpolicy.build_network_policy(context), context)
     claim = cache.build_cache_claim(context)
     if claim is not None:
         kube.apply(claim)
@@ -101,8 +111,10 @@ def reconcile_managed(kube: Kube, context: ModelContext) -> Observed:
     )
 
 
-def reconcile(kube: Kube, body: Manifest, images: RuntimeImages, probe_timeout: float = 2.0) -> Outcome:
-    context = context_from(body, images)
+def reconcile(
+    kube: Kube, body: Manifest, images: RuntimeImages, probe_timeout: float = 2.0, network: NetworkPeers | None = None
+) -> Outcome:
+    context = context_from(body, images, network)
     generation = body["metadata"].get("generation", 0)
     previous_status = body.get("status") or {}
     status: dict[str, Any] = {"observedGeneration": generation}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from modelfleet.operator.builders.common import RuntimeImages
+from modelfleet.operator.builders.common import NetworkPeers, RuntimeImages
 
 
 class OperatorSettings(BaseSettings):
@@ -28,6 +28,24 @@ class OperatorSettings(BaseSettings):
         None, description="Kopf peering priority of this replica (default: from the pod's StatefulSet ordinal)."
     )
     pod_name: str = Field("", description="This pod's name (downward API); its ordinal sets the default priority.")
+    # The defaults match the Helm chart's defaults (release modelfleet in modelfleet-system); the chart
+    # passes its actual router namespace and labels.
+    network_policy: bool = Field(
+        True, description="Give each managed model a NetworkPolicy that admits only the router (and Prometheus)."
+    )
+    router_namespace: str = Field("modelfleet-system", min_length=1, description="Namespace of the router pods.")
+    router_pod_labels: dict[str, str] = Field(
+        default_factory=lambda: dict(NetworkPeers().router_pod_labels),
+        description="Labels of the router pods, the only pods admitted to model pods (JSON object).",
+    )
+    monitoring_namespace_labels: dict[str, str] = Field(
+        default_factory=lambda: {"kubernetes.io/metadata.name": "monitoring"},
+        description="Labels of Prometheus's namespace, admitted to vLLM's /metrics; {} admits no Prometheus.",
+    )
+    monitoring_pod_labels: dict[str, str] = Field(
+        default_factory=lambda: {"app.kubernetes.io/name": "prometheus"},
+        description="Labels of the Prometheus pods in that namespace; {} means every pod there.",
+    )
 
     def peering_priority(self) -> int:
         """Replicas must differ: Kopf freezes every peer when two share the highest priority.
@@ -43,3 +61,14 @@ class OperatorSettings(BaseSettings):
     @property
     def images(self) -> RuntimeImages:
         return RuntimeImages(ollama=self.ollama_image, vllm=self.vllm_image)
+
+    @property
+    def network_peers(self) -> NetworkPeers | None:
+        if not self.network_policy:
+            return None
+        return NetworkPeers(
+            router_namespace=self.router_namespace,
+            router_pod_labels=dict(self.router_pod_labels),
+            monitoring_namespace_labels=dict(self.monitoring_namespace_labels),
+            monitoring_pod_labels=dict(self.monitoring_pod_labels),
+        )

@@ -23,6 +23,21 @@ class RuntimeImages:
 
 
 @dataclass(frozen=True)
+class NetworkPeers:
+    """Who may connect to a model's pods: the router's pods, and Prometheus for engines that export metrics.
+
+    Label maps select namespaces and pods; an empty monitoring_namespace_labels admits no Prometheus.
+    """
+
+    router_namespace: str = "modelfleet-system"
+    router_pod_labels: dict[str, str] = field(
+        default_factory=lambda: {"app.kubernetes.io/name": "modelfleet", "app.kubernetes.io/component": "router"}
+    )
+    monitoring_namespace_labels: dict[str, str] = field(default_factory=dict)
+    monitoring_pod_labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelContext:
     """Everything a builder may read: the InferenceModel's identity and typed spec, and operator defaults."""
 
@@ -31,6 +46,8 @@ class ModelContext:
     uid: str
     spec: v1alpha1.InferenceModelSpec
     images: RuntimeImages = field(default_factory=RuntimeImages)
+    # None: the operator creates no NetworkPolicy (the cluster's own policies apply).
+    network: NetworkPeers | None = None
 
     @property
     def resources(self) -> v1alpha1.Resources:
