@@ -19,6 +19,7 @@ from modelfleet.server.auth import KeyRing
 from modelfleet.server.backends.ollama import OllamaBackend
 from modelfleet.server.backends.openai_compat import OpenAICompatBackend
 from modelfleet.server.cache import CacheStore, MemoryStore, RedisCircuit, RedisStore, ResponseCache
+from modelfleet.server.disconnect import CancelOnDisconnect
 from modelfleet.server.discovery import ClusterWatcher
 from modelfleet.server.errors import install_error_handlers
 from modelfleet.server.lifecycle import CloseWhenDraining, Drain
@@ -105,6 +106,8 @@ def create_app(settings: RouterSettings, drain: Drain | None = None) -> FastAPI:
     install_error_handlers(app)
     for api in (openai, responses, compat, admin, health):
         app.include_router(api.router)
+    # Starlette runs the middleware added last first: draining, then the body limit, then cancellation.
+    app.add_middleware(CancelOnDisconnect)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.state.drain = drain if drain is not None else Drain(seconds=0)
     app.add_middleware(CloseWhenDraining, drain=app.state.drain)

@@ -6,6 +6,7 @@ a prompt, so the series count stays proportional to the number of models.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass
 
@@ -37,11 +38,12 @@ class RouterMetrics:
     cache_entries: Gauge
     cache_errors: Counter
     redis_up: Gauge | None
+    event_loop_tasks: Gauge
 
     @classmethod
     def create(cls, with_redis: bool = False) -> RouterMetrics:
         registry = CollectorRegistry()
-        return cls(
+        metrics = cls(
             registry=registry,
             requests=Counter("modelfleet_requests_total", "Requests answered", ["model", "route", "status_class"],
                              registry=registry),
@@ -82,7 +84,11 @@ class RouterMetrics:
             # Only with Redis configured: an always-0 series would fire the "Redis down" alert.
             redis_up=Gauge("modelfleet_redis_up", "1 when the last Redis call succeeded, 0 when it failed",
                            registry=registry) if with_redis else None,
+            event_loop_tasks=Gauge("modelfleet_event_loop_tasks", "asyncio tasks alive in the router process "
+                                   "(a count that grows with no traffic is a leak)", registry=registry),
         )  # fmt: skip
+        metrics.event_loop_tasks.set_function(running_task_count)
+        return metrics
 
     def forget_model(self, model: str, namespace: str) -> None:
         """Drop a removed model's gauges so dashboards and HPAs do not see a ghost."""
@@ -91,3 +97,11 @@ class RouterMetrics:
         for gauge in (self.in_flight, self.ready_replicas):
             with contextlib.suppress(KeyError):
                 gauge.remove(model)
+
+
+def running_task_count() -> float:
+    """Tasks of the running event loop; scrapes run on it (0 when collected outside a loop)."""
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:
+        return 0.0

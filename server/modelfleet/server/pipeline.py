@@ -356,10 +356,15 @@ async def relay(
             yield chunk
     except StreamBroken as exc:
         status_class = "5xx"
-        metrics.upstream_errors.labels(model=generation.name, code="mid_stream").inc()
         logger.warning("backend of %s failed mid-stream: %s", generation.name, exc)
-        yield StreamFailure(RouterError(502, f"The backend for `{generation.name}` failed mid-stream.",
-                                        type="upstream_error", code="upstream_error"))  # fmt: skip
+        if exc.timed_out:
+            metrics.upstream_errors.labels(model=generation.name, code="mid_stream_timeout").inc()
+            yield StreamFailure(RouterError(504, f"The backend for `{generation.name}` stopped sending mid-stream.",
+                                            type="upstream_error", code="upstream_timeout"))  # fmt: skip
+        else:
+            metrics.upstream_errors.labels(model=generation.name, code="mid_stream").inc()
+            yield StreamFailure(RouterError(502, f"The backend for `{generation.name}` failed mid-stream.",
+                                            type="upstream_error", code="upstream_error"))  # fmt: skip
     except BaseException as exc:
         status_class = status_class_of(exc)
         raise

@@ -21,7 +21,11 @@ Chunk = dict[str, Any]
 
 
 class StreamBroken(Exception):
-    """The backend failed after the stream had started (connection lost, error event)."""
+    """The backend failed after the stream had started (connection lost, silent too long, error event)."""
+
+    def __init__(self, reason: str, timed_out: bool = False) -> None:
+        super().__init__(reason)
+        self.timed_out = timed_out
 
 
 class Backend(Protocol):
@@ -110,7 +114,7 @@ async def upstream_lines(response: aiohttp.ClientResponse) -> AsyncGenerator[byt
         async for line in response.content:
             yield line
     except UPSTREAM_FAILURES as exc:
-        raise StreamBroken(type(exc).__name__) from exc
+        raise StreamBroken(type(exc).__name__, timed_out=isinstance(exc, TimeoutError)) from exc
     finally:
         response.close()
 
