@@ -73,6 +73,10 @@ def test_defaults() -> None:
     assert env["MODELFLEET_REDIS_URL"] == "redis://modelfleet-redis.modelfleet-system.svc:6379/0"
     assert env["MODELFLEET_AUTH_REQUIRED"] == "true"
     assert env["MODELFLEET_KUBERNETES_DISCOVERY"] == "true"
+    # The drain and the streams' grace fit in the pod's grace period, with time to spare before the kill.
+    router_pod = one(objects, "Deployment", "modelfleet-router")["spec"]["template"]["spec"]
+    shutdown = int(env["MODELFLEET_SHUTDOWN_DRAIN_SECONDS"]) + int(env["MODELFLEET_SHUTDOWN_GRACE_SECONDS"])
+    assert 0 < shutdown < router_pod["terminationGracePeriodSeconds"]
     secret = one(objects, "Secret", "modelfleet-api-keys")["stringData"]
     keys = yaml.safe_load(secret["keys.yaml"])["keys"]
     assert [k["name"] for k in keys] == ["default", "admin"]
