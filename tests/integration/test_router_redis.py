@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,3 +129,58 @@ def test_fail_closed_refuses_while_redis_is_down(ollama_server: OllamaServer, tm
         assert refused.headers["retry-after"] == "1"
         with redis_process(tmp_path / "redis", port):
             wait_until(lambda: ask(router).status_code == 200, timeout=10)
+
+
+def test_redis_sigkilled_under_load_costs_no_request(ollama_server: OllamaServer, tmp_path: Path) -> None:
+    """Eight clients in a loop while Redis is SIGKILLed and later started again: every request succeeds
+    (fail open), hits turn into bypasses while Redis is gone and come back by themselves."""
+    port = free_port()
+    redis_url = f"redis://{LOOPBACK}:{port}/0"
+    models: list[dict[str, object]] = [{"name": ollama_server.model, "url": ollama_server.base_url}]
+    results: list[tuple[str, int, str, float]] = []  # phase, status, cache header, seconds
+    phase = "before"
+    stop = threading.Event()
+
+    def client(router: RouterServer) -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                started = time.monotonic()
+                body = {"model": ollama_server.model, **PINNED}
+                response = http.post(f"{router.openai_base_url}/chat/completions", json=body)
+                results.append((phase, response.status_code, response.headers.get("x-modelfleet-cache", ""),
+                                time.monotonic() - started))  # fmt: skip
+
+    with running_router(
+        tmp_path / "router", models, redis_url=redis_url, rate_limit_requests_per_minute="100000",
+        rate_limit_failure_mode="open",
+    ) as router:  # fmt: skip
+        with redis_process(tmp_path / "redis", port) as redis:
+            wait_until(lambda: redis_health(router), timeout=10)
+            assert ask(router).status_code == 200  # cached from here on
+            threads = [threading.Thread(target=client, args=(router,)) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            time.sleep(2)
+            phase = "down"
+            redis.process.kill()
+            redis.process.wait(timeout=5)
+            time.sleep(3)
+        with redis_process(tmp_path / "redis-again", port):
+            phase = "restarted"
+            wait_until(lambda: redis_health(router), timeout=10)
+            phase = "recovered"
+            time.sleep(2)
+            stop.set()
+            for thread in threads:
+                thread.join(60)
+    by_phase: dict[str, Counter[str]] = defaultdict(Counter)
+    for name, status, cache, _ in results:
+        by_phase[name][f"{status} {cache}"] += 1
+    failed = [r for r in results if r[1] != 200]
+    assert not failed, f"{len(failed)} requests failed: {failed[:3]}"
+    assert by_phase["before"]["200 hit"] > 0
+    assert by_phase["down"]["200 bypass"] > 0, by_phase["down"]
+    assert by_phase["recovered"]["200 hit"] > 0, by_phase["recovered"]
+    slowest_down = max(seconds for name, _, _, seconds in results if name == "down")
+    print(f"\nRedis SIGKILLed under 8 clients: {len(results)} requests, 0 failed; {dict(by_phase)}; "
+          f"slowest while down {slowest_down:.2f} s")  # fmt: skip
