@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import json
+from typing import Any, cast
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from modelfleet.api import v1alpha1
+from modelfleet.operator.apply import Kube, apply_body
 from modelfleet.operator.builders import autoscaling, cache, networkpolicy, service, workload
-from modelfleet.operator.builders.common import MODEL_LABEL, ModelContext, NetworkPeers, selector_labels
+from modelfleet.operator.builders.common import MODEL_LABEL, ModelContext, NetworkPeers, RuntimeImages, selector_labels
+from modelfleet.operator.reconcile import probe_endpoint, reconcile
 from modelfleet.operator.settings import OperatorSettings
+from modelfleet.operator.status import MAX_MESSAGE_LENGTH, Observed, conditions_for, phase_for
 from tests.support.models import COMBINATIONS, all_children, make_context
 
 pytestmark = pytest.mark.unit
@@ -278,3 +283,124 @@ def test_operator_settings_give_the_builder_its_peers() -> None:
     ).network_peers
     assert chart_style is not None
     assert (chart_style.router_namespace, chart_style.monitoring_namespace_labels) == ("gateway", {})
+
+
+# Found by fuzzing InferenceModels through the API server (tests/e2e/test_inferencemodel_fuzz.py).
+
+
+def fuzzed_context(name: str = "demo", **spec: object) -> ModelContext:
+    body = {"runtime": "ollama", "model": "phi3:mini", **spec}
+    return ModelContext(
+        name=name, namespace="models", uid="1234-uid", spec=v1alpha1.InferenceModelSpec.model_validate(body)
+    )
+
+
+def test_prefetch_job_name_fits_a_label_value_for_the_longest_model_name() -> None:
+    longest = "m" * v1alpha1.MAX_NAME_LENGTH
+    job_name = cache.prefetch_job_name(fuzzed_context(longest))
+    twin_name = cache.prefetch_job_name(fuzzed_context(longest[:-1] + "n"))
+    assert len(job_name) <= 63
+    assert len(twin_name) <= 63
+    assert job_name != twin_name, "two long names sharing a prefix still get their own Job"
+    assert job_name.endswith("-prefetch-" + cache.prefetch_key(fuzzed_context(longest)))
+    # Short names keep the name they always had.
+    assert cache.prefetch_job_name(fuzzed_context("demo")).startswith("im-demo-prefetch-")
+
+
+def test_engine_env_replaces_the_operators_variable_of_the_same_name() -> None:
+    context = fuzzed_context(engine={"env": [{"name": "OLLAMA_KEEP_ALIVE", "value": "5m"}, {"name": "X", "value": ""}]})
+    env = workload.build_deployment(context)["spec"]["template"]["spec"]["containers"][0]["env"]
+    names = [var["name"] for var in env]
+    assert len(names) == len(set(names)), "server-side apply refuses an env list naming a variable twice"
+    assert {"name": "OLLAMA_KEEP_ALIVE", "value": "5m"} in env
+    assert "OLLAMA_HOST" in names
+
+
+def test_typed_tolerations_reach_the_pods_in_camel_case() -> None:
+    toleration = {"key": "example.com/t", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30}
+    context = fuzzed_context(scheduling={"tolerations": [toleration]}, resources={"gpu": 0})
+    pod = workload.build_deployment(context)["spec"]["template"]["spec"]
+    assert pod["tolerations"] == [toleration]
+    job_pod = cache.build_prefetch_job(context)
+    assert job_pod is not None
+    assert job_pod["spec"]["template"]["spec"]["tolerations"] == [toleration]
+
+
+def test_apply_body_is_yaml_safe_for_every_character() -> None:
+    """The apply content type is read as YAML, which refuses JSON's surrogate-pair escapes and raw DEL/C1."""
+    value = "🦙 \x7f \x85 \u2028 é \n \\ud83e"
+    body = apply_body({"model": value})
+    assert "🦙".encode() in body
+    assert b"\\ud83e\\udd99" not in body
+    assert b"\x7f" not in body
+    assert b"\\u007f" in body
+    assert b"\\u2028" in body
+    assert json.loads(body) == {"model": value}
+
+
+@pytest.mark.parametrize("url", ["http://host:99999", "http://a..b/", "http://[::1"])
+def test_an_unusable_endpoint_url_is_unreachable_not_a_crash(url: str) -> None:
+    reachable, error = probe_endpoint(url, timeout=0.5)
+    assert not reachable
+    assert error
+
+
+def test_a_refused_child_is_a_failed_condition_not_a_retry_loop() -> None:
+    states = conditions_for(Observed(rejected="the API server refused a child: " + "x" * 5000))
+    ready = next(state for state in states if state.type == "Ready")
+    assert (ready.status, ready.reason) == ("False", "InvalidSpec")
+    assert len(ready.message) <= MAX_MESSAGE_LENGTH
+    assert phase_for(states) == "Failed"
+
+
+class RefusingKube:
+    """A Kube whose applies the API server answers with one status."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+    def apply(self, manifest: dict[str, object]) -> dict[str, object]:
+        error = ApiException(status=self.status, reason="refused")
+        error.body = json.dumps({"message": f"{manifest['kind']} is invalid: spec.template.spec.affinity: bad"})
+        raise error
+
+    def get(self, *_: object) -> None:
+        return None
+
+    def list(self, *_: object) -> list[object]:
+        return []
+
+    def delete(self, *_: object) -> bool:
+        return False
+
+
+MODEL_BODY = {
+    "metadata": {"name": "demo", "namespace": "models", "uid": "1234-uid", "generation": 3},
+    "spec": {"runtime": "ollama", "model": "phi3:mini"},
+}
+
+
+def test_reconcile_reports_an_invalid_child_and_retries_anything_else() -> None:
+    outcome = reconcile(cast(Kube, RefusingKube(422)), MODEL_BODY, RuntimeImages())
+    ready = next(c for c in outcome.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InvalidSpec"
+    assert "spec.template.spec.affinity" in ready["message"]
+    assert outcome.status["observedGeneration"] == 3
+    assert outcome.status["phase"] == "Failed"
+    with pytest.raises(ApiException):
+        reconcile(cast(Kube, RefusingKube(500)), MODEL_BODY, RuntimeImages())
+
+
+def test_a_spec_the_typed_model_refuses_is_reported_with_its_field() -> None:
+    body = {**MODEL_BODY, "spec": {"runtime": "ollama", "model": "m", "replicas": -1}}
+    outcome = reconcile(cast(Kube, RefusingKube(500)), body, RuntimeImages())
+    ready = next(c for c in outcome.status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "InvalidSpec"
+    assert "spec.replicas" in ready["message"]
+
+
+def test_zero_replicas_is_not_loading() -> None:
+    deployment = {"spec": {"replicas": 0}, "status": {}}
+    states = conditions_for(Observed(deployment=deployment, prefetch_expected=False))
+    ready = next(state for state in states if state.type == "Ready")
+    assert ready.reason == "ScaledToZero"

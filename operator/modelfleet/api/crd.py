@@ -32,6 +32,8 @@ KEPT_KEYS = {
     "pattern",
     "minItems",
     "maxItems",
+    "minProperties",
+    "maxProperties",
     "required",
     "format",
 }
@@ -142,6 +144,7 @@ def crd() -> dict[str, Any]:
                                 "at an existing endpoint), and the ModelFleet router serves it through one API."
                             ),
                             "required": ["spec"],
+                            "x-kubernetes-validations": v1alpha1.OBJECT_RULES,
                             "properties": {
                                 "apiVersion": {"type": "string", "description": "API version of this object."},
                                 "kind": {"type": "string", "description": "Kind of this object."},

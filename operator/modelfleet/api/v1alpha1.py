@@ -20,6 +20,38 @@ SINGULAR = "inferencemodel"
 SHORT_NAMES = ["im"]
 CATEGORIES = ["modelfleet"]
 
+# The longest InferenceModel name: its Service is named im-<name>, and a Service name is a DNS label
+# of at most 63 characters.
+MAX_NAME_LENGTH = 60
+
+# Regular expressions (RE2, as CEL's matches() reads them) of the names Kubernetes itself checks
+# when the operator writes the model's children.  Checking them here refuses a bad spec when it is
+# written, with a message that says what to fix, instead of a child that can never be created.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_NAME_PART = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_DNS_PREFIX = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+QUALIFIED_NAME = rf"^({_DNS_PREFIX}/)?{_NAME_PART}$"  # a label key, a toleration key
+EXTENDED_RESOURCE = rf"^{_DNS_PREFIX}/{_NAME_PART}$"  # a fully qualified resource name
+LABEL_VALUE = rf"^({_NAME_PART})?$"
+ENV_VAR_NAME = r"^[ -<>-~]+$"  # printable ASCII but '='
+CONFIG_KEY = r"^[-._a-zA-Z0-9]+$"  # a key of a Secret or ConfigMap
+# A name a client types: no control characters (C0, DEL, C1), no spaces or separators at either end.
+PRINTABLE_NAME = r"^[^\p{Cc}\p{Z}]([^\p{Cc}]*[^\p{Cc}\p{Z}])?$"
+NO_WHITESPACE = r"^[^\p{Cc}\p{Z}]+$"
+
+
+def rules(*checks: tuple[str, str]) -> dict[str, JsonValue]:
+    """`x-kubernetes-validations` from (CEL rule, message) pairs, for a field's json_schema_extra."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in checks]}
+
+
+def matches(pattern: str, message: str) -> dict[str, JsonValue]:
+    return rules((f"self.matches({pattern!r})", message))
+
+
+DNS_SUBDOMAIN_MESSAGE = "must be a lowercase DNS subdomain name: letters, digits, '-' and '.', such as my-name"
+
 # A Kubernetes quantity such as 20Gi, 500m or 4. YAML gives bare numbers as integers, so the
 # field is int-or-string and CEL's quantity library does the checking.
 Quantity = Annotated[
@@ -27,13 +59,42 @@ Quantity = Annotated[
     Field(
         json_schema_extra={
             "x-kubernetes-int-or-string": True,
-            "x-kubernetes-validations": [
-                {
-                    "rule": "type(self) == int ? int(self) >= 0 : isQuantity(string(self))",
-                    "message": "must be a Kubernetes quantity such as 20Gi, 512Mi, 500m or 4",
-                }
-            ],
+            **rules(
+                (
+                    "type(self) == int ? int(self) >= 0 : "
+                    "isQuantity(string(self)) && !quantity(string(self)).isLessThan(quantity('0'))",
+                    "must be a non-negative Kubernetes quantity such as 20Gi, 512Mi, 500m or 4",
+                )
+            ),
         }
+    ),
+]
+# A size that must be more than zero (a volume).
+PositiveQuantity = Annotated[
+    int | str,
+    Field(
+        json_schema_extra={
+            "x-kubernetes-int-or-string": True,
+            **rules(
+                (
+                    "type(self) == int ? int(self) > 0 : "
+                    "isQuantity(string(self)) && quantity(string(self)).isGreaterThan(quantity('0'))",
+                    "must be a Kubernetes quantity greater than zero, such as 20Gi",
+                )
+            ),
+        }
+    ),
+]
+
+# A model name as clients send it: an Ollama tag, a Hugging Face repo id, a path, an alias.
+ModelName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=512,
+        json_schema_extra=matches(
+            PRINTABLE_NAME, "must be a model name such as phi3:mini: no control characters, no surrounding spaces"
+        ),
     ),
 ]
 
@@ -56,31 +117,119 @@ class Resources(Model):
     gpu_resource: str = Field(
         "nvidia.com/gpu",
         min_length=1,
+        max_length=317,
         description="Extended resource name of the GPU, e.g. nvidia.com/gpu or amd.com/gpu.",
+        json_schema_extra=rules(
+            (
+                f"self.matches({EXTENDED_RESOURCE!r}) && !self.startsWith('kubernetes.io/') "
+                "&& !self.contains('.kubernetes.io/') && !self.startsWith('requests.')",
+                "must be an extended resource name with a domain, such as nvidia.com/gpu or amd.com/gpu",
+            )
+        ),
     )
     cpu: Quantity | None = Field(None, description="CPU request per replica, e.g. 4 or 3500m.")
     memory: Quantity | None = Field(None, description="Memory request and limit per replica, e.g. 24Gi.")
 
 
+LabelValue = Annotated[
+    str,
+    Field(
+        max_length=63,
+        json_schema_extra=matches(
+            LABEL_VALUE,
+            "must be a label value: at most 63 letters, digits, '-', '_' or '.', starting and ending with a "
+            "letter or digit",
+        ),
+    ),
+]
+
+
+TOLERATION_RULES: list[JsonValue] = [
+    {
+        "rule": "has(self.key) && self.key != '' || has(self.operator) && self.operator == 'Exists'",
+        "message": "a toleration without a key must use operator Exists (it then matches every taint)",
+    },
+    {
+        "rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+        "message": "a toleration with operator Exists must not set a value",
+    },
+    {
+        "rule": "!has(self.tolerationSeconds) || has(self.effect) && self.effect == 'NoExecute'",
+        "message": "tolerationSeconds applies only to effect NoExecute",
+    },
+]
+
+
+class Toleration(Model):
+    """A pod toleration (core/v1 Toleration)."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": TOLERATION_RULES})
+
+    key: str | None = Field(
+        None,
+        max_length=317,
+        description="Taint key the toleration matches; empty with operator Exists matches every taint.",
+        json_schema_extra=rules(
+            (f"self == '' || self.matches({QUALIFIED_NAME!r})", "must be a taint key such as nvidia.com/gpu")
+        ),
+    )
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (the default).")
+    value: LabelValue | None = Field(None, description="Taint value the toleration matches (with Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute", ""] | None = Field(
+        None, description="Taint effect to match; empty matches every effect."
+    )
+    toleration_seconds: int | None = Field(
+        None, description="How long a NoExecute toleration lets the pod stay after the taint appears."
+    )
+
+
 class Scheduling(Model):
     """Where the model's pods may run.  GPU models get the GPU toleration and node selector by default."""
 
-    node_selector: dict[str, str] | None = Field(
-        None, description="Node labels the pods require, added to the GPU node selector."
+    node_selector: dict[str, LabelValue] | None = Field(
+        None,
+        max_length=64,
+        description="Node labels the pods require, added to the GPU node selector.",
+        json_schema_extra=rules(
+            (
+                f"self.all(key, key.size() <= 317 && key.matches({QUALIFIED_NAME!r}))",
+                "keys must be label keys such as example.com/pool or kubernetes.io/arch",
+            )
+        ),
     )
-    tolerations: list[PassThroughObject] | None = Field(
-        None, description="Extra pod tolerations (core/v1 Toleration), added to the GPU toleration."
+    tolerations: list[Toleration] | None = Field(
+        None, max_length=64, description="Extra pod tolerations (core/v1 Toleration), added to the GPU toleration."
     )
     affinity: PassThroughObject | None = Field(None, description="Pod affinity rules (core/v1 Affinity).")
-    priority_class_name: str | None = Field(None, description="PriorityClass of the model's pods.")
-    runtime_class_name: str | None = Field(None, description="RuntimeClass of the model's pods, e.g. nvidia.")
+    priority_class_name: str | None = Field(
+        None,
+        max_length=253,
+        description="PriorityClass of the model's pods.",
+        json_schema_extra=matches(DNS_SUBDOMAIN, DNS_SUBDOMAIN_MESSAGE),
+    )
+    runtime_class_name: str | None = Field(
+        None,
+        max_length=253,
+        description="RuntimeClass of the model's pods, e.g. nvidia.",
+        json_schema_extra=matches(DNS_SUBDOMAIN, DNS_SUBDOMAIN_MESSAGE),
+    )
 
 
 class SecretKeyRef(Model):
     """A key of a Secret in the model's namespace."""
 
-    name: str = Field(min_length=1, description="Secret name.")
-    key: str = Field(min_length=1, description="Key within the Secret.")
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        description="Secret name.",
+        json_schema_extra=matches(DNS_SUBDOMAIN, DNS_SUBDOMAIN_MESSAGE),
+    )
+    key: str = Field(
+        min_length=1,
+        max_length=253,
+        description="Key within the Secret.",
+        json_schema_extra=matches(CONFIG_KEY, "must be a Secret key: letters, digits, '-', '_' or '.'"),
+    )
 
 
 AccessMode = Literal["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany", "ReadOnlyMany"]
@@ -89,8 +238,13 @@ AccessMode = Literal["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany", "Read
 class Cache(Model):
     """The PersistentVolumeClaim that holds the model's weights, downloaded once and reused."""
 
-    size: Quantity = Field("20Gi", description="Size of the weights volume.")
-    storage_class_name: str | None = Field(None, description="StorageClass of the claim; the cluster default if unset.")
+    size: PositiveQuantity = Field("20Gi", description="Size of the weights volume.")
+    storage_class_name: str | None = Field(
+        None,
+        max_length=253,
+        description="StorageClass of the claim; the cluster default if unset.",
+        json_schema_extra=matches(DNS_SUBDOMAIN, DNS_SUBDOMAIN_MESSAGE),
+    )
     access_mode: AccessMode = Field(
         "ReadWriteOnce",
         description=(
@@ -99,7 +253,10 @@ class Cache(Model):
         ),
     )
     existing_claim: str | None = Field(
-        None, description="Use this existing PersistentVolumeClaim instead of creating one."
+        None,
+        max_length=253,
+        description="Use this existing PersistentVolumeClaim instead of creating one.",
+        json_schema_extra=matches(DNS_SUBDOMAIN, DNS_SUBDOMAIN_MESSAGE),
     )
     hf_token_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret key holding a Hugging Face token, for gated vLLM models; used only by the download."
@@ -109,7 +266,18 @@ class Cache(Model):
 class EnvVar(Model):
     """An environment variable of the engine container (core/v1 EnvVar)."""
 
-    name: str = Field(min_length=1, description="Variable name.")
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            ("!has(self.valueFrom) || !has(self.value) || self.value == ''", "set value or valueFrom, not both")
+        )
+    )
+
+    name: str = Field(
+        min_length=1,
+        max_length=256,
+        description="Variable name.",
+        json_schema_extra=matches(ENV_VAR_NAME, "must consist of printable ASCII characters other than '='"),
+    )
     value: str | None = Field(None, description="Literal value.")
     value_from: PassThroughObject | None = Field(None, description="Source of the value (core/v1 EnvVarSource).")
 
@@ -120,7 +288,13 @@ class Engine(Model):
     args: list[str] | None = Field(
         None, description="Extra engine arguments, e.g. ['--quantization', 'awq', '--max-model-len', '8192'] for vLLM."
     )
-    env: list[EnvVar] | None = Field(None, description="Extra environment variables of the engine container.")
+    env: list[EnvVar] | None = Field(
+        None,
+        max_length=128,
+        description="Extra environment variables of the engine container; each replaces the operator's of its name.",
+        # Names are unique, as server-side apply needs them to be (it merges env by name).
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
 
 
 class Autoscaling(Model):
@@ -148,7 +322,9 @@ class ResponseCache(Model):
     """The router's response cache for this model."""
 
     enabled: bool = Field(True, description="Cache complete, successful responses.")
-    ttl_seconds: int = Field(3600, ge=1, description="How long a cached response is served.")
+    ttl_seconds: int = Field(
+        3600, ge=1, le=31536000, description="How long a cached response is served (a year at most)."
+    )
 
 
 class RateLimit(Model):
@@ -161,7 +337,12 @@ class RateLimit(Model):
 class Serving(Model):
     """How the router serves the model."""
 
-    aliases: list[str] | None = Field(None, description="Other names clients may use for this model.")
+    aliases: list[ModelName] | None = Field(
+        None,
+        max_length=64,
+        description="Other names clients may use for this model.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
     max_in_flight_per_replica: int = Field(
         4, ge=1, le=1024, description="Concurrent requests per ready replica; more wait in the queue."
     )
@@ -187,7 +368,17 @@ class Endpoint(Model):
                 {
                     "rule": "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHost() != ''",
                     "message": "must be an http:// or https:// URL such as http://ollama.models.svc:11434",
-                }
+                },
+                {
+                    "rule": "!isURL(self) || url(self).getPort() == '' || "
+                    "url(self).getPort().size() <= 5 && int(url(self).getPort()) >= 1 "
+                    "&& int(url(self).getPort()) <= 65535",
+                    "message": "the port must be a number from 1 to 65535",
+                },
+                {
+                    "rule": "!self.matches('^[A-Za-z][-+.A-Za-z0-9]*://[^/?#]*@')",
+                    "message": "must not carry credentials (user:password@); put the API key in apiKeySecretRef",
+                },
             ]
         },
     )
@@ -200,6 +391,17 @@ class Endpoint(Model):
         False, description="Allow requests to reach this endpoint when it is outside the cluster."
     )
 
+
+# Rules on the whole object (CEL may read metadata.name there).
+OBJECT_RULES: list[JsonValue] = [
+    {
+        "rule": f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && self.metadata.name.matches({DNS_LABEL!r})",
+        "message": (
+            f"metadata.name must be at most {MAX_NAME_LENGTH} lowercase letters, digits or '-', starting and "
+            "ending with a letter or digit (the model's Service is named im-<name>)"
+        ),
+    },
+]
 
 SPEC_RULES: list[JsonValue] = [
     {
@@ -234,12 +436,16 @@ class InferenceModelSpec(Model):
     runtime: Literal["ollama", "vllm"] | None = Field(
         None, description="Inference engine that serves the model. Required unless spec.endpoint is set."
     )
-    model: str = Field(
-        min_length=1,
-        max_length=512,
+    model: ModelName = Field(
         description="Model to serve: an Ollama tag such as phi3:mini, or a Hugging Face repo id or path for vLLM.",
     )
-    image: str | None = Field(None, description="Container image overriding the runtime's default image.")
+    image: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description="Container image overriding the runtime's default image.",
+        json_schema_extra=matches(NO_WHITESPACE, "must be an image reference such as docker.io/ollama/ollama:0.17.4"),
+    )
     replicas: int = Field(
         1, ge=0, le=1000, description="Number of replicas. Ignored while autoscaling is enabled (the HPA owns it)."
     )

@@ -7,6 +7,7 @@ and leaves alone what others own (the HPA's replicas, defaults, other controller
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -41,6 +42,22 @@ KINDS: dict[str, KindPath] = {
 }
 
 
+# Characters YAML may refuse raw or read as line breaks (DEL, C1 controls with NEL, the line and
+# paragraph separators, BOM, non-characters, lone surrogates); it reads them right when escaped.
+# JSON escapes the C0 controls itself.
+YAML_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ufeff\ud800-\udfff\ufffe\uffff]")
+
+
+def apply_body(manifest: Manifest) -> bytes:
+    """The manifest as an apply patch, which the API server reads as YAML (JSON is YAML).
+
+    YAML refuses JSON's surrogate-pair escapes (\\ud83e\\udd99), so characters beyond the BMP (an
+    emoji in a model name) are sent as UTF-8, and only those YAML cannot hold raw are escaped.
+    """
+    text = json.dumps(manifest, ensure_ascii=False)
+    return YAML_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text).encode()
+
+
 class Kube:
     """A thin typed door to the API server for the operator's own kinds."""
 
@@ -51,7 +68,7 @@ class Kube:
         self,
         method: str,
         path: str,
-        body: str | Manifest | None = None,
+        body: bytes | str | Manifest | None = None,
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
     ) -> Manifest:
@@ -72,13 +89,14 @@ class Kube:
             raise ApiException(http_resp=response)
         return cast(Manifest, json.loads(response.data or b"{}"))
 
-    def apply(self, manifest: Manifest) -> Manifest:
+    def apply(self, manifest: Manifest, dry_run: bool = False) -> Manifest:
         kind = KINDS[manifest["kind"]]
         meta = manifest["metadata"]
         path = f"{kind.collection(meta['namespace'])}/{meta['name']}"
         query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
-        # JSON is YAML, so the apply content type accepts the manifest as JSON.
-        return self._call("PATCH", path, json.dumps(manifest), query, "application/apply-patch+yaml")
+        if dry_run:
+            query.append(("dryRun", "All"))
+        return self._call("PATCH", path, apply_body(manifest), query, "application/apply-patch+yaml")
 
     def get(self, kind_name: str, namespace: str, name: str) -> Manifest | None:
         kind = KINDS[kind_name]

@@ -6,10 +6,14 @@ it twice, concurrently or after a crash gives the same result.
 
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from modelfleet.api import v1alpha1
 from modelfleet.operator.apply import Kube, Manifest
@@ -61,6 +65,24 @@ def probe_endpoint(url: str, timeout: float) -> tuple[bool, str]:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         return False, str(reason)
+    except ValueError as exc:  # a URL the schema accepts but urllib cannot use: bad port, bad host (IDNA)
+        return False, f"unusable URL: {exc}"
+
+
+def spec_errors(exc: ValidationError) -> str:
+    """A pydantic error as field paths of the spec and what each needs."""
+    return "; ".join(f"spec.{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors())
+
+
+def refusal(exc: ApiException) -> str | None:
+    """The API server's message when it refused a child as invalid (a retry cannot help), else None."""
+    if exc.status not in (400, 422):
+        return None
+    try:
+        message = json.loads(exc.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return f"the API server refused a child: {message or exc.reason}"
 
 
 def selector_string(context: ModelContext) -> str:
@@ -111,35 +133,46 @@ def reconcile_managed(kube: Kube, context: ModelContext) -> Observed:
     )
 
 
-def reconcile(
-    kube: Kube, body: Manifest, images: RuntimeImages, probe_timeout: float = 2.0, network: NetworkPeers | None = None
-) -> Outcome:
-    context = context_from(body, images, network)
-    generation = body["metadata"].get("generation", 0)
-    previous_status = body.get("status") or {}
-    status: dict[str, Any] = {"observedGeneration": generation}
+def apply_and_observe(
+    kube: Kube, context: ModelContext, probe_timeout: float
+) -> tuple[dict[str, Any], list[ConditionState]]:
+    """Status fields and conditions of the model, after applying its children (managed models)."""
     if context.spec.endpoint is not None:
         url = context.spec.endpoint.url
         reachable, error = probe_endpoint(url, probe_timeout)
         observed = Observed(managed=False, endpoint_url=url, endpoint_reachable=reachable,
                             endpoint_error=error)  # fmt: skip
-        status["endpoint"] = url
-        states = conditions_for(observed)
-    else:
-        observed = reconcile_managed(kube, context)
-        deployment_status = (observed.deployment or {}).get("status") or {}
-        status.update(
-            {
-                "endpoint": service.service_url(context),
-                "replicas": deployment_status.get("replicas") or 0,
-                "readyReplicas": deployment_status.get("readyReplicas") or 0,
-                "selector": selector_string(context),
-            }
-        )
-        states = conditions_for(observed, gpu_resource=context.resources.gpu_resource, gpus=context.resources.gpu)
-        timings = phase_timings(observed)
-        if timings:
-            status["timings"] = timings
+        return {"endpoint": url}, conditions_for(observed)
+    observed = reconcile_managed(kube, context)
+    deployment_status = (observed.deployment or {}).get("status") or {}
+    fields: dict[str, Any] = {
+        "endpoint": service.service_url(context),
+        "replicas": deployment_status.get("replicas") or 0,
+        "readyReplicas": deployment_status.get("readyReplicas") or 0,
+        "selector": selector_string(context),
+    }
+    timings = phase_timings(observed)
+    if timings:
+        fields["timings"] = timings
+    return fields, conditions_for(observed, gpu_resource=context.resources.gpu_resource, gpus=context.resources.gpu)
+
+
+def reconcile(
+    kube: Kube, body: Manifest, images: RuntimeImages, probe_timeout: float = 2.0, network: NetworkPeers | None = None
+) -> Outcome:
+    generation = body["metadata"].get("generation", 0)
+    previous_status = body.get("status") or {}
+    status: dict[str, Any] = {"observedGeneration": generation}
+    try:
+        fields, states = apply_and_observe(kube, context_from(body, images, network), probe_timeout)
+        status.update(fields)
+    except ValidationError as exc:
+        states = conditions_for(Observed(rejected=spec_errors(exc)))
+    except ApiException as exc:
+        refused = refusal(exc)
+        if refused is None:
+            raise  # transient or a permission problem: Kopf retries
+        states = conditions_for(Observed(rejected=refused))
     previous_conditions = previous_status.get("conditions") or []
     status["phase"] = phase_for(states)
     status["conditions"] = merge_conditions(previous_conditions, states, generation)

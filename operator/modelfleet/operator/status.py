@@ -21,6 +21,9 @@ class Observed:
     endpoint_url: str | None = None
     endpoint_reachable: bool | None = None
     endpoint_error: str = ""
+    # Why the spec cannot be carried out (it does not parse, or the API server refused a child built
+    # from it): no retry can fix that, only a new spec.
+    rejected: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,24 @@ def crash_looping(pods: list[Manifest]) -> list[str]:
     return found
 
 
+# Longest condition message we write: an API server's refusal can list many fields.
+MAX_MESSAGE_LENGTH = 2048
+
+
+def rejected_conditions(reason: str) -> list[ConditionState]:
+    message = f"the spec cannot be carried out: {reason}"
+    if len(message) > MAX_MESSAGE_LENGTH:
+        message = message[: MAX_MESSAGE_LENGTH - 3] + "..."
+    return [
+        ConditionState("Ready", "False", "InvalidSpec", message),
+        ConditionState("Degraded", "True", "InvalidSpec", message),
+        ConditionState("Progressing", "False", "InvalidSpec", "stopped until the spec is changed"),
+    ]
+
+
 def conditions_for(observed: Observed, gpu_resource: str = "nvidia.com/gpu", gpus: int = 0) -> list[ConditionState]:
+    if observed.rejected:
+        return rejected_conditions(observed.rejected)
     if not observed.managed:
         if observed.endpoint_reachable:
             ready = ConditionState("Ready", "True", "EndpointReachable", f"{observed.endpoint_url} answers")
@@ -145,6 +165,10 @@ def conditions_for(observed: Observed, gpu_resource: str = "nvidia.com/gpu", gpu
         states.append(ConditionState("Ready", "False", "ContainersFailing", "; ".join(crashes)))
     elif job != "Complete":
         states.append(ConditionState("Ready", "False", "Downloading", job_message))
+    elif observed.deployment is not None and desired == 0:
+        states.append(
+            ConditionState("Ready", "False", "ScaledToZero", "0 replicas are wanted; scale up to serve the model")
+        )
     else:
         states.append(
             ConditionState("Ready", "False", "Loading", f"0/{desired} replica(s) ready; the model is loading")
@@ -202,7 +226,7 @@ def phase_for(states: list[ConditionState]) -> str:
     if by_type["Ready"].status == "True":
         return "Degraded" if by_type.get("Degraded", by_type["Ready"]).status == "True" else "Ready"
     reason = by_type["Ready"].reason
-    if reason in {"PrefetchFailed", "ContainersFailing"}:
+    if reason in {"PrefetchFailed", "ContainersFailing", "InvalidSpec"}:
         return "Failed"
     if reason == "Downloading":
         return "Downloading"

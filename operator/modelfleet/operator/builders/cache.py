@@ -39,8 +39,19 @@ def prefetch_key(context: ModelContext) -> str:
     return hashlib.sha256(f"{context.runtime}\n{context.spec.model}\n{context.image}".encode()).hexdigest()[:10]
 
 
+# A Job's name is also a label value on its pods, so at most 63 characters.
+MAX_JOB_NAME_LENGTH = 63
+
+
 def prefetch_job_name(context: ModelContext) -> str:
-    return child_name(context, f"prefetch-{prefetch_key(context)}")
+    """im-<model>-prefetch-<key>; a long model name is shortened and made unique by a digest of it."""
+    suffix = f"prefetch-{prefetch_key(context)}"
+    name = child_name(context, suffix)
+    if len(name) <= MAX_JOB_NAME_LENGTH:
+        return name
+    digest = hashlib.sha256(context.name.encode()).hexdigest()[:6]
+    room = MAX_JOB_NAME_LENGTH - len(f"im--{digest}-{suffix}")
+    return f"im-{context.name[:room].rstrip('-')}-{digest}-{suffix}"
 
 
 OLLAMA_PULL_SCRIPT = """\

@@ -85,7 +85,7 @@ def scheduling(context: ModelContext) -> Manifest:
         tolerations.append({"key": context.resources.gpu_resource, "operator": "Exists", "effect": "NoSchedule"})
     if user is not None:
         node_selector.update(user.node_selector or {})
-        tolerations.extend(user.tolerations or [])
+        tolerations.extend(t.model_dump(by_alias=True, exclude_none=True) for t in user.tolerations or [])
     if node_selector:
         pod["nodeSelector"] = node_selector
     if tolerations:
@@ -128,7 +128,11 @@ def build_deployment(context: ModelContext) -> Manifest:
     else:
         args, env, health_path = vllm_container_settings(context)
     if context.spec.engine and context.spec.engine.env:
-        env += [var.model_dump(by_alias=True, exclude_none=True) for var in context.spec.engine.env]
+        # A variable the user sets replaces ours of the same name: server-side apply merges env by
+        # name and refuses a list that names one variable twice.
+        user_env = [var.model_dump(by_alias=True, exclude_none=True) for var in context.spec.engine.env]
+        overridden = {var["name"] for var in user_env}
+        env = [var for var in env if var["name"] not in overridden] + user_env
     port = serving_port(context)
 
     def probe(period: int, failures: int) -> Manifest:
