@@ -63,6 +63,26 @@ def test_out_of_range_fields_are_400_and_name_the_field(
     assert str(error["param"]).startswith(param)
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/chat/completions", b'{"model": "gemma3:270m", "messages": [{"role": "user", "content": "a\\ud800b"}]}'),
+        ("/chat/completions", b'{"model": "gemma3:270m", "messages": [{"role": "user", "content": "hi"}], '
+                              b'"seed": 123456789012345678901234567890}'),
+        ("/chat/completions", b'{"model": "gemma3:270m", "messages": [{"role": "user", "content": "hi", "x": '
+                              + b"[" * 300 + b"]" * 300 + b"}]}"),
+        ("/completions", b'{"model": "gemma3:270m", "prompt": "hi", "user": "\\udfff"}'),
+        ("/responses", b'{"model": "gemma3:270m", "input": []}'),
+    ],
+)  # fmt: skip
+def test_bodies_the_router_cannot_forward_are_400(router_server: RouterServer, path: str, body: bytes) -> None:
+    """Found by schemathesis: lone surrogates, integers beyond 64 bits and nesting past orjson's limit were 500s
+    when the router re-encoded the body; an empty Responses input was a 500 in its translation."""
+    response = httpx.post(f"{router_server.openai_base_url}{path}", content=body,
+                          headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    assert_openai_error(response, 400)
+
+
 def test_header_injection_through_a_model_name_goes_nowhere(router_server: RouterServer) -> None:
     response = httpx.post(f"{router_server.openai_base_url}/chat/completions",
                           json={**CHAT, "model": "x\r\nSet-Cookie: pwned=1"}, timeout=30)  # fmt: skip

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
@@ -42,6 +43,53 @@ class RouterError(Exception):
         self.headers = headers or {}
 
 
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response (documentation only: `error_body` builds it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
+
+
+ERROR_STATUSES: dict[int | str, str] = {
+    400: "Invalid request: malformed JSON, a field out of range, max_tokens above the router's cap, or no model "
+    "named where the router has no default.",
+    401: "No API key, or an unknown one.",
+    403: "Not allowed: an admin endpoint without an admin key, or a remote model without `allow_remote: true`.",
+    404: "The model does not exist (or was removed while the request waited for it).",
+    413: "The request body is larger than the router accepts.",
+    429: "A rate limit is reached or the model's queue is full; `retry-after` says when to retry.",
+    502: "The model server failed, or cannot be reached.",
+    503: "The model has no ready replica, or the rate limiter is unavailable and the router fails closed.",
+    504: "No free replica within the queue deadline, or the model server did not answer in time.",
+    "4XX": "The model server refused the request: its status and message are passed on (code `upstream_rejected`).",
+}
+RETRY_AFTER = {"retry-after": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"}}}
+
+
+def error_responses(*statuses: int | str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting `statuses` with the one error body."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        responses[status] = {"model": ErrorBody, "description": ERROR_STATUSES[status]}
+        if status == 429:
+            responses[status]["headers"] = RETRY_AFTER
+    return responses
+
+
+# Every route that runs a generation: request validation, auth, model lookup, limits, queue and backend.
+GENERATION_ERRORS = error_responses(400, 401, 403, 404, 413, 429, 502, 503, 504, "4XX")
+
+
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -64,6 +112,9 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     return (f"{param}: {message}" if param else message), param
 
 
+FRAMEWORK_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RouterError)
     async def router_error(_: Request, exc: RouterError) -> OrjsonResponse:
@@ -76,8 +127,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> OrjsonResponse:
+        # The framework's own refusals: an unknown path, a wrong method, a body it could not parse
+        # (e.g. an integer of more than 4300 digits).
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(RouterError(exc.status_code, str(exc.detail), type=kind))
+        code = FRAMEWORK_CODES.get(exc.status_code)
+        return error_response(RouterError(exc.status_code, str(exc.detail), type=kind, code=code))
 
     @app.exception_handler(Exception)
     async def unexpected_error(_: Request, exc: Exception) -> OrjsonResponse:

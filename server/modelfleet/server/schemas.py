@@ -1,10 +1,43 @@
-"""Request bodies of every API the router speaks, validated before anything reaches a backend."""
+"""Request bodies of every API the router speaks, validated before anything reaches a backend, and the
+shapes of its answers.
+
+The answer models only document the OpenAPI (FastAPI's `responses=`): the router passes backend JSON
+through without validating it, so they require the keys clients rely on and allow any others.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+# OpenAI's seed is an int64, as is the seed of Ollama and vLLM.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+class ForwardedBody(BaseModel):
+    """A request body the router re-encodes (orjson) for the backend and the cache key.
+
+    Python's JSON parser accepts what orjson cannot write back: lone surrogates in strings, integers
+    beyond 64 bits, nesting deeper than 255 levels.  Such a body is a 400 here, not a 500 later.
+    """
+
+    @model_validator(mode="before")
+    @classmethod
+    def forwardable(cls, data: Any) -> Any:
+        try:
+            # `default` passes over objects (a model the router's own code hands in): only JSON is in question.
+            orjson.dumps(data, default=lambda _: None)
+        except orjson.JSONEncodeError as exc:
+            raise PydanticCustomError(
+                "json_not_forwardable",
+                "The request body cannot be forwarded ({reason}): strings must be valid Unicode, integers "
+                "must fit in 64 bits, and nesting must stay under 255 levels.",
+                {"reason": str(exc)},
+            ) from None
+        return data
 
 
 class StreamOptions(BaseModel):
@@ -18,7 +51,7 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(ForwardedBody):
     """Fields shared by chat and text completions; unknown fields are ignored, as OpenAI's own API does."""
 
     model_config = ConfigDict(extra="ignore")
@@ -30,7 +63,7 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = Field(None, max_length=4)
-    seed: int | None = None
+    seed: Seed | None = None
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -40,12 +73,30 @@ class SamplingFields(BaseModel):
     use_cache: bool = Field(True, description="false: neither read nor write the response cache.")
 
 
+def examples(*bodies: dict[str, Any]) -> dict[str, Any]:
+    """Request examples for the OpenAPI ("gemma" stands for any model name or alias the router serves)."""
+    return {"examples": list(bodies)}
+
+
+ASK = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour."}]
+
+
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra=examples(
+        {"model": "gemma", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8},
+        {"model": "gemma", "messages": ASK, "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}},
+    ))  # fmt: skip
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
 class CompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra=examples(
+        {"model": "gemma", "prompt": "Once upon a time", "max_tokens": 8},
+        {"model": "gemma", "prompt": ["Roses are red,"], "max_tokens": 8, "stream": True},
+    ))  # fmt: skip
+
     prompt: str | list[str] = Field(description="One prompt (a list of one is accepted).")
 
     @field_validator("prompt")
@@ -65,36 +116,200 @@ class ResponsesInputMessage(BaseModel):
     content: str | list[dict[str, Any]]
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(ForwardedBody):
     """The Responses-style API: `input` is a string or a list of messages."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=examples(
+        {"model": "gemma", "input": "Say hello.", "max_output_tokens": 8},
+        {"model": "gemma", "instructions": "Answer in one word.", "input": ASK[1:], "max_output_tokens": 8,
+         "stream": True},
+    ))  # fmt: skip
 
     model: str = Field(min_length=1)
-    input: str | list[ResponsesInputMessage]
+    input: str | Annotated[list[ResponsesInputMessage], Field(json_schema_extra={"minItems": 1})]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool = False
     allow_remote: bool = False
     use_cache: bool = True
 
+    @field_validator("input")
+    @classmethod
+    def some_input(cls, value: str | list[ResponsesInputMessage]) -> str | list[ResponsesInputMessage]:
+        # minItems is checked here rather than by Field(min_length=1): in a union, that error would be
+        # reported as "input.str: Input should be a valid string".
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one message")
+        return value
 
-class GenerateRequest(BaseModel):
+
+class GenerateRequest(ForwardedBody):
     """/v1/generate and /v1/generate/stream, the API of the systems our users come from."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=examples(
+        {"prompt": "Say hello.", "max_tokens": 8},
+        {"model": "gemma", "system": "Answer in one word.", "prompt": "Name a colour.", "max_tokens": 8, "seed": 7},
+    ))  # fmt: skip
 
     prompt: str = Field(min_length=1)
     model: str | None = Field(None, min_length=1, description="Default: the router's default model.")
     system: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    seed: int | None = None
+    seed: Seed | None = None
     use_cache: bool = True
 
 
 class InferRequest(GenerateRequest):
     """/infer: the same fields as /v1/generate."""
+
+
+class Answer(BaseModel):
+    """A documented answer: the keys listed are always there; backends may add others."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Usage(Answer):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(Answer):
+    role: str
+    content: str | None
+
+
+class ChatChoice(Answer):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+
+
+class ChatCompletion(Answer):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class TextChoice(Answer):
+    index: int
+    text: str
+    finish_reason: str | None
+
+
+class TextCompletion(Answer):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(Answer):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(Answer):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ResponseObject(Answer):
+    """POST /v1/responses: OpenAI's response object, plus `cached` and `timings` (milliseconds)."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete"]
+    model: str
+    output: list[dict[str, Any]]
+    usage: dict[str, Any] | None
+    cached: bool
+    timings: dict[str, float]
+
+
+class GenerateAnswer(Answer):
+    text: str
+    model: str
+    cached: bool
+    latency_ms: float
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class InferAnswer(Answer):
+    response: str
+    model: str
+    cached: bool
+    latency_ms: float
+
+
+class AdminModel(Answer):
+    name: str
+    aliases: list[str]
+    state: Literal["ready", "no_ready_replicas", "unreachable"]
+    replicas: int
+    endpoints: list[dict[str, Any]]
+    queue_depth: int
+    in_flight: int
+
+
+class AdminModelList(Answer):
+    object: Literal["list"]
+    data: list[AdminModel]
+
+
+# Server-sent events as OpenAPI documents them (one schema per event; `: ping` comments are not events).
+# Schemathesis reads each event as {"event", "data"}; `data` holds JSON unless it is OpenAI's [DONE].
+ERROR_BODY_REF = {"$ref": "#/components/schemas/ErrorBody"}
+ERROR_DETAIL_REF = {"$ref": "#/components/schemas/ErrorDetail"}
+
+
+def json_data(schema: dict[str, Any]) -> dict[str, Any]:
+    """An event's `data`: a JSON document matching `schema`."""
+    return {"type": "string", "contentMediaType": "application/json", "contentSchema": schema}
+
+
+def event_stream(description: str, event: dict[str, Any]) -> dict[str, Any]:
+    """The `text/event-stream` content of a 200 response whose every event matches `event`."""
+    return {"text/event-stream": {"schema": {"description": description, **event}}}
+
+
+CHUNK_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "object": {"enum": ["chat.completion.chunk", "text_completion"]},
+        "choices": {"type": "array", "items": {"type": "object", "required": ["index", "finish_reason"]}},
+        "usage": {"anyOf": [{"type": "null"}, Usage.model_json_schema()]},
+    },
+}
+OPENAI_STREAM = event_stream(
+    "`stream: true`: one `data:` chunk per event (chat.completion.chunk or text_completion), the usage chunk if "
+    "`stream_options.include_usage`, an error body if the backend fails mid-stream, then `data: [DONE]`.",
+    {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "event": {"const": "message"},
+            "data": {
+                "type": "string",
+                "if": {"const": "[DONE]"},
+                "else": json_data({"anyOf": [CHUNK_SCHEMA, ERROR_BODY_REF]}),
+            },
+        },
+    },
+)

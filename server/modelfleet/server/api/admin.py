@@ -6,8 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from modelfleet.server.errors import OrjsonResponse
+from modelfleet.server.errors import OrjsonResponse, error_responses
 from modelfleet.server.registry import ServedModel
+from modelfleet.server.schemas import AdminModelList
 from modelfleet.server.services import Services, services_of
 
 router = APIRouter(tags=["admin"])
@@ -47,7 +48,7 @@ def describe(model: ServedModel, services: Services) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/admin/models")
+@router.get("/v1/admin/models", responses={200: {"model": AdminModelList}, **error_responses(401, 403)})
 async def admin_models(http_request: Request) -> OrjsonResponse:
     services = services_of(http_request)
     services.keys.require_admin(http_request)

@@ -16,13 +16,44 @@ from fastapi.responses import StreamingResponse
 
 from modelfleet.server import pipeline
 from modelfleet.server.api.openai import SSE_HEADERS
-from modelfleet.server.errors import OrjsonResponse, RouterError, error_body
+from modelfleet.server.errors import GENERATION_ERRORS, OrjsonResponse, RouterError, error_body
 from modelfleet.server.pipeline import Generation, Heartbeat, StreamFailure, StreamPlan
-from modelfleet.server.schemas import ChatCompletionRequest, GenerateRequest, InferRequest
+from modelfleet.server.schemas import (
+    ERROR_DETAIL_REF,
+    ChatCompletionRequest,
+    GenerateAnswer,
+    GenerateRequest,
+    InferAnswer,
+    InferRequest,
+    event_stream,
+    json_data,
+)
 from modelfleet.server.services import Services, services_of
 from modelfleet.server.streaming import PING, sse
 
 router = APIRouter(tags=["compat"])
+
+TOKEN_EVENTS = event_stream(
+    '{"token", "done": false, "cached"} per chunk, then {"done": true, "model", "latency_ms", "prompt_tokens", '
+    '"completion_tokens", ...}; a failure mid-stream ends with {"done": true, "error": {...}}.',
+    {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "event": {"const": "message"},
+            "data": json_data({
+                "type": "object",
+                "required": ["done", "cached"],
+                "properties": {"token": {"type": "string"}, "done": {"type": "boolean"}, "cached": {"type": "boolean"},
+                               "latency_ms": {"type": "number"}, "error": ERROR_DETAIL_REF},
+                "anyOf": [
+                    {"properties": {"done": {"const": False}}, "required": ["token"]},
+                    {"properties": {"done": {"const": True}}, "required": ["latency_ms"]},
+                ],
+            }),
+        },
+    },
+)  # fmt: skip
 
 
 def model_for(request: GenerateRequest, services: Services) -> str:
@@ -60,7 +91,7 @@ def answer_text(result: dict[str, Any]) -> str:
     return content if isinstance(content, str) else ""
 
 
-@router.post("/v1/generate")
+@router.post("/v1/generate", responses={200: {"model": GenerateAnswer}, **GENERATION_ERRORS})
 async def generate(request: GenerateRequest, http_request: Request) -> OrjsonResponse:
     generation = await start(http_request, request, "/v1/generate")
     result, lookup = await pipeline.complete(generation)
@@ -101,7 +132,12 @@ async def token_events(plan: StreamPlan, generation: Generation) -> AsyncIterato
     yield sse(orjson.dumps(final))
 
 
-@router.post("/v1/generate/stream")
+@router.post(
+    "/v1/generate/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": TOKEN_EVENTS}, **GENERATION_ERRORS},
+    response_description="The tokens as server-sent events.",
+)
 async def generate_stream(request: GenerateRequest, http_request: Request) -> StreamingResponse:
     generation = await start(http_request, request, "/v1/generate/stream")
     plan = await pipeline.stream(generation)
@@ -109,7 +145,7 @@ async def generate_stream(request: GenerateRequest, http_request: Request) -> St
                              headers={**generation.response_headers(), **SSE_HEADERS})  # fmt: skip
 
 
-@router.post("/infer")
+@router.post("/infer", responses={200: {"model": InferAnswer}, **GENERATION_ERRORS})
 async def infer(request: InferRequest, http_request: Request) -> OrjsonResponse:
     generation = await start(http_request, request, "/infer")
     result, lookup = await pipeline.complete(generation)

@@ -11,9 +11,17 @@ from fastapi.responses import StreamingResponse
 
 from modelfleet.server import pipeline
 from modelfleet.server.backends.base import Kind
-from modelfleet.server.errors import OrjsonResponse, error_body
+from modelfleet.server.errors import GENERATION_ERRORS, OrjsonResponse, error_body, error_responses
 from modelfleet.server.pipeline import Heartbeat, StreamFailure, StreamPlan
-from modelfleet.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from modelfleet.server.schemas import (
+    OPENAI_STREAM,
+    ChatCompletion,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelList,
+    SamplingFields,
+    TextCompletion,
+)
 from modelfleet.server.services import services_of
 from modelfleet.server.streaming import PING, sse
 
@@ -52,17 +60,25 @@ async def answer(http_request: Request, request: SamplingFields, kind: Kind, rou
     return OrjsonResponse(result, headers=headers)
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    responses={200: {"model": ChatCompletion, "content": OPENAI_STREAM}, **GENERATION_ERRORS},
+    response_description="The completion, or with `stream: true` its chunks as server-sent events.",
+)
 async def chat_completions(request: ChatCompletionRequest, http_request: Request) -> Any:
     return await answer(http_request, request, "chat", "/v1/chat/completions")
 
 
-@router.post("/v1/completions")
+@router.post(
+    "/v1/completions",
+    responses={200: {"model": TextCompletion, "content": OPENAI_STREAM}, **GENERATION_ERRORS},
+    response_description="The completion, or with `stream: true` its chunks as server-sent events.",
+)
 async def completions(request: CompletionRequest, http_request: Request) -> Any:
     return await answer(http_request, request, "completion", "/v1/completions")
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses={200: {"model": ModelList}, **error_responses(401)})
 async def list_models(http_request: Request) -> OrjsonResponse:
     services = services_of(http_request)
     services.keys.authenticate(http_request)

@@ -16,13 +16,50 @@ from fastapi.responses import StreamingResponse
 
 from modelfleet.server import pipeline
 from modelfleet.server.api.openai import SSE_HEADERS
-from modelfleet.server.errors import OrjsonResponse, error_body
+from modelfleet.server.errors import GENERATION_ERRORS, OrjsonResponse
 from modelfleet.server.pipeline import Generation, Heartbeat, StreamFailure, StreamPlan
-from modelfleet.server.schemas import ChatCompletionRequest, ResponsesRequest
+from modelfleet.server.schemas import ChatCompletionRequest, ResponseObject, ResponsesRequest, event_stream, json_data
 from modelfleet.server.services import services_of
 from modelfleet.server.streaming import PING, sse
 
 router = APIRouter(tags=["responses"])
+
+# The events of a streamed response, and the keys each one's data carries besides `type` and `sequence_number`.
+EVENTS: dict[str, list[str]] = {
+    "response.created": ["response"],
+    "response.in_progress": ["response"],
+    "response.output_item.added": ["output_index", "item"],
+    "response.content_part.added": ["item_id", "output_index", "content_index", "part"],
+    "response.output_text.delta": ["item_id", "output_index", "content_index", "delta"],
+    "response.output_text.done": ["item_id", "output_index", "content_index", "text"],
+    "response.content_part.done": ["item_id", "output_index", "content_index", "part"],
+    "response.output_item.done": ["output_index", "item"],
+    "response.completed": ["response"],
+    "response.incomplete": ["response"],
+    "error": ["code", "message", "param"],
+    "response.failed": ["response"],
+}
+RESPONSE_EVENTS = event_stream(
+    "`stream: true`: OpenAI's Responses events, from response.created to response.completed (or "
+    "response.incomplete); a failure mid-stream sends `error` then response.failed.",
+    {
+        "type": "object",
+        "required": ["event", "data"],
+        "anyOf": [
+            {
+                "properties": {
+                    "event": {"const": name},
+                    "data": json_data({
+                        "type": "object",
+                        "required": ["type", "sequence_number", *keys],
+                        "properties": {"type": {"const": name}, "sequence_number": {"type": "integer"}},
+                    }),
+                }
+            }
+            for name, keys in EVENTS.items()
+        ],
+    },
+)  # fmt: skip
 
 
 def as_chat_request(request: ResponsesRequest) -> ChatCompletionRequest:
@@ -117,7 +154,8 @@ async def response_events(plan: StreamPlan, generation: Generation, request: Res
         if isinstance(streamed, StreamFailure):
             error = streamed.error
             failed = {**initial, "status": "failed", "error": {"code": error.code, "message": error.message}}
-            yield event("error", **error_body(error.message, error.type, error.code)["error"])
+            # OpenAI's error event: its `type` is "error", like the event's name (not the error's type).
+            yield event("error", code=error.code, message=error.message, param=error.param)
             yield event("response.failed", response=failed)
             return
         if streamed.get("usage"):
@@ -138,7 +176,11 @@ async def response_events(plan: StreamPlan, generation: Generation, request: Res
     yield event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
 
 
-@router.post("/v1/responses")
+@router.post(
+    "/v1/responses",
+    responses={200: {"model": ResponseObject, "content": RESPONSE_EVENTS}, **GENERATION_ERRORS},
+    response_description="The response object, or with `stream: true` its events as server-sent events.",
+)
 async def create_response(request: ResponsesRequest, http_request: Request) -> Any:
     services = services_of(http_request)
     generation = await pipeline.prepare(services, http_request, as_chat_request(request), "chat", "/v1/responses",
