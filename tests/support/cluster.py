@@ -9,6 +9,10 @@ per cluster, so a user's real cluster can never pass, whatever its context is ca
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -90,3 +94,83 @@ def load_guarded_context(
     identity = parse_identity(identity_path.read_text())
     kubeconfig = yaml.safe_load(kubeconfig_path.read_text()) or {}
     return identity, check_kubeconfig(kubeconfig, identity)
+
+
+# The control plane's processes, for the API server restart fault -------------------------------
+
+KWOK_CLUSTER_DIR = CACHE_DIR / "kwok" / "clusters" / "modelfleet-dev"
+# The binary each kwokctl component runs (its pid file is named after the component).
+COMPONENT_BINARIES = {
+    "kube-apiserver": "kube-apiserver",
+    "kube-controller-manager": "kube-controller-manager",
+    "kube-scheduler": "kube-scheduler",
+    "kwok-controller": "kwok-controller",
+}
+
+
+@dataclass(frozen=True)
+class ComponentProcess:
+    """How kwokctl started a control-plane component, read back from /proc so it can be started again."""
+
+    name: str
+    pid: int
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    cluster_dir: Path
+
+    @classmethod
+    def current(cls, name: str, cluster_dir: Path = KWOK_CLUSTER_DIR) -> ComponentProcess:
+        pid = int((cluster_dir / "pids" / f"{name}.pid").read_text().strip())
+        proc = Path(f"/proc/{pid}")
+        argv = [part.decode() for part in proc.joinpath("cmdline").read_bytes().split(b"\0") if part]
+        if not argv or Path(argv[0]).name != COMPONENT_BINARIES[name]:
+            raise UnsafeClusterError(f"pid {pid} from {cluster_dir}/pids is not {name}: {argv[:1]}")
+        environ = proc.joinpath("environ").read_bytes().split(b"\0")
+        env = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+        return cls(name=name, pid=pid, argv=argv, env=env, cwd=Path(os.readlink(proc / "cwd")),
+                   cluster_dir=cluster_dir)  # fmt: skip
+
+    def alive(self) -> bool:
+        return runs(self.pid, self.argv[0])
+
+    def running_again(self) -> bool:
+        """Whether the process its pid file names now (the original or a restart) is running."""
+        pid = int((self.cluster_dir / "pids" / f"{self.name}.pid").read_text().strip())
+        return runs(pid, self.argv[0])
+
+    def stop(self, timeout: float = 30) -> None:
+        os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+
+    def start(self) -> ComponentProcess:
+        """Start it again as kwokctl did (own session, same log, new pid file), so that
+        `hack/cluster.sh down` still finds and stops it."""
+        with (self.cluster_dir / "logs" / f"{self.name}.log").open("ab") as log:
+            process = subprocess.Popen(
+                self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        (self.cluster_dir / "pids" / f"{self.name}.pid").write_text(str(process.pid))
+        return ComponentProcess(self.name, process.pid, self.argv, self.env, self.cwd, self.cluster_dir)
+
+
+def runs(pid: int, binary: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode() == binary
+    except OSError:
+        return False
+
+
+def restart_exited(components: list[ComponentProcess]) -> list[str]:
+    """Start again every component that has exited, as kubelet restarts static pods; returns their names."""
+    restarted = []
+    for component in components:
+        if not component.running_again():
+            component.start()
+            restarted.append(component.name)
+    return restarted
