@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from modelfleet.server.errors import OrjsonResponse
@@ -11,13 +13,27 @@ from modelfleet.server.services import services_of
 
 router = APIRouter(tags=["health"])
 
+STATUS_BODY = {"application/json": {"schema": {"type": "object", "required": ["status"],
+                                               "properties": {"status": {"type": "string"}}}}}  # fmt: skip
+READINESS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Ready: the router knows its models.", "content": STATUS_BODY},
+    503: {"description": "Not ready: discovery has not listed the cluster yet, or the router is draining.",
+          "content": STATUS_BODY},
+}  # fmt: skip
+PROMETHEUS_TEXT: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Prometheus text exposition format.",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
+
 
 @router.get("/livez")
 async def livez() -> OrjsonResponse:
     return OrjsonResponse({"status": "ok"})
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=READINESS)
 async def readyz(request: Request) -> OrjsonResponse:
     """Ready once the router knows its models (with discovery, after the first complete listing), until it drains."""
     if request.app.state.drain.draining:
@@ -48,6 +64,6 @@ async def health(request: Request) -> OrjsonResponse:
     return OrjsonResponse(body)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses=PROMETHEUS_TEXT)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(services_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
