@@ -10,7 +10,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import OllamaServer, RouterServer, running_router
+from tests.conftest import OllamaServer, RouterServer, running_router, settled_chat_calls
 
 pytestmark = pytest.mark.integration
 
@@ -131,3 +131,25 @@ def test_prompts_answers_and_keys_stay_out_of_the_log(ollama_server: OllamaServe
     assert text.strip()
     for secret in (prompt, "zebra-4471-quartz", key, wrong_key, text.strip()[:40]):
         assert secret not in log, f"{secret!r} appears in the router's log"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/chat/completions", {"messages": [{"role": "user", "content": "x" * 150_000},
+                                            {"role": "user", "content": [{"type": "text", "text": "y" * 60_000}]}]},
+         "messages"),
+        ("/completions", {"prompt": "z" * 200_001}, "prompt"),
+        ("/responses", {"input": "w" * 200_001}, "messages"),
+    ],
+)  # fmt: skip
+def test_a_prompt_over_the_limit_is_400_before_any_backend_call(
+    router_server: RouterServer, ollama_server: OllamaServer, path: str, body: dict[str, object], param: str
+) -> None:
+    calls = settled_chat_calls(ollama_server)
+    response = httpx.post(f"{router_server.openai_base_url}{path}", json={"model": "gemma", **body}, timeout=30)
+    error = assert_openai_error(response, 400)
+    assert error["code"] == "prompt_too_long"
+    assert error["param"] == param
+    assert "200000" in str(error["message"])
+    assert settled_chat_calls(ollama_server) == calls

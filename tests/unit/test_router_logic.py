@@ -18,7 +18,7 @@ from modelfleet.server.backends.ollama import native_request, usage_of
 from modelfleet.server.errors import RouterError
 from modelfleet.server.lifecycle import Drain
 from modelfleet.server.metrics import RouterMetrics
-from modelfleet.server.pipeline import first_set, upstream_body
+from modelfleet.server.pipeline import first_set, prompt_chars, upstream_body
 from modelfleet.server.registry import ModelRegistry, ModelSpec
 from modelfleet.server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, ResponsesRequest
 from modelfleet.server.services import Services
@@ -208,3 +208,12 @@ def test_drain_is_over_only_after_its_seconds_since_the_first_signal() -> None:
     assert drain.draining
     assert not drain.over()
     assert Drain(seconds=0, started_at=0.0).over()
+
+
+def test_prompt_chars_counts_text_only() -> None:
+    parts = [{"type": "text", "text": "de"}, {"type": "image_url", "image_url": {}}]
+    messages = [{"role": "system", "content": "abc"}, {"role": "user", "content": parts}]
+    assert prompt_chars(messages) == 5
+    assert prompt_chars(["ab", "c"]) == 3
+    assert prompt_chars("hello") == 5
+    assert prompt_chars(None) == 0

@@ -84,7 +84,24 @@ def upstream_body(request: SamplingFields, model: ServedModel, services: Service
                           code="max_tokens_exceeded", param="max_tokens")  # fmt: skip
     body["max_tokens"] = requested or services.settings.default_max_tokens
     body["model"] = model.spec.upstream_model
+    field = "messages" if "messages" in body else "prompt"
+    length, limit = prompt_chars(body.get(field)), services.settings.max_prompt_chars
+    if length > limit:
+        # Characters, not tokens: the router has no tokenizer, and a backend would truncate silently.
+        raise RouterError(400, f"The prompt has {length} characters, above this server's limit of {limit}.",
+                          code="prompt_too_long", param=field)  # fmt: skip
     return body
+
+
+def prompt_chars(value: Any) -> int:
+    """The characters of text in a prompt, messages or content parts (JSON keys and roles do not count)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(prompt_chars(item) for item in value)
+    if isinstance(value, dict):
+        return sum(prompt_chars(value.get(key)) for key in ("content", "text"))
+    return 0
 
 
 def wants_cache(http_request: Request, services: Services, model: ServedModel, body: dict[str, Any],

@@ -63,6 +63,12 @@ class RouterSettings(BaseSettings):
     # Requests
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request sets none.")
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_prompt_chars: int = Field(
+        200_000,
+        ge=1,
+        description="Longest prompt a request may send (all its text, "
+        "in characters); longer ones get 400 prompt_too_long without reaching a backend.",
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
     heartbeat_seconds: float = Field(10.0, gt=0, description="`: ping` interval of a stream that waits in the queue.")
     # Cache
