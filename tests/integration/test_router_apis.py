@@ -170,7 +170,10 @@ def test_generate_stream_events(keyed_router: RouterServer) -> None:
     assert final["done"] is True
     assert final["latency_ms"] > 0
     assert final["cached"] is False
-    assert final["completion_tokens"] == len(tokens)  # Ollama sends one token per chunk
+    # Ollama sends one chunk per token, except that tokens holding parts of one UTF-8 character
+    # (seen with CJK output) arrive together in one chunk.
+    assert final["completion_tokens"] >= len(tokens)
+    assert final["completion_tokens"] <= 16
 
 
 def test_ollama_native_backend_maps_usage(keyed_router: RouterServer) -> None:
