@@ -252,17 +252,21 @@ def test_a_storm_of_100_disconnects_cancels_every_generation_and_leaks_nothing(
         )
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["uncached", "cacheable"])
 def test_a_client_that_leaves_before_its_answer_cancels_the_generation(
-    private_ollama: OllamaServer, tmp_path: Path
+    private_ollama: OllamaServer, tmp_path: Path, cached: bool
 ) -> None:
-    """Not streamed: the handler is awaiting the backend, so only the disconnect can stop it."""
+    """Not streamed: the handler is awaiting the backend, so only the disconnect can stop it.  A cacheable
+    answer is computed in a task shared by identical requests; it stops when its last client leaves."""
     with running_router(tmp_path, gemma(private_ollama)) as router:
         url = f"{router.openai_base_url}/chat/completions"
         assert httpx.post(url, json=chat("Say hi.", 4), timeout=60).status_code == 200
         calls_before = settled_chat_calls(private_ollama)
+        body = chat("Tell a long story about a lighthouse keeper.", 400)
+        body["use_cache"] = cached
         started = time.monotonic()
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(url, json=chat("Tell a long story about a lighthouse keeper.", 400), timeout=2)
+            httpx.post(url, json=body, timeout=2)
         left_at = time.monotonic()
         wait_until(lambda: metric(router, "modelfleet_in_flight_requests") == 0, timeout=5, interval=0.05)
         freed_after = time.monotonic() - left_at

@@ -83,6 +83,37 @@ def test_failures_are_shared_and_not_stored() -> None:
     asyncio.run(scenario())
 
 
+def test_a_shared_answer_is_stopped_only_when_every_waiting_client_left() -> None:
+    async def scenario() -> None:
+        cache = memory_cache()
+        started, stopped = asyncio.Event(), asyncio.Event()
+
+        async def endless() -> dict[str, Any]:
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                stopped.set()
+            return {}
+
+        first = asyncio.create_task(cache.get_or_compute("m", "k", None, endless))
+        second = asyncio.create_task(cache.get_or_compute("m", "k", None, endless))
+        await started.wait()
+        first.cancel()
+        await asyncio.sleep(0.01)
+        assert not stopped.is_set(), "the second client still waits for the answer"
+        second.cancel()
+        await asyncio.wait_for(stopped.wait(), 1)
+
+        async def answer() -> dict[str, Any]:
+            return {"answer": 1}
+
+        # The stopped computation is forgotten: the next identical request starts a new one.
+        assert await cache.get_or_compute("m", "k", None, answer) == ({"answer": 1}, "miss")
+
+    asyncio.run(scenario())
+
+
 def test_a_stream_assembles_into_the_response_it_replays() -> None:
     head = {"id": "c1", "created": 5, "model": "m"}
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}

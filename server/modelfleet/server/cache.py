@@ -161,6 +161,7 @@ class ResponseCache:
         self.ttl_seconds = ttl_seconds
         self.metrics = metrics
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._waiters: dict[str, int] = {}  # clients waiting for each pending answer
         self.hits = 0
         self.misses = 0
         self.bypassed = 0
@@ -189,17 +190,31 @@ class ResponseCache:
         if pending is not None:
             self.hits += 1
             self.metrics.cache_lookups.labels(model=model, result="coalesced").inc()
-            return await asyncio.shield(pending), "coalesced"
+            return await self._share(key, pending), "coalesced"
         cached, how = await self.get(model, key)
         if cached is not None:
             return cached, how
         pending = self._pending.get(key)  # another request may have started while we asked the store
         if pending is not None:
-            return await asyncio.shield(pending), "coalesced"
+            return await self._share(key, pending), "coalesced"
         # A task of its own: if the first client leaves, the others still get the answer.
         task = asyncio.ensure_future(self._compute_and_store(key, ttl_seconds, compute))
         self._pending[key] = task
-        return await asyncio.shield(task), how
+        return await self._share(key, task), how
+
+    async def _share(self, key: str, task: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
+        """Wait for a shared answer; when the last client waiting for it leaves, stop generating it."""
+        self._waiters[key] = self._waiters.get(key, 0) + 1
+        try:
+            return await asyncio.shield(task)
+        finally:
+            self._waiters[key] -= 1
+            if self._waiters[key] == 0:
+                del self._waiters[key]
+                if not task.done():
+                    if self._pending.get(key) is task:
+                        del self._pending[key]  # a request arriving now starts afresh
+                    task.cancel()
 
     async def _compute_and_store(
         self, key: str, ttl_seconds: float | None, compute: Callable[[], Awaitable[dict[str, Any]]]
@@ -209,7 +224,8 @@ class ResponseCache:
             await self.put(key, result, ttl_seconds)
             return result
         finally:
-            self._pending.pop(key, None)
+            if self._pending.get(key) is asyncio.current_task():
+                del self._pending[key]
 
     async def put(self, key: str, response: dict[str, Any], ttl_seconds: float | None) -> None:
         try:
