@@ -509,5 +509,7 @@ def test_the_operator_gives_each_model_a_policy_that_admits_only_the_router(
     # The tightened RBAC (Events create only, status patch only) is all the operator needed.
     events = core.list_namespaced_event(namespace, field_selector="involvedObject.kind=InferenceModel").items
     assert {event.involved_object.name for event in events} >= {"np-ollama", "np-vllm"}
-    log = operator.process.log_path.read_text(errors="replace")
-    assert "forbidden" not in log.lower(), operator.process.log_tail(40)
+    # (A namespace being deleted refuses everything with 403 too: other tests' namespaces, not RBAC.)
+    log = operator.process.log_path.read_text(errors="replace").splitlines()
+    refused = [line for line in log if "forbidden" in line.lower() and "being terminated" not in line]
+    assert not refused, refused[:5]

@@ -13,7 +13,7 @@ from modelfleet.api import v1alpha1
 from modelfleet.operator.apply import Kube, apply_body
 from modelfleet.operator.builders import autoscaling, cache, networkpolicy, service, workload
 from modelfleet.operator.builders.common import MODEL_LABEL, ModelContext, NetworkPeers, RuntimeImages, selector_labels
-from modelfleet.operator.reconcile import probe_endpoint, reconcile
+from modelfleet.operator.reconcile import namespace_terminating, probe_endpoint, reconcile
 from modelfleet.operator.settings import OperatorSettings
 from modelfleet.operator.status import MAX_MESSAGE_LENGTH, Observed, conditions_for, phase_for
 from tests.support.models import COMBINATIONS, all_children, make_context
@@ -404,3 +404,13 @@ def test_zero_replicas_is_not_loading() -> None:
     states = conditions_for(Observed(deployment=deployment, prefetch_expected=False))
     ready = next(state for state in states if state.type == "Ready")
     assert ready.reason == "ScaledToZero"
+
+
+def test_a_terminating_namespace_is_recognised_by_the_cause_not_the_status() -> None:
+    terminating = ApiException(status=403, reason="Forbidden")
+    terminating.body = json.dumps({"details": {"causes": [{"reason": "NamespaceTerminating"}]}})
+    rbac = ApiException(status=403, reason="Forbidden")
+    rbac.body = json.dumps({"message": "deployments.apps is forbidden: User cannot create"})
+    assert namespace_terminating(terminating)
+    assert not namespace_terminating(rbac)
+    assert not namespace_terminating(ApiException(status=500, reason="boom"))

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from modelfleet.api import v1alpha1
 from modelfleet.operator.apply import Kube
 from modelfleet.operator.builders.common import MANAGED_BY, MODEL_LABEL
-from modelfleet.operator.reconcile import reconcile, status_changed
+from modelfleet.operator.reconcile import namespace_terminating, reconcile, status_changed
 from modelfleet.operator.settings import OperatorSettings
 
 # (group, version, plural) of every kind whose changes can change a model's desired or observed state.
@@ -120,6 +120,13 @@ class Runtime:
                 self.settings.endpoint_probe_timeout_seconds,
                 self.settings.network_peers,
             )
+        except ApiException as exc:
+            if namespace_terminating(exc):
+                # The garbage collector removes the model with its namespace; retrying would only log.
+                logger.debug("%s/%s: its namespace is being deleted", namespace, name)
+                return
+            self.metrics.errors.inc()
+            raise
         except Exception:
             self.metrics.errors.inc()
             raise

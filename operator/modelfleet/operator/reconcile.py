@@ -85,6 +85,17 @@ def refusal(exc: ApiException) -> str | None:
     return f"the API server refused a child: {message or exc.reason}"
 
 
+def namespace_terminating(exc: ApiException) -> bool:
+    """The model's namespace is being deleted: nothing can be created in it, and nothing needs to be."""
+    if exc.status != 403:
+        return False
+    try:
+        causes = json.loads(exc.body or "{}").get("details", {}).get("causes") or []
+    except (ValueError, AttributeError):
+        return False
+    return any(cause.get("reason") == "NamespaceTerminating" for cause in causes)
+
+
 def selector_string(context: ModelContext) -> str:
     return ",".join(f"{key}={value}" for key, value in selector_labels(context).items())
 
