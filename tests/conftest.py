@@ -7,6 +7,7 @@ so tests never touch a service that the machine (or the user) runs already.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hack import ollama_model
 from tests.support.procs import LOOPBACK, RunningProcess, free_port, running_process, wait_until
@@ -253,3 +255,15 @@ def router_server(ollama_server: OllamaServer, tmp_path_factory: pytest.TempPath
         {"name": ollama_server.model, "url": ollama_server.base_url, "aliases": ["gemma"]}
     ]
     yield from start_router(tmp_path_factory.mktemp("router"), models, max_tokens_cap="512")
+
+
+def hashed_key(name: str, key: str, **options: object) -> dict[str, object]:
+    """An entry of the router's keys file that stores `key` as its SHA-256, as operators should."""
+    return {"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(), **options}
+
+
+def write_keys_file(work_dir: Path, *entries: dict[str, object]) -> Path:
+    """`keys.yaml` for MODELFLEET_API_KEYS_FILE, in `work_dir`."""
+    path = work_dir / "keys.yaml"
+    path.write_text(yaml.safe_dump({"keys": list(entries)}))
+    return path

@@ -3,7 +3,6 @@ API keys, and the Ollama-native backend.  Shapes and SSE framing are checked lin
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +10,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import yaml
 
-from tests.conftest import OllamaServer, RouterServer, running_router, start_router
+from tests.conftest import OllamaServer, RouterServer, hashed_key, running_router, start_router, write_keys_file
 
 pytestmark = pytest.mark.integration
 
@@ -25,11 +23,10 @@ ADMIN_KEY = "mf-admin-77b2e0"
 def keyed_router(ollama_server: OllamaServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterServer]:
     """Keys required; one user key stored as its SHA-256, one admin key; two models: Ollama's /v1 and native."""
     work_dir = tmp_path_factory.mktemp("keyed-router")
-    keys_file = work_dir / "keys.yaml"
-    keys_file.write_text(yaml.safe_dump({"keys": [
-        {"name": "team-a", "sha256": hashlib.sha256(USER_KEY.encode()).hexdigest()},
-        {"name": "ops", "key": ADMIN_KEY, "admin": True},
-    ]}))  # fmt: skip
+    # The admin key in plain text: the router hashes it at load.
+    keys_file = write_keys_file(
+        work_dir, hashed_key("team-a", USER_KEY), {"name": "ops", "key": ADMIN_KEY, "admin": True}
+    )
     models: list[dict[str, object]] = [
         {"name": "gemma", "url": ollama_server.base_url, "upstream_model": ollama_server.model},
         {"name": "gemma-native", "url": ollama_server.base_url, "upstream_model": ollama_server.model,

@@ -3,14 +3,12 @@ nothing secret reaches the router's log."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from tests.conftest import OllamaServer, RouterServer, running_router, settled_chat_calls
+from tests.conftest import OllamaServer, RouterServer, hashed_key, running_router, settled_chat_calls, write_keys_file
 
 pytestmark = pytest.mark.integration
 
@@ -106,10 +104,7 @@ def test_an_oversized_body_is_413_even_without_content_length(router_server: Rou
 def test_prompts_answers_and_keys_stay_out_of_the_log(ollama_server: OllamaServer, tmp_path: Path) -> None:
     """A full run of requests (plain, streamed, refused) leaves no prompt, answer or key in the router's log."""
     key, wrong_key = "mf-secret-key-7f3a91", "mf-wrong-key-22c0d5"
-    keys_file = tmp_path / "keys.yaml"
-    keys_file.write_text(
-        yaml.safe_dump({"keys": [{"name": "team", "sha256": hashlib.sha256(key.encode()).hexdigest()}]})
-    )
+    keys_file = write_keys_file(tmp_path, hashed_key("team", key))
     models: list[dict[str, object]] = [{"name": ollama_server.model, "url": ollama_server.base_url}]
     prompt = "The secret launch code is zebra-4471-quartz."
     with running_router(tmp_path, models, auth_required="true", api_keys_file=str(keys_file)) as router:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from tests.conftest import OllamaServer, RouterServer, running_router
+from tests.conftest import OllamaServer, RouterServer, hashed_key, running_router, write_keys_file
 
 pytestmark = pytest.mark.integration
 
@@ -88,11 +86,7 @@ def test_token_budget(ollama_server: OllamaServer, tmp_path: Path) -> None:
 
 
 def test_keys_have_their_own_budgets_and_overrides(ollama_server: OllamaServer, tmp_path: Path) -> None:
-    keys_file = tmp_path / "keys.yaml"
-    keys_file.write_text(yaml.safe_dump({"keys": [
-        {"name": "a", "sha256": hashlib.sha256(b"key-a").hexdigest()},
-        {"name": "b", "sha256": hashlib.sha256(b"key-b").hexdigest(), "requests_per_minute": 1},
-    ]}))  # fmt: skip
+    keys_file = write_keys_file(tmp_path, hashed_key("a", "key-a"), hashed_key("b", "key-b", requests_per_minute=1))
     models: list[dict[str, object]] = [{"name": ollama_server.model, "url": ollama_server.base_url}]
     with running_router(
         tmp_path, models, auth_required="true", api_keys_file=str(keys_file), rate_limit_requests_per_minute="2"

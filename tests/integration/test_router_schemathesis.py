@@ -11,7 +11,6 @@ all in the documented shape.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +18,6 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-import yaml
 from hypothesis import strategies as st
 from schemathesis.checks import (
     content_type_conformance,
@@ -30,7 +28,7 @@ from schemathesis.checks import (
 
 from modelfleet.server.app import create_app
 from modelfleet.server.settings import RouterSettings
-from tests.conftest import OllamaServer, RouterServer, running_router
+from tests.conftest import OllamaServer, RouterServer, hashed_key, running_router, write_keys_file
 
 pytestmark = pytest.mark.integration
 
@@ -105,11 +103,7 @@ def open_router(ollama_server: OllamaServer, tmp_path_factory: pytest.TempPathFa
 @pytest.fixture(scope="module")
 def keyed_router(ollama_server: OllamaServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterServer]:
     work_dir = tmp_path_factory.mktemp("fuzzed-keyed-router")
-    keys_file = work_dir / "keys.yaml"
-    keys_file.write_text(yaml.safe_dump({"keys": [
-        {"name": "fuzz", "sha256": hashlib.sha256(USER_KEY.encode()).hexdigest()},
-        {"name": "ops", "key": ADMIN_KEY, "admin": True},
-    ]}))  # fmt: skip
+    keys_file = write_keys_file(work_dir, hashed_key("fuzz", USER_KEY), hashed_key("ops", ADMIN_KEY, admin=True))
     with running_router(work_dir, models(ollama_server), auth_required="true", api_keys_file=str(keys_file),
                         **ROUTER_SETTINGS) as router:  # fmt: skip
         yield router
