@@ -30,6 +30,11 @@ from tests.support.cluster import (
 from tests.support.procs import LOOPBACK, RunningProcess, free_port, running_process, wait_until
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that stop part of the control plane run last, so no other test meets it recovering."""
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+
+
 @dataclass
 class Cluster:
     identity: ClusterIdentity

@@ -25,7 +25,7 @@ from tests.conftest import RouterServer, running_router
 from tests.e2e.conftest import Cluster, OperatorProcess, wait_for
 from tests.support.cluster import COMPONENT_BINARIES, ComponentProcess, restart_exited
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.disruptive]
 
 OUTAGE_SECONDS = 15.0  # longer than the controllers' lease renew deadline: they exit, deterministically
 
@@ -66,6 +66,16 @@ def observed_generation(cluster: Cluster, namespace: str, name: str) -> int | No
     return generation
 
 
+LEADER_ELECTED = ("kube-controller-manager", "kube-scheduler")
+
+
+def lease_holders(cluster: Cluster) -> dict[str, str | None]:
+    coordination = client.CoordinationV1Api(cluster.api)
+    return {
+        name: coordination.read_namespaced_lease(name, "kube-system").spec.holder_identity for name in LEADER_ELECTED
+    }
+
+
 def served(router: RouterServer) -> set[str]:
     return {model["id"] for model in httpx.get(f"{router.openai_base_url}/models", timeout=5).json()["data"]}
 
@@ -90,6 +100,7 @@ def test_after_an_api_server_restart_the_watches_resume_and_catch_up(
     wait_for(lambda: deployment_cpu(cluster, namespace, "kept") == "100m", "the operator to create kept's Deployment")
     wait_for(lambda: served(router) == {"kept", "ep-old"}, "the router to list both models")
 
+    holders_before = lease_holders(cluster)
     components = [ComponentProcess.current(name) for name in COMPONENT_BINARIES]
     api_server = components[0]
     stopped_at = time.monotonic()
@@ -138,7 +149,16 @@ def test_after_an_api_server_restart_the_watches_resume_and_catch_up(
         wait_for(lambda: deployment_cpu(cluster, namespace, "added") == "100m", "added's Deployment", timeout=120)
         assert httpx.get(f"{router.base_url}/readyz", timeout=5).status_code == 200
     finally:
-        restart_exited(components)  # whatever happens, leave the cluster whole for the tests after this one
+        # Whatever happens, leave the cluster whole for what runs next: every component running, and
+        # the restarted controllers leading again (they take over once the old leases expire).
+        restarted += restart_exited(components)
+        wait_for(
+            lambda: all(
+                lease_holders(cluster)[name] != holders_before[name] for name in LEADER_ELECTED if name in restarted
+            ),
+            "the restarted controller-manager and scheduler to hold their leases",
+            timeout=90,
+        )
     print(f"\nrestarted after the outage: {restarted}")
     print(
         f"\nAPI server down {back_at - stopped_at:.1f} s (stop, {OUTAGE_SECONDS:.0f} s outage, start); "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -111,11 +112,17 @@ def test_pod_asking_for_100_gpus_stays_pending_with_a_reason(cluster: Cluster, n
 
     wait_for(lambda: bool(failed_scheduling_messages()), what="a FailedScheduling event for the 100-GPU pod")
     assert any("nvidia.com/gpu" in message for message in failed_scheduling_messages()), failed_scheduling_messages()
+
+    def scheduled_condition() -> list[Any]:
+        pod = core.read_namespaced_pod("greedy", namespace)
+        return [c for c in pod.status.conditions or [] if c.type == "PodScheduled"]
+
+    # The scheduler records the event and writes the pod's condition separately: either may land first.
+    wait_for(lambda: bool(scheduled_condition()), what="the PodScheduled condition of the 100-GPU pod", timeout=30)
     pod = core.read_namespaced_pod("greedy", namespace)
     assert pod.status.phase == "Pending"
     assert pod.spec.node_name is None
-    scheduled = [c for c in pod.status.conditions or [] if c.type == "PodScheduled"]
-    assert scheduled
+    scheduled = scheduled_condition()
     assert scheduled[0].status == "False"
     assert scheduled[0].reason == "Unschedulable"
 
