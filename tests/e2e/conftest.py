@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -277,3 +279,16 @@ def prometheus_operator_crds(cluster: Cluster) -> list[str]:
     cluster.kubectl("wait", "--for=condition=Established", "-f", crds_dir, "--timeout=60s")
     # monitoring.coreos.com_servicemonitors.yaml defines servicemonitors.monitoring.coreos.com.
     return [".".join(reversed(f.stem.split("_", 1))) for f in files]
+
+
+@pytest.fixture
+def http_endpoint() -> Iterator[str]:
+    """The URL of a tiny real HTTP server on loopback: an external model server the operator can reach."""
+    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{LOOPBACK}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

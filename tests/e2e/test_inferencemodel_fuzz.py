@@ -19,17 +19,16 @@ Hypothesis runs derandomized, without an example database, with bounded example 
 from __future__ import annotations
 
 import copy
-import http.server
 import json
 import re
 import string
-import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -40,10 +39,10 @@ from kubernetes.client.rest import ApiException
 
 from modelfleet.api import v1alpha1
 from modelfleet.operator.apply import Kube
-from modelfleet.operator.builders import autoscaling, cache, service, workload
 from modelfleet.operator.builders.common import ModelContext, child_name
 from tests.e2e.conftest import CRD_PATH, Cluster, OperatorProcess, wait_for
-from tests.support.procs import LOOPBACK, free_port
+from tests.support.models import all_children
+from tests.support.procs import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -111,19 +110,6 @@ def get_model(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
 def dry_run_apply(cluster: Cluster, child: dict[str, Any]) -> None:
     """Server-side apply of one child exactly as the operator sends it, without storing it."""
     Kube(cluster.api).apply(child, dry_run=True)
-
-
-def children(context: ModelContext) -> list[dict[str, Any]]:
-    """What the operator applies for a managed model (NetworkPolicies are another test's business)."""
-    built = [
-        cache.build_cache_claim(context),
-        cache.build_prefetch_job(context),
-        service.build_service(context),
-        workload.build_deployment(context),
-        autoscaling.build_hpa(context),
-        autoscaling.build_pdb(context),
-    ]
-    return [child for child in built if child is not None]
 
 
 def refusal(exc: ApiException) -> tuple[str, list[str]]:
@@ -806,7 +792,7 @@ def test_odd_but_valid_specs_and_their_children_are_accepted(cluster: Cluster, f
             checked["endpoint"] += 1
             return
         checked["managed"] += 1
-        for child in children(context):
+        for child in all_children(context):
             try:
                 dry_run_apply(cluster, child)
             except ApiException as exc:
@@ -821,19 +807,6 @@ def test_odd_but_valid_specs_and_their_children_are_accepted(cluster: Cluster, f
 
 
 # Through the operator ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def http_endpoint() -> Iterator[int]:
-    """A real HTTP server on loopback: some fuzzed endpoint models point at it."""
-    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), http.server.SimpleHTTPRequestHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield int(server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @dataclass
@@ -870,7 +843,7 @@ def condition(body: dict[str, Any], kind: str) -> dict[str, Any]:
 
 
 def test_operator_survives_odd_models_and_keeps_its_queue_moving(
-    cluster: Cluster, operator: OperatorProcess, fuzz_namespace: str, http_endpoint: int
+    cluster: Cluster, operator: OperatorProcess, fuzz_namespace: str, http_endpoint: str
 ) -> None:
     log_start = operator.process.log_path.stat().st_size
     fleet = Fleet(cluster, fuzz_namespace)
@@ -882,7 +855,7 @@ def test_operator_survives_odd_models_and_keeps_its_queue_moving(
         name=names,
         spec=st.one_of(
             managed_specs(real=True),
-            endpoint_specs(real=True, local_port=http_endpoint),
+            endpoint_specs(real=True, local_port=int(urlsplit(http_endpoint).port or 0)),
             endpoint_specs(real=True, local_port=closed_port),
         ),
     )
@@ -904,7 +877,7 @@ def test_operator_survives_odd_models_and_keeps_its_queue_moving(
             "scheduling": {"nodeSelector": {}},
         },
     )
-    fleet.create("cover-openai", {"model": "m", "endpoint": {"url": f"http://127.0.0.1:{http_endpoint}/v1"}})
+    fleet.create("cover-openai", {"model": "m", "endpoint": {"url": f"{http_endpoint}/v1"}})
     fleet.create(
         "cover-ollama-api", {"model": "m", "endpoint": {"url": f"http://[::1]:{closed_port}", "api": "ollama"}}
     )

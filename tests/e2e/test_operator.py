@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import http.server
-import threading
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +13,6 @@ from kubernetes.client.rest import ApiException
 
 from modelfleet.api import v1alpha1
 from tests.e2e.conftest import Cluster, OperatorProcess, client_with_token, wait_for
-from tests.support.procs import LOOPBACK
 
 pytestmark = pytest.mark.e2e
 
@@ -58,19 +54,6 @@ def wait_ready(cluster: Cluster, namespace: str, name: str) -> None:
 def apply_sample_and_wait_ready(cluster: Cluster, namespace: str, sample_file: str, name: str) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", str(SAMPLES / sample_file))
     wait_ready(cluster, namespace, name)
-
-
-@pytest.fixture
-def http_endpoint() -> Iterator[str]:
-    """A tiny real HTTP server on loopback, standing in for an external model server's reachability."""
-    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), http.server.SimpleHTTPRequestHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://{LOOPBACK}:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_samples_reconcile_into_the_right_children(
