@@ -21,6 +21,8 @@ $(VENV_BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV_BIN)/pip install --quiet --upgrade pip
 
+# `make test` and `make demo` start with `install`, so that the README's two commands work on a fresh
+# clone; every step below only checks when its work is already done (a second run takes seconds).
 .PHONY: install
 install: install-system install-python tools ## Install everything: Debian packages, the venv, the pinned Go-built tools
 
@@ -28,13 +30,23 @@ install: install-system install-python tools ## Install everything: Debian packa
 install-system: ## Debian packages used by the tests (redis-server, prometheus, shellcheck)
 	hack/install-system-deps.sh
 
+# The stamp is newer than pyproject.toml once the venv holds what it asks for.
+VENV_STAMP := $(VENV)/.modelfleet-installed
+
 .PHONY: install-python
-install-python: $(VENV_BIN)/python ## The venv with modelfleet[dev] installed editable
+install-python: $(VENV_STAMP) ## The venv with modelfleet[dev] installed editable
+
+$(VENV_STAMP): pyproject.toml | $(VENV_BIN)/python
 	$(VENV_BIN)/pip install --quiet -e '.[dev]'
+	touch $@
 
 .PHONY: tools
 tools: ## Build (or reuse) the pinned kube-*, kubectl, etcd, kwok, kwokctl and helm
 	$(PYTHON) hack/build_tools.py
+
+.PHONY: images
+images: ## Build the router and operator images (and their stand-in base images) with buildah; no Docker engine needed
+	hack/images.sh build
 
 .PHONY: lint
 lint: ## ruff check, ruff format --check, mypy, shellcheck, hadolint, helm lint --strict
@@ -79,7 +91,7 @@ bench: install ## Benchmarks against same-run baselines (router overhead, cache,
 	$(PY) -m hack.bench.run --out bench-results.json
 
 .PHONY: test
-test: lint verify-generated test-unit test-integration test-e2e ## Everything CI runs: lint, unit, integration, e2e
+test: install lint verify-generated test-unit test-integration test-e2e ## Everything CI runs (installs what is missing first)
 
 .PHONY: test-unit
 test-unit: ## Pure-logic tests
@@ -102,7 +114,7 @@ cluster-down: ## Stop the local cluster and every process it started
 	hack/cluster.sh down
 
 .PHONY: demo
-demo: ## The local cluster and its GPU nodes, then Ollama serving Gemma 3 270M and a real streamed answer
+demo: install ## The local cluster and its GPU nodes, then Ollama serving Gemma 3 270M and a real streamed answer
 	hack/demo.sh up
 
 .PHONY: demo-down
