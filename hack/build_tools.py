@@ -6,8 +6,8 @@ Every version comes from hack/versions.env.  A binary is built once into
 which lives outside the work tree so that a fresh clone on the same machine reuses it,
 and then linked into ``.cache/bin`` of the checkout.  A rerun only checks files.
 
-Tools: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (k8s.io/kubernetes),
-etcd, kwok, kwokctl, helm, kind (optional) and ollama.  Not every entry is a binary: the
+Tools: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy
+(k8s.io/kubernetes), etcd, kwok, kwokctl, helm, helm4, coredns, kind (optional) and ollama.  Not every entry is a binary: the
 Prometheus Operator CRDs (prometheus-operator-crds) are YAML copied out of the pinned
 prometheus-operator module into the same cache and linked as ``.cache/crds/prometheus-operator``,
 so that tests can install ServiceMonitor and PrometheusRule without a GitHub download.
@@ -169,7 +169,15 @@ def tool_catalog(versions: dict[str, str]) -> dict[str, Tool]:
                 ldflags=kubernetes_ldflags(k8s),
                 sibling_version=k8s_staging_version(k8s),
             )
-            for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+            # kubelet and kube-proxy run the local cluster's one real node (hack/node.sh).
+            for name in (
+                "kube-apiserver",
+                "kube-controller-manager",
+                "kube-scheduler",
+                "kubectl",
+                "kubelet",
+                "kube-proxy",
+            )
         ),
         GoTool(
             name="etcd",
@@ -197,6 +205,21 @@ def tool_catalog(versions: dict[str, str]) -> dict[str, Tool]:
             version=helm,
             package="helm.sh/helm/v3/cmd/helm",
             ldflags=(f"-X helm.sh/helm/v3/internal/version.version={helm}",),
+        ),
+        # Helm 4 beside Helm 3: the chart is installed, tested, upgraded and uninstalled with both.
+        GoTool(
+            name="helm4",
+            module="helm.sh/helm/v4",
+            version=versions["HELM4_VERSION"],
+            package="helm.sh/helm/v4/cmd/helm",
+            ldflags=(f"-X helm.sh/helm/v4/internal/version.version={versions['HELM4_VERSION']}",),
+        ),
+        # Cluster DNS of the real node, so that pods resolve the chart's in-cluster names.
+        GoTool(
+            name="coredns",
+            module="github.com/coredns/coredns",
+            version=versions["COREDNS_VERSION"],
+            package="github.com/coredns/coredns",
         ),
         GoTool(name="kind", module="sigs.k8s.io/kind", version=kind, package="sigs.k8s.io/kind"),
     ]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The local Kubernetes of ModelFleet: kwokctl's binary runtime (etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler and kwok, all as local processes, no Docker),
-# with two fake GPU nodes and one CPU node.
+# with two fake GPU nodes and one fake CPU node for scheduling and scale, and one real node
+# (hack/node.sh: containerd, kubelet, kube-proxy, CoreDNS) whose pods really run.
 #
 #   hack/cluster.sh up       create it, or return at once if it is already running
 #   hack/cluster.sh down     stop every process it started and delete its state
@@ -19,6 +20,9 @@ identity_file="$cache_dir/cluster.env"
 bin_dir="$cache_dir/bin"
 # Cluster state lives with the checkout, so that two clones never share or delete each other's cluster.
 export KWOK_WORKDIR="$cache_dir/kwok"
+rendered_config="$cache_dir/kwokctl.yaml"
+# shellcheck source=cluster/network.env source-path=SCRIPTDIR
+source "$repo_root/hack/cluster/network.env"
 
 log() { printf 'cluster: %s\n' "$*" >&2; }
 die() { printf 'cluster: error: %s\n' "$*" >&2; exit 1; }
@@ -27,8 +31,20 @@ kubectl_() { "$bin_dir/kubectl" --kubeconfig "$kubeconfig" --context "kwok-$clus
 
 kwokctl_() { "$bin_dir/kwokctl" --name "$cluster_name" "$@"; }
 
+# hack/cluster/kwokctl.yaml with its placeholders filled in; a cluster made from another rendering is stale.
+render_config() {
+  sed -e "s|@BRIDGE_ADDRESS@|$bridge_address|g" \
+    -e "s|@KUBERNETES_SERVICE_IP@|$kubernetes_service_ip|g" \
+    -e "s|@SERVICE_SUBNET@|$service_subnet|g" \
+    -e "s|@PKI_DIR@|$KWOK_WORKDIR/clusters/$cluster_name/pki|g" \
+    "$repo_root/hack/cluster/kwokctl.yaml"
+}
+
+config_digest() { render_config | sha256sum | cut -c1-16; }
+
 is_healthy() {
   [[ -f "$kubeconfig" && -f "$identity_file" && -x "$bin_dir/kubectl" ]] || return 1
+  [[ "$(sed -n 's/^CONFIG_DIGEST=//p' "$identity_file")" == "$(config_digest)" ]] || return 1
   kubectl_ get --raw /readyz --request-timeout=3s >/dev/null 2>&1 || return 1
   local recorded_uid current_uid
   recorded_uid=$(sed -n 's/^KUBE_SYSTEM_UID=//p' "$identity_file")
@@ -51,16 +67,20 @@ up() {
   local started=$SECONDS
   if is_healthy; then
     log "$cluster_name is already running ($(sed -n 's/^SERVER=//p' "$identity_file"))"
+    "$repo_root/hack/node.sh" status 2>/dev/null || "$repo_root/hack/node.sh" up
     return 0
   fi
-  python3 "$repo_root/hack/build_tools.py" etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwokctl
+  python3 "$repo_root/hack/build_tools.py" etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwokctl \
+    kubelet kube-proxy coredns
+  "$repo_root/hack/node.sh" down 2>/dev/null || true
   remove_stale
   mkdir -p "$cache_dir"
+  render_config >"$rendered_config"
   log "creating $cluster_name with kwokctl --runtime binary"
   mkdir -p "$KWOK_WORKDIR"
   local create_log="$KWOK_WORKDIR/create-$cluster_name.log"
   if ! kwokctl_ create cluster \
-    --config "$repo_root/hack/cluster/kwokctl.yaml" \
+    --config "$rendered_config" \
     --runtime binary \
     --kubeconfig "$kubeconfig" \
     --etcd-binary "$bin_dir/etcd" \
@@ -88,12 +108,16 @@ up() {
     printf 'CONTEXT=kwok-%s\n' "$cluster_name"
     printf 'SERVER=%s\n' "$(kubectl_ config view --minify -o jsonpath='{.clusters[0].cluster.server}')"
     printf 'KUBE_SYSTEM_UID=%s\n' "$(kubectl_ get namespace kube-system -o jsonpath='{.metadata.uid}')"
+    printf 'CONFIG_DIGEST=%s\n' "$(config_digest)"
   } >"$identity_file"
+  "$repo_root/hack/node.sh" up
   log "$cluster_name is up in $((SECONDS - started))s; kubeconfig: $kubeconfig"
-  kubectl_ get nodes -o custom-columns='NAME:.metadata.name,STATUS:.status.conditions[?(@.type=="Ready")].status,GPU:.status.allocatable.nvidia\.com/gpu,CPU:.status.allocatable.cpu,MEMORY:.status.allocatable.memory' >&2
+  kubectl_ get nodes -o custom-columns='NAME:.metadata.name,STATUS:.status.conditions[?(@.type=="Ready")].status,RUNTIME:.status.nodeInfo.containerRuntimeVersion,GPU:.status.allocatable.nvidia\.com/gpu,CPU:.status.allocatable.cpu,MEMORY:.status.allocatable.memory' >&2
 }
 
 down() {
+  # The real node first, while the API server can still delete its pods.
+  "$repo_root/hack/node.sh" down || true
   if [[ -d "$KWOK_WORKDIR/clusters/$cluster_name" ]]; then
     log "deleting $cluster_name"
     kwokctl_ delete cluster --kubeconfig "$kubeconfig" >/dev/null 2>&1 || true
@@ -107,6 +131,11 @@ down() {
 case "${1:-}" in
   up) up ;;
   down) down ;;
-  status) if is_healthy; then log "$cluster_name is running"; else log "$cluster_name is not running"; exit 1; fi ;;
+  status)
+    if is_healthy && "$repo_root/hack/node.sh" status 2>/dev/null; then log "$cluster_name is running"; else
+      log "$cluster_name is not running"
+      exit 1
+    fi
+    ;;
   *) die "usage: $0 up|down|status" ;;
 esac

@@ -27,8 +27,13 @@ def gpu_node_names(cluster: Cluster) -> set[str]:
     return {node.metadata.name for node in nodes}
 
 
-def test_three_ready_nodes_two_with_four_gpus(cluster: Cluster) -> None:
-    nodes = client.CoreV1Api(cluster.api).list_node().items
+def test_three_ready_kwok_nodes_two_with_four_gpus(cluster: Cluster) -> None:
+    # The real node (tests/e2e/test_realnode.py) is not a kwok node: it carries no fake annotation.
+    nodes = [
+        n
+        for n in client.CoreV1Api(cluster.api).list_node().items
+        if (n.metadata.annotations or {}).get("kwok.x-k8s.io/node") == "fake"
+    ]
     ready = {
         n.metadata.name for n in nodes if any(c.type == "Ready" and c.status == "True" for c in n.status.conditions)
     }

@@ -36,8 +36,8 @@ replace go.etcd.io/etcd => ./FORBIDDEN_DEPENDENCY
 def test_versions_file_has_every_tool_version(tmp_path: Path) -> None:
     versions = build_tools.read_versions()
     catalog = build_tools.tool_catalog(versions)
-    kubernetes = {"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"}
-    others = {"etcd", "kwok", "kwokctl", "helm", "kind", "ollama", "prometheus-operator-crds"}
+    kubernetes = {"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet", "kube-proxy"}
+    others = {"etcd", "kwok", "kwokctl", "helm", "helm4", "coredns", "kind", "ollama", "prometheus-operator-crds"}
     assert set(catalog) == kubernetes | others
     crds = catalog["prometheus-operator-crds"]
     assert isinstance(crds, build_tools.CrdBundle)
