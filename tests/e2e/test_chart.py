@@ -4,6 +4,7 @@ API server (server-side dry run), with pods that pass Pod Security "restricted".
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -125,6 +126,49 @@ def test_autoscaling_replaces_fixed_replicas() -> None:
     hpa = one(objects, "HorizontalPodAutoscaler", "modelfleet-router")
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
     assert "replicas" not in one(objects, "Deployment", "modelfleet-router")["spec"]
+
+
+def container_env(objects: Rendered, kind: str, name: str) -> dict[str, str]:
+    """The literal env of a workload's first container (valueFrom entries come from the pod at run time)."""
+    container = one(objects, kind, name)["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param((), id="defaults"),
+        # Helm renders numbers of a million and more as 1e+06 unless the template says int64.
+        pytest.param(
+            (
+                *("--set", "router.rateLimit.tokensPerMinute=2000000", "--set", "router.maxBodyBytes=8388608"),
+                *("--set", "router.cache.size=1000000", "--set", "router.cache.ttlSeconds=86400000"),
+            ),
+            id="large",
+        ),
+    ],
+)
+def test_every_rendered_setting_is_accepted_by_the_settings_it_configures(
+    options: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chart's env values are read by the real settings classes, as the containers would at start."""
+    from modelfleet.operator.settings import OperatorSettings
+    from modelfleet.server.settings import RouterSettings
+
+    objects = render("modelfleet-system", *options)
+    for name in [n for n in os.environ if n.startswith("MODELFLEET_")]:
+        monkeypatch.delenv(name)
+    for name, value in container_env(objects, "Deployment", "modelfleet-router").items():
+        monkeypatch.setenv(name, value)
+    router = RouterSettings()
+    if options:
+        assert router.rate_limit_tokens_per_minute == 2_000_000
+        assert router.max_body_bytes == 8_388_608
+    for name in [n for n in os.environ if n.startswith("MODELFLEET_")]:
+        monkeypatch.delenv(name)
+    for name, value in container_env(objects, "StatefulSet", "modelfleet-operator").items():
+        monkeypatch.setenv(name, value)
+    OperatorSettings()
 
 
 def test_existing_key_secret_and_auth_off() -> None:
