@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import cast
 
 import kopf
@@ -24,7 +23,9 @@ def load_api_client() -> client.ApiClient:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Kopf's own formatter, with each object's namespace/name before its messages: without it a
+    # line such as "Handler 'create' succeeded." does not say which model it is about.
+    kopf.configure(log_format=kopf.LogFormat.FULL, log_prefix=True)
     settings = OperatorSettings()
     api_client = load_api_client()
     runtime = handlers.Runtime(

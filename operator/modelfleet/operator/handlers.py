@@ -190,8 +190,9 @@ def configure(settings: kopf.OperatorSettings, operator: OperatorSettings) -> No
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
-    """Register the handlers.  No deletion handler: deleting a model needs no finalizer, the
-    garbage collector removes its children through their owner references."""
+    """Register the handlers.  No deletion handler: the garbage collector removes a model's
+    children through their owner references.  Kopf still puts its finalizer on every model,
+    because the resync timer needs one to stop cleanly: delete models before the operator."""
     # Same credentials as our own client: the in-cluster ServiceAccount, or $KUBECONFIG.
     kopf.on.login(id="login", registry=registry)(kopf.login_via_client)
     resource = (v1alpha1.GROUP, v1alpha1.VERSION, v1alpha1.PLURAL)
