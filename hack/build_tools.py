@@ -7,8 +7,8 @@ which lives outside the work tree so that a fresh clone on the same machine reus
 and then linked into ``.cache/bin`` of the checkout.  A rerun only checks files.
 
 Tools: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy
-(k8s.io/kubernetes), etcd, kwok, kwokctl, helm, helm4, coredns, kind (optional) and ollama.  Not every entry is a binary: the
-Prometheus Operator CRDs (prometheus-operator-crds) are YAML copied out of the pinned
+(k8s.io/kubernetes), etcd, kwok, kwokctl, helm, helm4, coredns, kind (optional) and ollama.
+Not every entry is a binary: the Prometheus Operator CRDs (prometheus-operator-crds) are YAML copied out of the pinned
 prometheus-operator module into the same cache and linked as ``.cache/crds/prometheus-operator``,
 so that tests can install ServiceMonitor and PrometheusRule without a GitHub download.
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Debian packages: what the tests run for real (Redis, Prometheus with promtool), shellcheck,
-# and what building Ollama needs (cmake, a C++ compiler, objdump, and the nlohmann-json and stb
+# the real node and the image builds (see below), and what building Ollama needs (cmake, a C++ compiler, objdump, and the nlohmann-json and stb
 # headers that Go module zips leave out of llama.cpp's vendor/ tree).
 # Installs only what is missing, with one `apt-get update` first.
 set -euo pipefail
@@ -15,6 +15,22 @@ wanted=(
   binutils:/usr/bin/objdump
   nlohmann-json3-dev:/usr/include/nlohmann/json_fwd.hpp
   libstb-dev:/usr/include/stb/stb_image.h
+  # The local cluster's real node (hack/node.sh): container runtime, CNI plugins, kube-proxy's
+  # nftables, the API server relay, and the pause image's static build.
+  containerd:/usr/bin/containerd
+  runc:/usr/sbin/runc
+  containernetworking-plugins:/usr/lib/cni/bridge
+  nftables:/usr/sbin/nft
+  iptables:/usr/sbin/iptables
+  conntrack:/usr/sbin/conntrack
+  iproute2:/usr/sbin/ip
+  socat:/usr/bin/socat
+  libc6-dev:/usr/lib/x86_64-linux-gnu/libc.a
+  # Images without a Docker engine (hack/images.sh): buildah builds, podman inspects, debootstrap
+  # makes the stand-in base images' root filesystem.
+  buildah:/usr/bin/buildah
+  podman:/usr/bin/podman
+  debootstrap:/usr/sbin/debootstrap
 )
 
 packages=()
