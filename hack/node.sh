@@ -272,29 +272,29 @@ up() {
 }
 
 # Remove what the node leaves in the machine: mounts, rules, the bridge, IPAM state and cgroups.
+# Each step may find nothing to remove (grep then exits 1), which must not stop the next ones.
 down_machine_state() {
   if [[ -d "$node_dir/kubelet" ]]; then
     # Deepest first: pods' volume mounts sit inside the kubelet's root.
-    findmnt -rn -o TARGET | grep -F -- "$node_dir/kubelet" | sort -r | while read -r target; do
+    { findmnt -rn -o TARGET | grep -F -- "$node_dir/kubelet" || true; } | sort -r | while read -r target; do
       umount -l "$target" 2>/dev/null || true
     done
   fi
-  findmnt -rn -o TARGET | grep -F -- "$run_dir" | sort -r | while read -r target; do
+  { findmnt -rn -o TARGET | grep -F -- "$run_dir" || true; } | sort -r | while read -r target; do
     umount -l "$target" 2>/dev/null || true
   done
-  # kube-proxy's own tables, and the chains of the CNI bridge's ipMasq and portmap.
+  # kube-proxy's own tables, and the masquerade chain that the CNI bridge plugin (ipMasq) made for
+  # each pod of this network whose sandbox was not torn down through CNI. Other networks' rules
+  # (podman's, say) are left alone: only rules commented with this network's name are removed.
   nft delete table ip kube-proxy 2>/dev/null || true
   nft delete table ip6 kube-proxy 2>/dev/null || true
-  local table chain
-  for table in nat filter mangle; do
-    iptables -t "$table" -S 2>/dev/null | awk '/^-N (CNI-|KUBE-)/ {print $2}' | while read -r chain; do
-      iptables -t "$table" -S 2>/dev/null | grep -F -- "-j $chain" | grep -v '^-N' | sed 's/^-A/-D/' | while read -r rule; do
-        # shellcheck disable=SC2086
-        iptables -t "$table" $rule 2>/dev/null || true
-      done
-      iptables -t "$table" -F "$chain" 2>/dev/null || true
-      iptables -t "$table" -X "$chain" 2>/dev/null || true
-    done
+  local rule chain
+  { iptables -t nat -S POSTROUTING 2>/dev/null | grep -F 'name: \"modelfleet\"' || true; } | while read -r rule; do
+    chain=${rule##*-j }
+    # The rule as iptables printed it, quotes included, with -A turned into -D.
+    eval "iptables -t nat ${rule/#-A/-D}" 2>/dev/null || true
+    iptables -t nat -F "$chain" 2>/dev/null || true
+    iptables -t nat -X "$chain" 2>/dev/null || true
   done
   if ip link show "$bridge" >/dev/null 2>&1; then ip link delete "$bridge"; fi
   rm -rf "$run_dir/ipam"
