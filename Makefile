@@ -106,7 +106,7 @@ test-e2e: ## Tests against the local kwok cluster (brought up if needed)
 	$(PYTEST) -m e2e tests/e2e
 
 .PHONY: cluster-up
-cluster-up: ## Start the local cluster modelfleet-dev (kubeconfig: .cache/kubeconfig)
+cluster-up: ## Start the local cluster modelfleet-dev with its real node (kubeconfig: .cache/kubeconfig)
 	hack/cluster.sh up
 
 .PHONY: cluster-down
@@ -114,9 +114,9 @@ cluster-down: ## Stop the local cluster and every process it started
 	hack/cluster.sh down
 
 .PHONY: demo
-demo: install ## The local cluster and its GPU nodes, then Ollama serving Gemma 3 270M and a real streamed answer
+demo: install ## The local cluster (GPU nodes and a real node), the chart running on it, Gemma 3 270M and a real streamed answer
 	hack/demo.sh up
 
 .PHONY: demo-down
-demo-down: ## Stop the demo's Ollama and the local cluster
+demo-down: ## Stop the demo's Ollama and the local cluster (and its real node)
 	hack/demo.sh down
