@@ -1,4 +1,4 @@
-"""Hostile input, through the real API server (issue 8).
+"""Hostile input, through the real API server.
 
 1. Invalid InferenceModels are refused (422 Invalid, or 400 for unknown fields) with a message that
    names the field and says what it needs.  The mutations are derived from the CRD that is installed:

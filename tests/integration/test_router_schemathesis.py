@@ -1,4 +1,4 @@
-"""Schemathesis against the router's own OpenAPI, in front of the real Ollama (issue 8, hostile input).
+"""Schemathesis against the router's own OpenAPI, in front of the real Ollama (hostile input).
 
 A bounded, reproducible run: a fixed number of examples per operation, a fixed seed, deterministic
 generation, no shrinking and no example database.  Every response must be no 5xx, carry a documented
