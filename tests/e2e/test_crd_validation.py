@@ -45,6 +45,21 @@ INVALID_SPECS: list[tuple[str, dict[str, Any], str]] = [
      "supported values"),
     ("too many GPUs per replica", {"runtime": "vllm", "model": "m", "resources": {"gpu": 1000}},
      "should be less than or equal to 64"),
+    ("registry with a scheme", {"runtime": "ollama", "model": "m", "source": {"registry": "http://reg:5000"}},
+     "without a scheme (http://) or a path"),
+    ("registry with a path", {"runtime": "ollama", "model": "m", "source": {"registry": "reg:5000/library"}},
+     "without a scheme (http://) or a path"),
+    ("registry port out of range", {"runtime": "ollama", "model": "m", "source": {"registry": "reg:70000"}},
+     "the port must be a number from 1 to 65535"),
+    ("insecure together with a CA",
+     {"runtime": "ollama", "model": "m",
+      "source": {"registry": "reg:5000", "insecure": True, "caConfigMapRef": {"name": "ca", "key": "ca.crt"}}},
+     "insecure (plain HTTP) and caConfigMapRef (HTTPS with a private CA) exclude each other"),
+    ("registry source for vllm", {"runtime": "vllm", "model": "m", "source": {"registry": "reg:5000"}},
+     "spec.source names an Ollama registry and needs runtime ollama"),
+    ("registry source with an endpoint",
+     {"model": "m", "endpoint": {"url": "http://127.0.0.1:11434"}, "source": {"registry": "reg:5000"}},
+     "remove runtime, image, resources (GPUs), scheduling, cache, engine, autoscaling and source"),
 ]  # fmt: skip
 
 VALID_SPECS: list[tuple[str, dict[str, Any]]] = [
@@ -55,6 +70,11 @@ VALID_SPECS: list[tuple[str, dict[str, Any]]] = [
     ("external endpoint", {"model": "gemma3:270m", "endpoint": {"url": "http://127.0.0.1:11434"}}),
     ("autoscaled", {"runtime": "ollama", "model": "m", "autoscaling": {"enabled": True, "minReplicas": 0,
                                                                        "maxReplicas": 8}}),
+    ("private plain-HTTP registry", {"runtime": "ollama", "model": "gemma3:270m",
+                                     "source": {"registry": "10.244.0.1:5000", "insecure": True}}),
+    ("private registry with its CA", {"runtime": "ollama", "model": "gemma3:270m",
+                                      "source": {"registry": "registry.models.svc",
+                                                 "caConfigMapRef": {"name": "registry-ca", "key": "ca.crt"}}}),
 ]  # fmt: skip
 
 

@@ -208,6 +208,7 @@ def test_endpoint_models_have_no_workload() -> None:
 PEERS = NetworkPeers(
     router_namespace="gateway",
     router_pod_labels={"app.kubernetes.io/instance": "mf", "app.kubernetes.io/component": "router"},
+    operator_pod_labels={"app.kubernetes.io/instance": "mf", "app.kubernetes.io/component": "operator"},
     monitoring_namespace_labels={"kubernetes.io/metadata.name": "monitoring"},
     monitoring_pod_labels={"app.kubernetes.io/name": "prometheus"},
 )
@@ -222,7 +223,7 @@ def matches(selector: dict[str, Any], pod_labels: dict[str, str]) -> bool:
     return bool(selector["matchLabels"].items() <= pod_labels.items())
 
 
-def test_network_policy_admits_only_the_router_to_every_pod_of_the_model(context: ModelContext) -> None:
+def test_network_policy_admits_only_the_router_and_operator_to_every_pod_of_the_model(context: ModelContext) -> None:
     context = with_peers(context)
     policy = networkpolicy.build_network_policy(context)
     assert policy is not None
@@ -240,7 +241,8 @@ def test_network_policy_admits_only_the_router_to_every_pod_of_the_model(context
     assert all(matches(spec["podSelector"], labels) for labels in pods)
     other = with_peers(ModelContext(name="other", namespace="models", uid="u", spec=context.spec))
     assert not matches(spec["podSelector"], workload.build_deployment(other)["spec"]["template"]["metadata"]["labels"])
-    # One rule: the serving port, from the router's pods in the router's namespace (and Prometheus for vLLM).
+    # One rule: the serving port, from the router's and the operator's pods in the release's namespace
+    # (the operator sends the warm-up), and Prometheus for vLLM.
     (rule,) = spec["ingress"]
     container = workload.build_deployment(context)["spec"]["template"]["spec"]["containers"][0]
     assert rule["ports"] == [{"protocol": "TCP", "port": container["ports"][0]["containerPort"]}]
@@ -248,12 +250,16 @@ def test_network_policy_admits_only_the_router_to_every_pod_of_the_model(context
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}},
         "podSelector": {"matchLabels": {"app.kubernetes.io/instance": "mf", "app.kubernetes.io/component": "router"}},
     }
+    operator = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/instance": "mf", "app.kubernetes.io/component": "operator"}},
+    }
     prometheus = {
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
     }
     # Both selectors in one peer (AND): never a bare namespaceSelector or podSelector, which would admit more.
-    assert rule["from"] == ([router, prometheus] if context.runtime == "vllm" else [router])
+    assert rule["from"] == ([router, operator, prometheus] if context.runtime == "vllm" else [router, operator])
 
 
 def test_network_policy_is_optional_and_prometheus_only_when_configured() -> None:
@@ -265,7 +271,7 @@ def test_network_policy_is_optional_and_prometheus_only_when_configured() -> Non
     (rule,) = policy["spec"]["ingress"]
     assert [peer["namespaceSelector"]["matchLabels"] for peer in rule["from"]] == [
         {"kubernetes.io/metadata.name": "gateway"}
-    ]
+    ] * 2, "the router and the operator, and no Prometheus"
     assert networkpolicy.build_network_policy(with_peers(base)) == networkpolicy.build_network_policy(with_peers(base))
 
 

@@ -124,9 +124,11 @@ def test_phase_timings_come_from_job_and_pod_timestamps() -> None:
         "metadata": {"creationTimestamp": "2026-01-01T00:04:11Z"},
         "status": {"conditions": [
             {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T00:04:13Z"},
-            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:05:03Z"},
+            {"type": "ContainersReady", "status": "True", "lastTransitionTime": "2026-01-01T00:05:03Z"},
+            {"type": "modelfleet.io/warmed-up", "status": "True", "lastTransitionTime": "2026-01-01T00:05:10Z"},
+            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:05:10Z"},
         ]},
     }  # fmt: skip
     timings = phase_timings(Observed(prefetch_job=job, pods=[old_pod, new_pod]))
-    assert timings == {"downloadSeconds": 250.0, "scheduleSeconds": 2.0, "loadSeconds": 50.0}
+    assert timings == {"downloadSeconds": 250.0, "scheduleSeconds": 2.0, "loadSeconds": 50.0, "warmupSeconds": 7.0}
     assert phase_timings(Observed(prefetch_job={"status": {"startTime": "2026-01-01T00:00:00Z"}})) == {}

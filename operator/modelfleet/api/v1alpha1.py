@@ -34,6 +34,8 @@ _DNS_PREFIX = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 QUALIFIED_NAME = rf"^({_DNS_PREFIX}/)?{_NAME_PART}$"  # a label key, a toleration key
 EXTENDED_RESOURCE = rf"^{_DNS_PREFIX}/{_NAME_PART}$"  # a fully qualified resource name
 LABEL_VALUE = rf"^({_NAME_PART})?$"
+# A registry host as Ollama names it in a model reference: a DNS name or IPv4 address, and an optional port.
+REGISTRY_HOST = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(:[0-9]{1,5})?$"
 ENV_VAR_NAME = r"^[ -<>-~]+$"  # printable ASCII but '='
 CONFIG_KEY = r"^[-._a-zA-Z0-9]+$"  # a key of a Secret or ConfigMap
 # A name a client types: no control characters (C0, DEL, C1), no spaces or separators at either end.
@@ -232,6 +234,65 @@ class SecretKeyRef(Model):
     )
 
 
+class ConfigMapKeyRef(Model):
+    """A key of a ConfigMap in the model's namespace."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        description="ConfigMap name.",
+        json_schema_extra=matches(DNS_SUBDOMAIN, DNS_SUBDOMAIN_MESSAGE),
+    )
+    key: str = Field(
+        min_length=1,
+        max_length=253,
+        description="Key within the ConfigMap.",
+        json_schema_extra=matches(CONFIG_KEY, "must be a ConfigMap key: letters, digits, '-', '_' or '.'"),
+    )
+
+
+class Source(Model):
+    """Where an Ollama model's weights come from, when not from the public Ollama registry.
+
+    The prefetch Job pulls <registry>/<model> (Ollama adds the namespace library/ to a bare name such as
+    gemma3:270m) and stores it under spec.model, so clients and the serving pods use the short name.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            (
+                "!(has(self.insecure) && self.insecure) || !has(self.caConfigMapRef)",
+                "insecure (plain HTTP) and caConfigMapRef (HTTPS with a private CA) exclude each other: "
+                "set one of them",
+            )
+        )
+    )
+
+    registry: str = Field(
+        min_length=1,
+        max_length=261,
+        description="Host and optional port of an OCI registry that holds Ollama models, e.g. registry.ai.svc:5000.",
+        json_schema_extra=rules(
+            (
+                f"self.matches({REGISTRY_HOST!r})",
+                "must be a registry host and optional port, such as registry.models.svc:5000 or 10.0.0.5:5000, "
+                "without a scheme (http://) or a path",
+            ),
+            (
+                f"!self.matches({REGISTRY_HOST!r}) || !self.contains(':') || "
+                "int(self.split(':')[1]) >= 1 && int(self.split(':')[1]) <= 65535",
+                "the port must be a number from 1 to 65535",
+            ),
+        ),
+    )
+    insecure: bool = Field(
+        False, description="Reach the registry over plain HTTP (an in-cluster or air-gapped registry without TLS)."
+    )
+    ca_config_map_ref: ConfigMapKeyRef | None = Field(
+        None, description="ConfigMap key holding the PEM CA bundle that signed the registry's TLS certificate."
+    )
+
+
 AccessMode = Literal["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany", "ReadOnlyMany"]
 
 
@@ -410,10 +471,17 @@ SPEC_RULES: list[JsonValue] = [
     },
     {
         "rule": "!has(self.endpoint) || !(has(self.runtime) || has(self.image) || has(self.resources) || "
-        "has(self.scheduling) || has(self.cache) || has(self.engine) || has(self.autoscaling))",
+        "has(self.scheduling) || has(self.cache) || has(self.engine) || has(self.autoscaling) || has(self.source))",
         "message": (
             "spec.endpoint is an unmanaged backend: remove runtime, image, resources (GPUs), scheduling, cache, "
-            "engine and autoscaling, or remove spec.endpoint to let the operator run the model"
+            "engine, autoscaling and source, or remove spec.endpoint to let the operator run the model"
+        ),
+    },
+    {
+        "rule": "!has(self.source) || has(self.runtime) && self.runtime == 'ollama'",
+        "message": (
+            "spec.source names an Ollama registry and needs runtime ollama; vLLM downloads from Hugging Face "
+            "(spec.cache.hfTokenSecretRef) or reads a path in the volume"
         ),
     },
     {
@@ -438,6 +506,10 @@ class InferenceModelSpec(Model):
     )
     model: ModelName = Field(
         description="Model to serve: an Ollama tag such as phi3:mini, or a Hugging Face repo id or path for vLLM.",
+    )
+    source: Source | None = Field(
+        None,
+        description="A private registry to pull an Ollama model from (air-gapped clusters), instead of ollama.com.",
     )
     image: str | None = Field(
         None,
@@ -474,7 +546,12 @@ class PhaseTimings(Model):
 
     download_seconds: float | None = Field(None, description="Prefetch Job start to completion.")
     schedule_seconds: float | None = Field(None, description="Newest serving pod's creation until it was scheduled.")
-    load_seconds: float | None = Field(None, description="Newest serving pod's scheduling until it was Ready.")
+    load_seconds: float | None = Field(
+        None, description="Newest serving pod's scheduling until its engine answered health checks."
+    )
+    warmup_seconds: float | None = Field(
+        None, description="Newest serving pod's engine start until it answered a warm-up generation (and was Ready)."
+    )
 
 
 class InferenceModelStatus(Model):
@@ -488,5 +565,12 @@ class InferenceModelStatus(Model):
     ready_replicas: int | None = Field(None, description="Replicas whose model answers.")
     selector: str | None = Field(None, description="Label selector of the model's pods (for the scale subresource).")
     endpoint: str | None = Field(None, description="Where the router sends this model's requests.")
+    served_model: str | None = Field(
+        None,
+        description=(
+            "The model name the router sends to the serving pods: it follows spec.model once the pods that "
+            "serve the new model are all rolled out and Ready, so requests never reach a pod that lacks it."
+        ),
+    )
     conditions: list[Condition] | None = Field(None, description="Current conditions.")
     timings: PhaseTimings | None = Field(None, description="Time spent in each start-up phase.")

@@ -11,6 +11,7 @@ from prometheus_client import start_http_server
 from modelfleet.operator import handlers
 from modelfleet.operator.apply import Kube
 from modelfleet.operator.settings import OperatorSettings
+from modelfleet.operator.warmup import WarmUps
 
 
 def load_api_client() -> client.ApiClient:
@@ -28,11 +29,17 @@ def main() -> None:
     kopf.configure(log_format=kopf.LogFormat.FULL, log_prefix=True)
     settings = OperatorSettings()
     api_client = load_api_client()
+    kube = Kube(api_client)
     runtime = handlers.Runtime(
         settings=settings,
-        kube=Kube(api_client),
+        kube=kube,
         custom=client.CustomObjectsApi(api_client),
         metrics=handlers.ReconcileMetrics.create(),
+        warmups=WarmUps(
+            set_condition=kube.set_pod_condition,
+            timeout_seconds=settings.warmup_timeout_seconds,
+            workers=settings.warmup_workers,
+        ),
     )
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=runtime.metrics.registry)
@@ -40,14 +47,17 @@ def main() -> None:
     handlers.register(registry, settings)
     kopf_settings = kopf.OperatorSettings()
     handlers.configure(kopf_settings, settings)
-    kopf.run(
-        registry=registry,
-        settings=kopf_settings,
-        memo=kopf.Memo(runtime=runtime),
-        clusterwide=not settings.namespaces,
-        namespaces=settings.namespaces,
-        liveness_endpoint=f"http://{settings.liveness_host}:{settings.liveness_port}/healthz",
-    )
+    try:
+        kopf.run(
+            registry=registry,
+            settings=kopf_settings,
+            memo=kopf.Memo(runtime=runtime),
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
+            liveness_endpoint=f"http://{settings.liveness_host}:{settings.liveness_port}/healthz",
+        )
+    finally:
+        runtime.warmups.shutdown()
 
 
 if __name__ == "__main__":

@@ -121,3 +121,12 @@ class Kube:
                 return False
             raise
         return True
+
+    def set_pod_condition(self, namespace: str, name: str, condition: Manifest) -> Manifest:
+        """Add or replace one condition of a pod's status (a readiness gate's), leaving the kubelet's alone.
+
+        A strategic merge patch merges status.conditions by type, so only this condition changes.
+        """
+        path = f"{KINDS['Pod'].collection(namespace)}/{name}/status"
+        patch = {"status": {"conditions": [condition]}}
+        return self._call("PATCH", path, patch, content_type="application/strategic-merge-patch+json")

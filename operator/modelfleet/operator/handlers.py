@@ -23,6 +23,7 @@ from modelfleet.operator.apply import Kube
 from modelfleet.operator.builders.common import MANAGED_BY, MODEL_LABEL
 from modelfleet.operator.reconcile import namespace_terminating, reconcile, status_changed
 from modelfleet.operator.settings import OperatorSettings
+from modelfleet.operator.warmup import WarmUps
 
 # (group, version, plural) of every kind whose changes can change a model's desired or observed state.
 CHILD_RESOURCES = [
@@ -65,6 +66,7 @@ class Runtime:
     kube: Kube
     custom: client.CustomObjectsApi
     metrics: ReconcileMetrics
+    warmups: WarmUps
     _guard: threading.Lock = field(default_factory=threading.Lock)
     _running: set[tuple[str, str]] = field(default_factory=set)
     _pending: set[tuple[str, str]] = field(default_factory=set)
@@ -132,6 +134,9 @@ class Runtime:
             raise
         finally:
             self.metrics.duration.observe(time.monotonic() - started)
+        if outcome.warmup is not None:
+            # In the background: a pod's condition change brings the model back here when it is done.
+            self.warmups.ensure(outcome.warmup.pods, outcome.warmup.runtime, outcome.warmup.port)
         if status_changed(body.get("status") or {}, outcome.status):
             self.custom.patch_namespaced_custom_object_status(
                 v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, name, {"status": outcome.status}

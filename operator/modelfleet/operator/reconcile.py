@@ -6,10 +6,11 @@ it twice, concurrently or after a crash gives the same result.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -38,9 +39,19 @@ from modelfleet.operator.status import (
 
 
 @dataclass(frozen=True)
+class WarmUpTargets:
+    """The serving pods of one managed model, for the warm-up that follows the reconcile."""
+
+    pods: list[Manifest]
+    runtime: str
+    port: int
+
+
+@dataclass(frozen=True)
 class Outcome:
     status: dict[str, Any]
     transitions: list[ConditionState]
+    warmup: WarmUpTargets | None = field(default=None)
 
 
 def context_from(body: Manifest, images: RuntimeImages, network: NetworkPeers | None = None) -> ModelContext:
@@ -107,53 +118,126 @@ def apply_or_delete(kube: Kube, kind: str, desired: Manifest | None, context: Mo
     return None
 
 
+def job_failure_message(kube: Kube, job: Manifest) -> str:
+    """What the prefetch script wrote to its termination log on its last failure, if anything."""
+    name = job["metadata"]["name"]
+    pods = kube.list("Pod", job["metadata"]["namespace"], f"batch.kubernetes.io/job-name={name}")
+    messages = []
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated") or {}
+            if terminated.get("exitCode") and terminated.get("message"):
+                messages.append(str(terminated["message"]).strip().splitlines()[-1])
+    return messages[-1] if messages else ""
+
+
+def job_failed(job: Manifest | None) -> bool:
+    return any(
+        c.get("type") == "Failed" and c.get("status") == "True"
+        for c in ((job or {}).get("status") or {}).get("conditions") or []
+    )
+
+
+def job_complete(job: Manifest | None) -> bool:
+    return any(
+        c.get("type") == "Complete" and c.get("status") == "True"
+        for c in ((job or {}).get("status") or {}).get("conditions") or []
+    )
+
+
+def volume_node(pods: list[Manifest]) -> str | None:
+    """The node where the model's pods run now (and so where its volume is mounted)."""
+    nodes = sorted(
+        {
+            pod["spec"]["nodeName"]
+            for pod in pods
+            if (pod.get("spec") or {}).get("nodeName") and not pod["metadata"].get("deletionTimestamp")
+        }
+    )
+    return nodes[0] if nodes else None
+
+
+def rollout_complete(deployment: Manifest) -> bool:
+    """Every replica runs the current pod template and is Ready (warmed up), and no old pod is left."""
+    spec = deployment.get("spec") or {}
+    status = deployment.get("status") or {}
+    wanted = spec.get("replicas", 1)
+    return bool(
+        status.get("observedGeneration") == deployment["metadata"].get("generation")
+        and (status.get("updatedReplicas") or 0) == wanted
+        and (status.get("replicas") or 0) == wanted
+        and (status.get("readyReplicas") or 0) == wanted
+    )
+
+
+def served_model(deployment: Manifest | None, previous: str | None) -> str | None:
+    """The model name the router may send: the new pods' once they are all rolled out, else the old one's."""
+    if deployment is None:
+        return previous
+    template = (deployment.get("spec") or {}).get("template") or {}
+    current = ((template.get("metadata") or {}).get("annotations") or {}).get(workload.SERVED_MODEL_ANNOTATION)
+    if current is not None and (previous is None or rollout_complete(deployment)):
+        return str(current)
+    return previous
+
+
 def reconcile_managed(kube: Kube, context: ModelContext) -> Observed:
     # First, so that no pod of the model ever runs unprotected.
     apply_or_delete(kube, "NetworkPolicy", networkpolicy.build_network_policy(context), context)
     claim = cache.build_cache_claim(context)
-    if claim is not None:
-        kube.apply(claim)
+    observed_claim = kube.apply(claim) if claim is not None else kube.get(
+        "PersistentVolumeClaim", context.namespace, context.cache_claim_name
+    )  # fmt: skip
+    pods = kube.list("Pod", context.namespace, selector_string(context))
+    kube.apply(service.build_service(context))
+    if observed_claim is None:
+        # The user's existingClaim does not exist: nothing can be downloaded or served until it does.
+        return Observed(
+            deployment=kube.get("Deployment", context.namespace, child_name(context)),
+            pods=pods,
+            missing_claim=context.cache_claim_name,
+        )
+    context = dataclasses.replace(
+        context, cache_claim_uid=observed_claim["metadata"].get("uid"), volume_node=volume_node(pods)
+    )
     job = cache.build_prefetch_job(context)
     observed_job = kube.apply(job) if job is not None else None
-    # Jobs of earlier models have served their purpose; the volume keeps their weights.
+    # Jobs of earlier models or volumes have served their purpose; the volume keeps their weights.
     for stale in kube.list(
         "Job", context.namespace, f"{MODEL_LABEL}={context.name},app.kubernetes.io/component=model-prefetch"
     ):
         if job is None or stale["metadata"]["name"] != job["metadata"]["name"]:
             kube.delete("Job", context.namespace, stale["metadata"]["name"])
 
-    kube.apply(service.build_service(context))
-    cached = observed_job is None or any(
-        c.get("type") == "Complete" and c.get("status") == "True"
-        for c in (observed_job.get("status") or {}).get("conditions") or []
-    )
     deployment: Manifest | None
-    if cached:
+    if observed_job is None or job_complete(observed_job):
         deployment = kube.apply(workload.build_deployment(context))
         apply_or_delete(kube, "HorizontalPodAutoscaler", autoscaling.build_hpa(context), context)
         apply_or_delete(kube, "PodDisruptionBudget", autoscaling.build_pdb(context), context)
     else:
         # Pods start only once the weights are cached; a running older version keeps serving meanwhile.
         deployment = kube.get("Deployment", context.namespace, child_name(context))
-    pods = kube.list("Pod", context.namespace, selector_string(context))
     return Observed(
         deployment=deployment,
         pods=pods,
         prefetch_job=observed_job,
         prefetch_expected=job is not None,
+        prefetch_failure=job_failure_message(kube, observed_job)
+        if observed_job is not None and job_failed(observed_job)
+        else "",
     )
 
 
 def apply_and_observe(
-    kube: Kube, context: ModelContext, probe_timeout: float
-) -> tuple[dict[str, Any], list[ConditionState]]:
+    kube: Kube, context: ModelContext, probe_timeout: float, previous_status: dict[str, Any]
+) -> tuple[dict[str, Any], list[ConditionState], WarmUpTargets | None]:
     """Status fields and conditions of the model, after applying its children (managed models)."""
     if context.spec.endpoint is not None:
         url = context.spec.endpoint.url
         reachable, error = probe_endpoint(url, probe_timeout)
         observed = Observed(managed=False, endpoint_url=url, endpoint_reachable=reachable,
                             endpoint_error=error)  # fmt: skip
-        return {"endpoint": url}, conditions_for(observed)
+        return {"endpoint": url}, conditions_for(observed), None
     observed = reconcile_managed(kube, context)
     deployment_status = (observed.deployment or {}).get("status") or {}
     fields: dict[str, Any] = {
@@ -162,10 +246,20 @@ def apply_and_observe(
         "readyReplicas": deployment_status.get("readyReplicas") or 0,
         "selector": selector_string(context),
     }
+    served = served_model(observed.deployment, previous_status.get("servedModel"))
+    if served is not None:
+        fields["servedModel"] = served
     timings = phase_timings(observed)
     if timings:
         fields["timings"] = timings
-    return fields, conditions_for(observed, gpu_resource=context.resources.gpu_resource, gpus=context.resources.gpu)
+    states = conditions_for(
+        observed,
+        gpu_resource=context.resources.gpu_resource,
+        gpus=context.resources.gpu,
+        memory=str(context.resources.memory) if context.resources.memory is not None else None,
+    )
+    targets = WarmUpTargets(pods=observed.pods, runtime=context.runtime, port=workload.serving_port(context))
+    return fields, states, targets
 
 
 def reconcile(
@@ -174,8 +268,11 @@ def reconcile(
     generation = body["metadata"].get("generation", 0)
     previous_status = body.get("status") or {}
     status: dict[str, Any] = {"observedGeneration": generation}
+    targets: WarmUpTargets | None = None
     try:
-        fields, states = apply_and_observe(kube, context_from(body, images, network), probe_timeout)
+        fields, states, targets = apply_and_observe(
+            kube, context_from(body, images, network), probe_timeout, previous_status
+        )
         status.update(fields)
     except ValidationError as exc:
         states = conditions_for(Observed(rejected=spec_errors(exc)))
@@ -187,7 +284,7 @@ def reconcile(
     previous_conditions = previous_status.get("conditions") or []
     status["phase"] = phase_for(states)
     status["conditions"] = merge_conditions(previous_conditions, states, generation)
-    return Outcome(status=status, transitions=transitions(previous_conditions, states))
+    return Outcome(status=status, transitions=transitions(previous_conditions, states), warmup=targets)
 
 
 def status_changed(previous: dict[str, Any], new: dict[str, Any]) -> bool:

@@ -38,6 +38,14 @@ class OperatorSettings(BaseSettings):
         default_factory=lambda: dict(NetworkPeers().router_pod_labels),
         description="Labels of the router pods, the only pods admitted to model pods (JSON object).",
     )
+    operator_pod_labels: dict[str, str] = Field(
+        default_factory=lambda: dict(NetworkPeers().operator_pod_labels),
+        description="Labels of the operator's pods (router's namespace), admitted to send warm-ups (JSON object).",
+    )
+    warmup_timeout_seconds: float = Field(
+        900.0, gt=0, description="How long a warm-up generation may take: loading large weights takes minutes."
+    )
+    warmup_workers: int = Field(4, ge=1, le=64, description="Warm-ups that may run at the same time.")
     monitoring_namespace_labels: dict[str, str] = Field(
         default_factory=lambda: {"kubernetes.io/metadata.name": "monitoring"},
         description="Labels of Prometheus's namespace, admitted to vLLM's /metrics; {} admits no Prometheus.",
@@ -69,6 +77,7 @@ class OperatorSettings(BaseSettings):
         return NetworkPeers(
             router_namespace=self.router_namespace,
             router_pod_labels=dict(self.router_pod_labels),
+            operator_pod_labels=dict(self.operator_pod_labels),
             monitoring_namespace_labels=dict(self.monitoring_namespace_labels),
             monitoring_pod_labels=dict(self.monitoring_pod_labels),
         )

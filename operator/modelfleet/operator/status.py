@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from modelfleet.operator.builders.workload import WARMED_UP_CONDITION
+
 Manifest = dict[str, Any]
 
 
@@ -18,6 +20,10 @@ class Observed:
     pods: list[Manifest] = field(default_factory=list)
     prefetch_job: Manifest | None = None
     prefetch_expected: bool = True
+    # The prefetch script's own account of why the download failed (its termination message).
+    prefetch_failure: str = ""
+    # The existingClaim that was named but does not exist.
+    missing_claim: str = ""
     endpoint_url: str | None = None
     endpoint_reachable: bool | None = None
     endpoint_error: str = ""
@@ -34,7 +40,7 @@ class ConditionState:
     message: str
 
 
-def job_state(job: Manifest | None) -> tuple[str, str]:
+def job_state(job: Manifest | None, failure: str = "") -> tuple[str, str]:
     """('Complete' | 'Failed' | 'Running' | 'Missing', message)."""
     if job is None:
         return "Missing", "the prefetch Job does not exist yet"
@@ -44,9 +50,13 @@ def job_state(job: Manifest | None) -> tuple[str, str]:
         if condition.get("type") == "Complete":
             return "Complete", "weights are in the cache volume"
         if condition.get("type") == "Failed":
+            name = job.get("metadata", {}).get("name", "")
+            if failure:
+                # The download's own words say what to fix; the Job's reason says only that it stopped.
+                return "Failed", f"prefetch Job {name} failed: {failure}"
             return (
                 "Failed",
-                f"prefetch Job failed: {condition.get('reason', '')}: {condition.get('message', '')}".strip(),
+                f"prefetch Job {name} failed: {condition.get('reason', '')}: {condition.get('message', '')}".strip(),
             )
     active = job.get("status", {}).get("active") or 0
     failed = job.get("status", {}).get("failed") or 0
@@ -88,6 +98,39 @@ def crash_looping(pods: list[Manifest]) -> list[str]:
     return found
 
 
+def pod_condition(pod: Manifest, kind: str) -> Manifest | None:
+    conditions: list[Manifest] = pod.get("status", {}).get("conditions") or []
+    return next((condition for condition in conditions if condition.get("type") == kind), None)
+
+
+def out_of_memory(pods: list[Manifest], memory: str | None) -> list[str]:
+    """Pods whose engine was killed for memory: a container OOM-killed, or Ollama's runner killed
+    while it loaded the model (the kernel kills the largest process in the pod, which is the runner,
+    and the server reports it as 'signal: killed')."""
+    limit = f"the memory limit ({memory})" if memory else "the memory available"
+    found = []
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        for status in pod.get("status", {}).get("containerStatuses") or []:
+            for state in (status.get("state") or {}, status.get("lastState") or {}):
+                if ((state.get("terminated") or {}).get("reason")) == "OOMKilled":
+                    found.append(f"{name}: the engine was OOM-killed: it needs more than {limit}")
+                    break
+        warm = pod_condition(pod, WARMED_UP_CONDITION) or {}
+        if warm.get("status") == "False" and "signal: killed" in str(warm.get("message", "")):
+            found.append(f"{name}: the engine was killed while loading the model, most likely for exceeding {limit}")
+    return sorted(set(found))
+
+
+def warmup_failures(pods: list[Manifest]) -> list[str]:
+    failures = []
+    for pod in pods:
+        warm = pod_condition(pod, WARMED_UP_CONDITION) or {}
+        if warm.get("status") == "False" and warm.get("reason") == "WarmUpFailed":
+            failures.append(f"{pod['metadata']['name']}: {warm.get('message', '')}")
+    return failures
+
+
 # Longest condition message we write: an API server's refusal can list many fields.
 MAX_MESSAGE_LENGTH = 2048
 
@@ -103,9 +146,22 @@ def rejected_conditions(reason: str) -> list[ConditionState]:
     ]
 
 
-def conditions_for(observed: Observed, gpu_resource: str = "nvidia.com/gpu", gpus: int = 0) -> list[ConditionState]:
+def conditions_for(
+    observed: Observed, gpu_resource: str = "nvidia.com/gpu", gpus: int = 0, memory: str | None = None
+) -> list[ConditionState]:
     if observed.rejected:
         return rejected_conditions(observed.rejected)
+    if observed.missing_claim:
+        message = (
+            f"PersistentVolumeClaim {observed.missing_claim} (spec.cache.existingClaim) does not exist in this "
+            "namespace: create it, or remove existingClaim to let the operator create one"
+        )
+        return [
+            ConditionState("ModelCached", "False", "ClaimNotFound", message),
+            ConditionState("Degraded", "True", "ClaimNotFound", message),
+            ConditionState("Ready", "False", "ClaimNotFound", message),
+            ConditionState("Progressing", "False", "ClaimNotFound", "waiting for the claim"),
+        ]
     if not observed.managed:
         if observed.endpoint_reachable:
             ready = ConditionState("Ready", "True", "EndpointReachable", f"{observed.endpoint_url} answers")
@@ -116,7 +172,11 @@ def conditions_for(observed: Observed, gpu_resource: str = "nvidia.com/gpu", gpu
         return [ready]
 
     states: list[ConditionState] = []
-    job, job_message = job_state(observed.prefetch_job) if observed.prefetch_expected else ("Complete", "no download")
+    job, job_message = (
+        job_state(observed.prefetch_job, observed.prefetch_failure)
+        if observed.prefetch_expected
+        else ("Complete", "no download")
+    )
     cached = {
         "Complete": ConditionState("ModelCached", "True", "Prefetched", job_message),
         "Failed": ConditionState("ModelCached", "False", "PrefetchFailed", job_message),
@@ -130,6 +190,8 @@ def conditions_for(observed: Observed, gpu_resource: str = "nvidia.com/gpu", gpu
     ready_replicas = deployment_status.get("readyReplicas") or 0
     unschedulable = unschedulable_messages(observed.pods)
     crashes = crash_looping(observed.pods)
+    oom = out_of_memory(observed.pods, memory)
+    warmups_failing = warmup_failures(observed.pods)
 
     if unschedulable:
         states.append(
@@ -146,8 +208,13 @@ def conditions_for(observed: Observed, gpu_resource: str = "nvidia.com/gpu", gpu
     else:
         states.append(ConditionState("Scheduled", "Unknown", "NoPods", "no pods exist yet"))
 
-    if crashes:
+    memory_advice = "; raise spec.resources.memory"
+    if oom:
+        states.append(ConditionState("Degraded", "True", "OOMKilled", "; ".join(oom) + memory_advice))
+    elif crashes:
         states.append(ConditionState("Degraded", "True", "ContainersFailing", "; ".join(crashes)))
+    elif warmups_failing:
+        states.append(ConditionState("Degraded", "True", "WarmUpFailed", "; ".join(warmups_failing)))
     elif job == "Failed":
         states.append(ConditionState("Degraded", "True", "PrefetchFailed", job_message))
     else:
@@ -157,6 +224,8 @@ def conditions_for(observed: Observed, gpu_resource: str = "nvidia.com/gpu", gpu
         states.append(
             ConditionState("Ready", "True", "ReplicasReady", f"{ready_replicas}/{desired} replica(s) ready to serve")
         )
+    elif oom:
+        states.append(ConditionState("Ready", "False", "OOMKilled", "; ".join(oom) + memory_advice))
     elif job == "Failed":
         states.append(ConditionState("Ready", "False", "PrefetchFailed", job_message))
     elif unschedulable:
@@ -169,9 +238,16 @@ def conditions_for(observed: Observed, gpu_resource: str = "nvidia.com/gpu", gpu
         states.append(
             ConditionState("Ready", "False", "ScaledToZero", "0 replicas are wanted; scale up to serve the model")
         )
+    elif warmups_failing:
+        states.append(ConditionState("Ready", "False", "WarmUpFailed", "; ".join(warmups_failing)))
     else:
         states.append(
-            ConditionState("Ready", "False", "Loading", f"0/{desired} replica(s) ready; the model is loading")
+            ConditionState(
+                "Ready",
+                "False",
+                "Loading",
+                f"0/{desired} replica(s) ready; the model is loading (a pod is Ready once it answers a warm-up)",
+            )
         )
 
     progressing = observed.deployment is None or ready_replicas < desired or job in {"Running", "Missing"}
@@ -216,8 +292,10 @@ def phase_timings(observed: Observed) -> dict[str, float]:
         newest = max(observed.pods, key=lambda pod: pod.get("metadata", {}).get("creationTimestamp") or "")
         created = newest.get("metadata", {}).get("creationTimestamp")
         scheduled = condition_time(newest, "PodScheduled")
+        engine_up = condition_time(newest, "ContainersReady")
         timings["scheduleSeconds"] = seconds_between(created, scheduled)
-        timings["loadSeconds"] = seconds_between(scheduled, condition_time(newest, "Ready"))
+        timings["loadSeconds"] = seconds_between(scheduled, engine_up)
+        timings["warmupSeconds"] = seconds_between(engine_up, condition_time(newest, WARMED_UP_CONDITION))
     return {key: value for key, value in timings.items() if value is not None}
 
 
@@ -226,7 +304,7 @@ def phase_for(states: list[ConditionState]) -> str:
     if by_type["Ready"].status == "True":
         return "Degraded" if by_type.get("Degraded", by_type["Ready"]).status == "True" else "Ready"
     reason = by_type["Ready"].reason
-    if reason in {"PrefetchFailed", "ContainersFailing", "InvalidSpec"}:
+    if reason in {"PrefetchFailed", "ContainersFailing", "InvalidSpec", "OOMKilled", "ClaimNotFound", "WarmUpFailed"}:
         return "Failed"
     if reason == "Downloading":
         return "Downloading"

@@ -117,6 +117,7 @@ def _spec_for(
 
     api: Api
     remote = False
+    upstream = str(spec["model"])
     if endpoint.get("url"):
         url = str(endpoint["url"])
         host = urlsplit(url).hostname
@@ -144,6 +145,9 @@ def _spec_for(
     elif spec.get("runtime") in ("ollama", "vllm"):
         api = "ollama" if spec["runtime"] == "ollama" else "openai"
         endpoints = ready.get((candidate.namespace, SERVICE_PREFIX + candidate.name), ())
+        # The operator names the model its pods answer to: while spec.model changes, the old pods keep
+        # serving (under the old name) until the new ones are all Ready.
+        upstream = str((candidate.body.get("status") or {}).get("servedModel") or upstream)
     else:
         notes[("invalid", candidate.namespace, candidate.name, generation)] = (
             f"InferenceModel {where} is not served: it has neither spec.endpoint.url nor a known spec.runtime"
@@ -156,7 +160,7 @@ def _spec_for(
     return ModelSpec(
         name=candidate.name,
         api=api,
-        upstream_model=str(spec["model"]),
+        upstream_model=upstream,
         endpoints=endpoints,
         aliases=tuple(str(alias) for alias in serving.get("aliases") or ()),
         max_in_flight_per_replica=int(serving.get("maxInFlightPerReplica", 4)),

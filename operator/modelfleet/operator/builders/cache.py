@@ -35,8 +35,16 @@ def build_cache_claim(context: ModelContext) -> Manifest | None:
 
 
 def prefetch_key(context: ModelContext) -> str:
-    """Changes exactly when the weights to fetch change, so a new model gets a new Job."""
-    return hashlib.sha256(f"{context.runtime}\n{context.spec.model}\n{context.image}".encode()).hexdigest()[:10]
+    """Changes exactly when the weights to fetch or the volume to fill change.
+
+    So a new model, source or image gets a new Job, and so does a new volume: the claim's UID is part of
+    the key, so a claim deleted and created again under the same name, or another existingClaim, is
+    filled again. A completed Job therefore means "the weights are on this volume".
+    """
+    source = context.spec.source
+    origin = source.model_dump_json() if source is not None else ""
+    parts = [context.runtime, context.spec.model, origin, context.image, context.cache_claim_uid or ""]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
 
 
 # A Job's name is also a label value on its pods, so at most 63 characters.
@@ -54,18 +62,54 @@ def prefetch_job_name(context: ModelContext) -> str:
     return f"im-{context.name[:room].rstrip('-')}-{digest}-{suffix}"
 
 
-OLLAMA_PULL_SCRIPT = """\
-set -eu
+# Exit code of a pull that cannot succeed on retry (the registry has no such model): the Job's pod
+# failure policy fails the Job at once instead of retrying, and the message says what to fix.
+MODEL_NOT_FOUND_EXIT_CODE = 3
+
+# Pulls $MODELFLEET_PULL (the model, or <registry>/<model>) with a private Ollama server on loopback,
+# then names it $MODELFLEET_MODEL. The last line written to the termination log is what the operator
+# reports when the pull fails.
+OLLAMA_PULL_SCRIPT = f"""\
+set -u
+report() {{ printf '%s\\n' "$1" >/dev/termination-log; echo "$1" >&2; }}
 ollama serve >/tmp/ollama.log 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT
 tries=0
 until ollama list >/dev/null 2>&1; do
-  tries=$((tries + 1)); [ "$tries" -lt 120 ] || { cat /tmp/ollama.log; exit 1; }
+  tries=$((tries + 1))
+  if [ "$tries" -ge 120 ]; then cat /tmp/ollama.log >&2; report "the Ollama server in the Job did not start"; exit 1; fi
   sleep 1
 done
-ollama pull "$MODELFLEET_MODEL"
+if ! ollama pull $MODELFLEET_PULL_FLAGS "$MODELFLEET_PULL" 2>/tmp/pull.err; then
+  cat /tmp/pull.err >&2
+  reason=$(tr '\\r' '\\n' </tmp/pull.err | grep -i 'error' | tail -n 1)
+  case "$reason" in
+    *"file does not exist"*|*"not found"*|*"manifest unknown"*|*"name unknown"*)
+      report "the registry has no model $MODELFLEET_PULL ($reason): check spec.model and spec.source.registry"
+      exit {MODEL_NOT_FOUND_EXIT_CODE};;
+  esac
+  report "pulling $MODELFLEET_PULL failed: ${{reason:-see the Job's log}}"
+  exit 1
+fi
+if [ "$MODELFLEET_PULL" != "$MODELFLEET_MODEL" ]; then
+  # The blobs are shared: only the manifest is copied, under the name clients and servers use.
+  if ! ollama cp "$MODELFLEET_PULL" "$MODELFLEET_MODEL"; then
+    report "naming $MODELFLEET_PULL as $MODELFLEET_MODEL failed"; exit 1
+  fi
+  ollama rm "$MODELFLEET_PULL" >/dev/null || true
+fi
+ollama list
 """
+
+REGISTRY_CA_PATH = "/etc/modelfleet/registry-ca/ca.crt"
+
+
+def ollama_pull_reference(context: ModelContext) -> str:
+    """What the Job pulls: the model itself, or the same name in the private registry."""
+    source = context.spec.source
+    return f"{source.registry}/{context.spec.model}" if source is not None else context.spec.model
+
 
 HF_DOWNLOAD_SCRIPT = """\
 import os
@@ -80,12 +124,31 @@ def build_prefetch_job(context: ModelContext) -> Manifest | None:
     if context.runtime == "vllm" and context.spec.model.startswith("/"):
         return None  # a path inside the volume: the user put the weights there
     env: list[Manifest] = [{"name": "MODELFLEET_MODEL", "value": context.spec.model}, {"name": "HOME", "value": "/tmp"}]
+    mounts: list[Manifest] = [
+        {"name": "model-cache", "mountPath": MODELS_MOUNT},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    volumes: list[Manifest] = [
+        {"name": "model-cache", "persistentVolumeClaim": {"claimName": context.cache_claim_name}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    source = context.spec.source
     if context.runtime == "ollama":
         command = ["/bin/sh", "-c", OLLAMA_PULL_SCRIPT]
         env += [
+            {"name": "MODELFLEET_PULL", "value": ollama_pull_reference(context)},
+            {"name": "MODELFLEET_PULL_FLAGS", "value": "--insecure" if source is not None and source.insecure else ""},
             {"name": "OLLAMA_MODELS", "value": f"{MODELS_MOUNT}/ollama"},
             {"name": "OLLAMA_HOST", "value": "127.0.0.1:11434"},
         ]
+        if source is not None and source.ca_config_map_ref is not None:
+            ca = source.ca_config_map_ref
+            # Go (Ollama) reads SSL_CERT_FILE as the only trusted roots: just the registry's CA.
+            env.append({"name": "SSL_CERT_FILE", "value": REGISTRY_CA_PATH})
+            mounts.append({"name": "registry-ca", "mountPath": REGISTRY_CA_PATH.rsplit("/", 1)[0], "readOnly": True})
+            volumes.append(
+                {"name": "registry-ca", "configMap": {"name": ca.name, "items": [{"key": ca.key, "path": "ca.crt"}]}}
+            )
     else:
         command = ["python3", "-c", HF_DOWNLOAD_SCRIPT]
         env.append({"name": "HF_HOME", "value": f"{MODELS_MOUNT}/hf"})
@@ -96,6 +159,17 @@ def build_prefetch_job(context: ModelContext) -> Manifest | None:
     # that first mounts it, and that must be a node the model can run on.
     placement = scheduling(context)
     placement.pop("affinity", None)
+    if context.volume_node is not None and context.cache.access_mode in ("ReadWriteOnce", "ReadWriteOncePod"):
+        # The serving pods mount the volume on this node, and only this node can mount it too.
+        placement["affinity"] = {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [context.volume_node]}]}
+                    ]
+                }
+            }
+        }
     pod_spec: Manifest = {
         "restartPolicy": "Never",
         "containers": [
@@ -104,20 +178,15 @@ def build_prefetch_job(context: ModelContext) -> Manifest | None:
                 "image": context.image,
                 "command": command,
                 "env": env,
-                "volumeMounts": [
-                    {"name": "model-cache", "mountPath": MODELS_MOUNT},
-                    {"name": "tmp", "mountPath": "/tmp"},
-                ],
+                "volumeMounts": mounts,
                 "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
                 "securityContext": container_security_context(),
+                "terminationMessagePolicy": "FallbackToLogsOnError",
             }
         ],
-        "volumes": [
-            {"name": "model-cache", "persistentVolumeClaim": {"claimName": context.cache_claim_name}},
-            {"name": "tmp", "emptyDir": {}},
-        ],
+        "volumes": volumes,
         "securityContext": pod_security_context(),
-        **{k: v for k, v in placement.items() if k in ("nodeSelector", "tolerations", "priorityClassName")},
+        **{k: v for k, v in placement.items() if k in ("nodeSelector", "tolerations", "priorityClassName", "affinity")},
     }
     job_metadata = metadata(context, prefetch_job_name(context), "model-prefetch")
     job_metadata["annotations"] = {"modelfleet.io/prefetch-model": context.spec.model}
@@ -127,6 +196,21 @@ def build_prefetch_job(context: ModelContext) -> Manifest | None:
         "metadata": job_metadata,
         "spec": {
             "backoffLimit": PREFETCH_RETRIES,
+            # A model the registry does not have fails the Job at once: retrying cannot help.
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": "prefetch",
+                            "operator": "In",
+                            "values": [MODEL_NOT_FOUND_EXIT_CODE],
+                        },
+                    },
+                    # A node drained or a pod preempted is not the download's fault: not counted.
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                ]
+            },
             "activeDeadlineSeconds": PREFETCH_TIMEOUT_SECONDS,
             "template": {"metadata": {"labels": job_metadata["labels"]}, "spec": pod_spec},
         },

@@ -33,6 +33,10 @@ class NetworkPeers:
     router_pod_labels: dict[str, str] = field(
         default_factory=lambda: {"app.kubernetes.io/name": "modelfleet", "app.kubernetes.io/component": "router"}
     )
+    # The operator sends each new pod a warm-up generation before the pod may count as Ready.
+    operator_pod_labels: dict[str, str] = field(
+        default_factory=lambda: {"app.kubernetes.io/name": "modelfleet", "app.kubernetes.io/component": "operator"}
+    )
     monitoring_namespace_labels: dict[str, str] = field(default_factory=dict)
     monitoring_pod_labels: dict[str, str] = field(default_factory=dict)
 
@@ -48,6 +52,11 @@ class ModelContext:
     images: RuntimeImages = field(default_factory=RuntimeImages)
     # None: the operator creates no NetworkPolicy (the cluster's own policies apply).
     network: NetworkPeers | None = None
+    # Observed in the cluster, for the prefetch Job: the cache claim's UID (a new volume must be filled
+    # again, even under the same name) and the node whose pods mount it now (a ReadWriteOnce volume can
+    # only be mounted there).
+    cache_claim_uid: str | None = None
+    volume_node: str | None = None
 
     @property
     def resources(self) -> v1alpha1.Resources:
@@ -82,6 +91,16 @@ class ModelContext:
     @property
     def cache_claim_name(self) -> str:
         return self.cache.existing_claim or child_name(self, "cache")
+
+    @property
+    def served_model(self) -> str:
+        """The name the serving pods answer to, which the router sends upstream.
+
+        Ollama answers to the model's own name (spec.model, stored under that name by the prefetch Job).
+        vLLM answers to the InferenceModel's name as well as spec.model: the name stays the same while
+        spec.model changes, so old and new pods both accept it during a rollout.
+        """
+        return self.spec.model if self.runtime == "ollama" else self.name
 
 
 def child_name(context: ModelContext, suffix: str = "") -> str:

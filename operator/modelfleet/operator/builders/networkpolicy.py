@@ -1,7 +1,8 @@
 """The NetworkPolicy that lets only the router (and Prometheus, for vLLM's metrics) reach a model's pods.
 
 It selects every pod the operator runs for the model (serving and prefetch) and admits, on the
-serving port only, the router's pods in the router's namespace. vLLM serves /metrics on its API
+serving port only, the router's pods in the router's namespace and the operator's pods (which send each
+new pod a warm-up generation). vLLM serves /metrics on its API
 port, so Prometheus is admitted to vLLM pods when a monitoring namespace is configured; Ollama has no
 metrics endpoint. Egress stays open: prefetch Jobs download weights, and the addresses a model may
 need cannot be named portably. Kubelet probes are not subject to NetworkPolicy.
@@ -33,8 +34,10 @@ def allowed_sources(context: ModelContext, peers: NetworkPeers) -> list[Manifest
     sources: list[Manifest] = [
         {
             "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: peers.router_namespace}},
-            "podSelector": {"matchLabels": dict(peers.router_pod_labels)},
+            "podSelector": {"matchLabels": dict(labels)},
         }
+        # The router sends requests; the operator sends each new pod its warm-up generation.
+        for labels in (peers.router_pod_labels, peers.operator_pod_labels)
     ]
     if context.runtime == "vllm" and peers.monitoring_namespace_labels:
         sources.append(

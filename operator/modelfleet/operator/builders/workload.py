@@ -16,6 +16,13 @@ from modelfleet.operator.builders.common import (
 )
 
 MODELS_MOUNT = "/models"
+HOME = "/home/modelfleet"
+# A pod counts as Ready only once this condition is True: the operator sets it after the pod has
+# answered a warm-up generation, so the router never sends a request to a pod still loading weights.
+WARMED_UP_CONDITION = "modelfleet.io/warmed-up"
+# The model name a pod answers to, on the pod template: what the warm-up asks for, and what
+# changes the template (and so rolls the pods) when spec.model changes.
+SERVED_MODEL_ANNOTATION = "modelfleet.io/served-model"
 OLLAMA_PORT = 11434
 VLLM_PORT = 8000
 # GPU device plugins taint and label GPU nodes like this (NVIDIA GPU operator / GKE / EKS).
@@ -36,22 +43,42 @@ def ollama_container_settings(context: ModelContext) -> tuple[list[str], list[Ma
         {"name": "OLLAMA_NUM_PARALLEL", "value": str(context.serving.max_in_flight_per_replica)},
         # The prefetch Job filled the volume; the server must never prune or re-pull weights.
         {"name": "OLLAMA_NOPRUNE", "value": "1"},
-        {"name": "HOME", "value": "/home/modelfleet"},
+        {"name": "HOME", "value": HOME},
     ]
     return ["serve"], env, "/api/version"
 
 
 def vllm_container_settings(context: ModelContext) -> tuple[list[str], list[Manifest], str]:
-    args = ["--model", context.spec.model, "--served-model-name", context.spec.model, "--port", str(VLLM_PORT)]
+    # Two names: spec.model, and the InferenceModel's name, which the router sends (it stays the same
+    # across a change of spec.model, so old and new pods both answer to it during a rollout).
+    names = (
+        [context.spec.model]
+        if context.served_model == context.spec.model
+        else [context.spec.model, context.served_model]
+    )
+    args = ["--model", context.spec.model, "--served-model-name", *names, "--port", str(VLLM_PORT)]
     user_args = context.spec.engine.args if context.spec.engine and context.spec.engine.args else []
     if context.resources.gpu > 1 and "--tensor-parallel-size" not in user_args:
         args += ["--tensor-parallel-size", str(context.resources.gpu)]
     args += ["--max-num-seqs", str(context.serving.max_in_flight_per_replica)]
+    cache = f"{HOME}/.cache"
     env = [
         {"name": "HF_HOME", "value": f"{MODELS_MOUNT}/hf"},
         # Weights come from the cache volume only: a restart must never download them again.
         {"name": "HF_HUB_OFFLINE", "value": "1"},
-        {"name": "HOME", "value": "/home/modelfleet"},
+        {"name": "HOME", "value": HOME},
+        # UID 1000 has no passwd entry in the vLLM image; getpass.getuser() (torch, triton) then
+        # fails unless USER or LOGNAME names the user.
+        {"name": "USER", "value": "modelfleet"},
+        {"name": "LOGNAME", "value": "modelfleet"},
+        # The model volume is mounted read-only, and HF_HOME is on it: everything the engine writes
+        # at run time goes to the writable home instead (remote code, compiled kernels, vLLM's cache).
+        {"name": "HF_MODULES_CACHE", "value": f"{cache}/huggingface/modules"},
+        {"name": "XDG_CACHE_HOME", "value": cache},
+        {"name": "TRITON_CACHE_DIR", "value": f"{cache}/triton"},
+        {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{cache}/torchinductor"},
+        {"name": "VLLM_CACHE_ROOT", "value": f"{cache}/vllm"},
+        {"name": "TORCH_HOME", "value": f"{cache}/torch"},
     ]
     return args + list(user_args), env, "/health"
 
@@ -151,13 +178,15 @@ def build_deployment(context: ModelContext) -> Manifest:
         "env": env,
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "resources": resource_requirements(context),
+        # The engine's health endpoint answers before the model is loaded (Ollama loads on the first
+        # request): readiness also waits for the warm-up condition (readinessGates below).
         # Loading tens of GB of weights takes minutes: up to 30 minutes before liveness applies.
         "startupProbe": probe(period=10, failures=180),
         "readinessProbe": probe(period=5, failures=3),
         "livenessProbe": probe(period=20, failures=3),
         "volumeMounts": [
             {"name": "model-cache", "mountPath": MODELS_MOUNT, "readOnly": context.runtime == "vllm"},
-            {"name": "home", "mountPath": "/home/modelfleet"},
+            {"name": "home", "mountPath": HOME},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
         "securityContext": container_security_context(),
@@ -174,6 +203,7 @@ def build_deployment(context: ModelContext) -> Manifest:
 
     pod_spec: Manifest = {
         "containers": [container],
+        "readinessGates": [{"conditionType": WARMED_UP_CONDITION}],
         "volumes": volumes,
         "securityContext": pod_security_context(),
         # Streams in flight get time to finish when a pod is replaced.
@@ -185,7 +215,10 @@ def build_deployment(context: ModelContext) -> Manifest:
         "selector": {"matchLabels": selector_labels(context)},
         "strategy": rollout_strategy(context),
         "template": {
-            "metadata": {"labels": labels(context, "model-server")},
+            "metadata": {
+                "labels": labels(context, "model-server"),
+                "annotations": {SERVED_MODEL_ANNOTATION: context.served_model},
+            },
             "spec": pod_spec,
         },
     }
