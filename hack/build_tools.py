@@ -7,7 +7,8 @@ which lives outside the work tree so that a fresh clone on the same machine reus
 and then linked into ``.cache/bin`` of the checkout.  A rerun only checks files.
 
 Tools: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy
-(k8s.io/kubernetes), etcd, kwok, kwokctl, helm, helm4, coredns, kind (optional) and ollama.
+(k8s.io/kubernetes), etcd, kwok, kwokctl, helm, helm4, coredns, registry (distribution),
+local-path-provisioner, kind (optional) and ollama.
 Not every entry is a binary: the Prometheus Operator CRDs (prometheus-operator-crds) are YAML copied out of the pinned
 prometheus-operator module into the same cache and linked as ``.cache/crds/prometheus-operator``,
 so that tests can install ServiceMonitor and PrometheusRule without a GitHub download.
@@ -220,6 +221,22 @@ def tool_catalog(versions: dict[str, str]) -> dict[str, Tool]:
             module="github.com/coredns/coredns",
             version=versions["COREDNS_VERSION"],
             package="github.com/coredns/coredns",
+        ),
+        # The real node's OCI registry, which holds the Ollama model (hack/registry.sh).
+        GoTool(
+            name="registry",
+            module="github.com/distribution/distribution/v3",
+            version=versions["DISTRIBUTION_VERSION"],
+            package="github.com/distribution/distribution/v3/cmd/registry",
+            ldflags=(f"-X github.com/distribution/distribution/v3/version.version={versions['DISTRIBUTION_VERSION']}",),
+        ),
+        # Dynamic provisioning of writable volumes on the real node (StorageClass local-path).
+        GoTool(
+            name="local-path-provisioner",
+            module="github.com/rancher/local-path-provisioner",
+            version=versions["LOCAL_PATH_PROVISIONER_VERSION"],
+            package="github.com/rancher/local-path-provisioner",
+            ldflags=(f"-X main.VERSION={versions['LOCAL_PATH_PROVISIONER_VERSION']}",),
         ),
         GoTool(name="kind", module="sigs.k8s.io/kind", version=kind, package="sigs.k8s.io/kind"),
     ]

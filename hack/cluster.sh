@@ -60,6 +60,8 @@ remove_stale() {
     pkill -f -- "$KWOK_WORKDIR/clusters/$cluster_name" 2>/dev/null || true
     rm -rf "$KWOK_WORKDIR/clusters/$cluster_name"
   fi
+  # The local-path volumes of the real node belonged to that cluster's claims.
+  rm -rf "$cache_dir/node/local-path"
   rm -f "$identity_file"
 }
 
@@ -71,7 +73,7 @@ up() {
     return 0
   fi
   python3 "$repo_root/hack/build_tools.py" etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwokctl \
-    kubelet kube-proxy coredns
+    kubelet kube-proxy coredns registry local-path-provisioner
   "$repo_root/hack/node.sh" down 2>/dev/null || true
   remove_stale
   mkdir -p "$cache_dir"
@@ -123,7 +125,7 @@ down() {
     kwokctl_ delete cluster --kubeconfig "$kubeconfig" >/dev/null 2>&1 || true
   fi
   pkill -f -- "$KWOK_WORKDIR/clusters/$cluster_name" 2>/dev/null || true
-  rm -rf "${KWOK_WORKDIR:?}/clusters/$cluster_name"
+  rm -rf "${KWOK_WORKDIR:?}/clusters/$cluster_name" "$cache_dir/node/local-path"
   rm -f "$identity_file" "$kubeconfig"
   log "$cluster_name is down"
 }

@@ -4,8 +4,10 @@
 # Its pods are real containers in network namespaces on this machine.
 #
 #   hack/node.sh up        start it (the control plane must be up: hack/cluster.sh up calls this)
+#                          with the OCI registry on the bridge (hack/registry.sh) and the
+#                          local-path-provisioner (StorageClass local-path, hack/cluster/local-path.yaml)
 #   hack/node.sh down      delete its pods, stop every process, undo mounts, rules, bridge, cgroups
-#   hack/node.sh status    exit 0 if the node is Ready
+#   hack/node.sh status    exit 0 if the node is Ready and its registry and provisioner run
 #   hack/node.sh import F  import an image archive (docker or OCI) into the node's containerd
 #
 # The network lives on a bridge of its own, $bridge with $bridge_address: node IP, kubelet address,
@@ -31,6 +33,11 @@ node_kubeconfig="$node_dir/kubeconfig"
 images_cache="${MODELFLEET_IMAGES_CACHE:-$HOME/.cache/modelfleet/images}"
 # The sandbox image containerd runs for every pod; made here from hack/node/pause.c (no registry).
 pause_image=registry.k8s.io/pause:3.10
+# Volumes of StorageClass local-path: with the node's other state, on the checkout's disk; the
+# directories of a deleted cluster's volumes go with `hack/cluster.sh down`.
+local_path_dir="$node_dir/local-path"
+# The local-path helper pods' image (hack/cluster/local-path.yaml): built by hack/images.sh, not pulled.
+helper_image=docker.io/library/python:3.11-slim-bookworm
 
 log() { printf 'node: %s\n' "$*" >&2; }
 die() { printf 'node: error: %s\n' "$*" >&2; exit 1; }
@@ -153,6 +160,9 @@ EOF
   "$bin_dir/kubectl" --kubeconfig "$kubeconfig" config view --raw --minify --flatten >"$node_kubeconfig"
   chmod 600 "$node_kubeconfig"
   printf 'nameserver %s\n' "$bridge_address" >"$node_dir/resolv.conf"
+  mkdir -p "$local_path_dir"
+  printf '{"nodePathMap": [{"node": "%s", "paths": ["%s"]}]}\n' "$node_name" "$local_path_dir" \
+    >"$node_dir/local-path-provisioner.json"
   cat >"$node_dir/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -245,13 +255,14 @@ up() {
   [[ $EUID -eq 0 ]] || die "the real node needs root (network namespaces, mounts, cgroups)"
   [[ -f "$kubeconfig" ]] || die "the control plane is not up (hack/cluster.sh up)"
   local started=$SECONDS
-  python3 "$repo_root/hack/build_tools.py" kubelet kube-proxy coredns >/dev/null
+  python3 "$repo_root/hack/build_tools.py" kubelet kube-proxy coredns registry local-path-provisioner >/dev/null
   for tool in containerd runc ctr nft socat buildah gcc; do
     command -v "$tool" >/dev/null || die "$tool is missing (make install-system)"
   done
   mkdir -p "$node_dir"
   claim_machine
   bridge_up
+  "$repo_root/hack/registry.sh" start
   write_configs
   start containerd containerd --config "$node_dir/containerd/config.toml"
   wait_for "containerd answering" 30 ctr --address "$containerd_socket" version
@@ -268,6 +279,13 @@ up() {
   start coredns "$bin_dir/coredns" -conf "$node_dir/Corefile"
   wait_for "node $node_name Ready" 120 kubectl_ wait --for=condition=Ready "node/$node_name" --timeout=5s
   wait_for "CoreDNS ready" 60 curl -fsS "http://$bridge_address:$coredns_ready_port/ready"
+  kubectl_ apply -f "$repo_root/hack/cluster/local-path.yaml" >/dev/null
+  if ! ctr_ images ls -q | grep -qx "$helper_image"; then
+    log "warning: $helper_image is not in the node's containerd: local-path volumes wait for it (make images, then hack/node.sh import)"
+  fi
+  start local-path-provisioner "$bin_dir/local-path-provisioner" start --kubeconfig "$node_kubeconfig" \
+    --config "$node_dir/local-path-provisioner.json" --namespace local-path-storage \
+    --configmap-name local-path-config --service-account-name local-path-provisioner --helper-image "$helper_image"
   log "$node_name is Ready in $((SECONDS - started))s ($(kubectl_ get node "$node_name" -o jsonpath='{.status.nodeInfo.containerRuntimeVersion}'))"
 }
 
@@ -309,6 +327,8 @@ down_machine_state() {
 }
 
 down() {
+  # No new helper pods from here on; the drain below deletes any that are left.
+  stop local-path-provisioner
   if [[ -f "$kubeconfig" ]] && pid_alive kubelet && kubectl_ get node "$node_name" >/dev/null 2>&1; then
     # Delete the workloads while the kubelet still runs, so it stops their containers itself.
     log "draining $node_name"
@@ -322,10 +342,16 @@ down() {
     local deadline=$((SECONDS + 40))
     while ((SECONDS < deadline)) && [[ -n "$(ctr_ containers ls -q 2>/dev/null)" ]]; do sleep 1; done
   fi
+  # A helper pod whose provisioner was stopped mid-operation: the kubelet may be gone before it
+  # confirms the deletion, and a helper pod found again later stalls that volume's next operation.
+  if [[ -f "$kubeconfig" ]]; then
+    kubectl_ -n local-path-storage delete pods --all --force --grace-period=0 >/dev/null 2>&1 || true
+  fi
   stop coredns
   stop kube-proxy
   stop kubelet
   stop apiserver-relay
+  "$repo_root/hack/registry.sh" stop
   if [[ -f "$kubeconfig" ]]; then kubectl_ delete node "$node_name" --wait=false >/dev/null 2>&1 || true; fi
   if [[ -x "$bin_dir/kube-proxy" ]]; then "$bin_dir/kube-proxy" --cleanup >/dev/null 2>&1 || true; fi
   # Containers the kubelet did not stop (it was gone already): kill their tasks before containerd goes.
@@ -345,9 +371,12 @@ down() {
   log "$node_name is down"
 }
 
+# Ready, with its registry and volume provisioner: otherwise `hack/cluster.sh up` runs `up` again,
+# which starts only what is missing.
 status() {
   pid_alive kubelet && kubectl_ get node "$node_name" \
-    -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -qx True
+    -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -qx True &&
+    pid_alive local-path-provisioner && "$repo_root/hack/registry.sh" status 2>/dev/null
 }
 
 import_image() {

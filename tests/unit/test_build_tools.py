@@ -38,7 +38,18 @@ def test_versions_file_has_every_tool_version(tmp_path: Path) -> None:
     catalog = build_tools.tool_catalog(versions)
     kubernetes = {"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet", "kube-proxy"}
     others = {"etcd", "kwok", "kwokctl", "helm", "helm4", "coredns", "kind", "ollama", "prometheus-operator-crds"}
-    assert set(catalog) == kubernetes | others
+    real_node = {"registry", "local-path-provisioner"}
+    assert set(catalog) == kubernetes | others | real_node
+    # hack/node.sh starts both on every `up`: `make tools` (no arguments) must build them.
+    assert not real_node & build_tools.OPTIONAL_TOOLS
+    registry = catalog["registry"]
+    assert isinstance(registry, build_tools.GoTool)
+    assert registry.package == "github.com/distribution/distribution/v3/cmd/registry"
+    assert registry.sibling_version is None  # no local replacements: plain `go install`
+    assert f"-X github.com/distribution/distribution/v3/version.version={versions['DISTRIBUTION_VERSION']}" in (
+        registry.ldflags
+    )
+    assert catalog["local-path-provisioner"].version == versions["LOCAL_PATH_PROVISIONER_VERSION"]
     crds = catalog["prometheus-operator-crds"]
     assert isinstance(crds, build_tools.CrdBundle)
     assert crds.version == versions["PROMETHEUS_OPERATOR_VERSION"]
