@@ -292,3 +292,27 @@ def http_endpoint() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# The real node ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def real_node(cluster: Cluster) -> client.V1Node:
+    from tests.support.realnode import NODE_NAME
+
+    node: client.V1Node = client.CoreV1Api(cluster.api).read_node(NODE_NAME)
+    return node
+
+
+@pytest.fixture(scope="session")
+def node_images(real_node: client.V1Node) -> list[str]:
+    """Build the images (skipped when their inputs did not change) and import them into the node."""
+    from tests.support.realnode import REPO, run
+
+    run([str(REPO / "hack" / "images.sh"), "build"], "hack/images.sh build", timeout=3600)
+    archives = sorted((REPO / ".cache" / "images").glob("*.tar"))
+    assert archives, "hack/images.sh build wrote no archives to .cache/images"
+    for archive in archives:
+        run([str(REPO / "hack" / "node.sh"), "import", str(archive)], f"importing {archive.name}")
+    return [archive.name for archive in archives]

@@ -50,7 +50,7 @@ INVALID_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("registry with a path", {"runtime": "ollama", "model": "m", "source": {"registry": "reg:5000/library"}},
      "without a scheme (http://) or a path"),
     ("registry port out of range", {"runtime": "ollama", "model": "m", "source": {"registry": "reg:70000"}},
-     "the port must be a number from 1 to 65535"),
+     "the registry's port must be a number from 1 to 65535"),
     ("insecure together with a CA",
      {"runtime": "ollama", "model": "m",
       "source": {"registry": "reg:5000", "insecure": True, "caConfigMapRef": {"name": "ca", "key": "ca.crt"}}},

@@ -175,6 +175,12 @@ MANAGED_BASE: Json = {
         "rateLimit": {"requestsPerMinute": 60, "tokensPerMinute": 1000},
     },
 }
+# The registry source is for Ollama only, and its insecure and caConfigMapRef exclude each other.
+OLLAMA_BASE: Json = {
+    "runtime": "ollama",
+    "model": "gemma3:270m",
+    "source": {"registry": "registry.models.svc:5000", "caConfigMapRef": {"name": "registry-ca", "key": "ca.crt"}},
+}
 ENDPOINT_BASE: Json = {
     "model": "gemma3:270m",
     "endpoint": {
@@ -300,6 +306,15 @@ BREAKING: dict[str, st.SearchStrategy[Any]] = {
         ["A=B", "=", "tab\there", "new\nline", "ünïcode", "\x7f"]
     ),
     "must be a Secret key: letters, digits, '-', '_' or '.'": st.sampled_from(["a b", "a/b", "ключ", "a:b"]),
+    "must be a ConfigMap key: letters, digits, '-', '_' or '.'": st.sampled_from(["a b", "a/b", "ключ", "a:b"]),
+    "must be a registry host and optional port, such as registry.models.svc:5000 or 10.0.0.5:5000, without a "
+    "scheme (http://) or a path": st.sampled_from(
+        ["http://reg:5000", "reg:5000/library", "Registry.Example", "reg:", "reg:abc", "reg host", "-reg", "reg:5:6"]
+    ),
+    "the registry's port must be a number from 1 to 65535": st.sampled_from(["reg:0", "reg:65536", "r.svc:99999"]),
+    "insecure (plain HTTP) and caConfigMapRef (HTTPS with a private CA) exclude each other: set one of them": (
+        st.just({"registry": "reg:5000", "insecure": True, "caConfigMapRef": {"name": "ca", "key": "ca.crt"}})
+    ),
     "must be a model name such as phi3:mini: no control characters, no surrounding spaces": st.one_of(
         st.sampled_from(
             [" phi3", "phi3 ", "phi\n3", "phi3\t", "\x00", " ", "a\x1fb", "a\x7f", "a\x85b", "\u00a0phi", "phi\u2028"]
@@ -432,11 +447,20 @@ def cross_field_mutations() -> Iterator[Mutation]:
         (
             "endpoint-with-managed-fields",
             [
-                {"model": "m", "endpoint": endpoint_url, key: MANAGED_BASE[key]}
-                for key in ("runtime", "image", "resources", "scheduling", "cache", "engine", "autoscaling")
+                {"model": "m", "endpoint": endpoint_url, key: {**MANAGED_BASE, **OLLAMA_BASE}[key]}
+                for key in ("runtime", "image", "resources", "scheduling", "cache", "engine", "autoscaling", "source")
             ],
             "spec.endpoint",
-            "remove runtime, image, resources (GPUs), scheduling, cache, engine and autoscaling",
+            "remove runtime, image, resources (GPUs), scheduling, cache, engine, autoscaling and source",
+        ),
+        (
+            "source-on-vllm",
+            [
+                {**MANAGED_BASE, "source": OLLAMA_BASE["source"]},
+                {"runtime": "vllm", "model": "m", "source": {"registry": "r:5000"}},
+            ],
+            "spec",
+            "spec.source names an Ollama registry and needs runtime ollama",
         ),
         (
             "min-above-max",
@@ -477,7 +501,11 @@ def name_mutation() -> Mutation:
 
 def all_mutations() -> list[Mutation]:
     schema = crd_spec_schema()
-    found = [*field_mutations(MANAGED_BASE, schema), *field_mutations(ENDPOINT_BASE, schema)]
+    found = [
+        *field_mutations(MANAGED_BASE, schema),
+        *field_mutations(OLLAMA_BASE, schema),
+        *field_mutations(ENDPOINT_BASE, schema),
+    ]
     unique = {mutation.label: mutation for mutation in found}  # the serving fields appear in one base only
     return [*unique.values(), *cross_field_mutations(), name_mutation()]
 

@@ -225,7 +225,9 @@ def model_context(runtime: str, settings: OperatorSettings, name: str = "demo") 
     )
 
 
-def test_the_chart_configures_model_policies_that_admit_only_its_router(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_chart_configures_model_policies_that_admit_only_its_router_and_operator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     rel = release()
     for key, value in operator_env(rel.objects).items():
         monkeypatch.setenv(key, value)
@@ -252,7 +254,10 @@ def test_the_chart_configures_model_policies_that_admit_only_its_router(monkeypa
         policy = networkpolicy.build_network_policy(context)
         assert policy is not None
         pods = [model_pod(context), model_pod(model_context(runtime, settings, "neighbour"))]
-        expected = {rel.router.name, PROMETHEUS.name} if runtime == "vllm" else {rel.router.name}
+        # The router sends requests; the operator sends each new pod its warm-up generation.
+        expected = {rel.router.name, rel.operator.name}
+        if runtime == "vllm":
+            expected.add(PROMETHEUS.name)
         assert admitted([policy], sources + pods[1:], pods[0], "http") == expected, runtime
         # Only this model's pods are selected: the neighbouring model's are left to its own policy.
         assert admits([policy], STRANGER, pods[1], pods[1].ports["http"])
@@ -423,7 +428,7 @@ def read_policy(cluster: Cluster, namespace: str, name: str) -> dict[str, Any] |
     return result
 
 
-def test_the_operator_gives_each_model_a_policy_that_admits_only_the_router(
+def test_the_operator_gives_each_model_a_policy_that_admits_only_the_router_and_operator(
     cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
     custom = client.CustomObjectsApi(cluster.api)
@@ -487,6 +492,11 @@ def test_the_operator_gives_each_model_a_policy_that_admits_only_the_router(
         ]
         assert namespaces == ["modelfleet-system"]
         assert selects(router_peer["podSelector"], router.labels)
+        operator_pod = template_pod(render("modelfleet-system"), "StatefulSet", "modelfleet-operator")
+        operator_peer, *others = others
+        assert operator_peer["namespaceSelector"] == router_peer["namespaceSelector"]
+        assert selects(operator_peer["podSelector"], operator_pod.labels), "the operator sends the warm-up"
+        assert not selects(operator_peer["podSelector"], router.labels)
         assert [o["podSelector"]["matchLabels"] for o in others] == (
             [{"app.kubernetes.io/name": "prometheus"}] if name == "np-vllm" else []
         )

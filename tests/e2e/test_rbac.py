@@ -57,8 +57,9 @@ OPERATOR_ALLOWED = (
         ],
         MANAGE,
     )
-    # Pods are only observed, for scheduling and crash-loop status.
+    # Pods are observed, for scheduling and crash-loop status, and get the warm-up condition.
     | grant(["pods"], READ)
+    | grant(["pods/status"], ("patch",))
     # kopf.event posts core/v1 Events.
     | grant(["events"], ("create",))
     # Kopf's resource discovery, and its peering (heartbeats are patches).

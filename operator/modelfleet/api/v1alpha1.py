@@ -281,7 +281,7 @@ class Source(Model):
             (
                 f"!self.matches({REGISTRY_HOST!r}) || !self.contains(':') || "
                 "int(self.split(':')[1]) >= 1 && int(self.split(':')[1]) <= 65535",
-                "the port must be a number from 1 to 65535",
+                "the registry's port must be a number from 1 to 65535",
             ),
         ),
     )

@@ -201,7 +201,11 @@ def reconcile_managed(kube: Kube, context: ModelContext) -> Observed:
         context, cache_claim_uid=observed_claim["metadata"].get("uid"), volume_node=volume_node(pods)
     )
     job = cache.build_prefetch_job(context)
-    observed_job = kube.apply(job) if job is not None else None
+    observed_job = None
+    if job is not None:
+        # A Job's pod template cannot change, and its name already says what it fetches into which
+        # volume: an existing one is only read (the node it was placed on may have changed since).
+        observed_job = kube.get("Job", context.namespace, job["metadata"]["name"]) or kube.apply(job)
     # Jobs of earlier models or volumes have served their purpose; the volume keeps their weights.
     for stale in kube.list(
         "Job", context.namespace, f"{MODEL_LABEL}={context.name},app.kubernetes.io/component=model-prefetch"
