@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # `make demo`: the local cluster with its GPU nodes and its real node, the chart installed there for
-# real (operator, router and Redis as containers built from this repository), a real model server,
-# and a streamed chat through the router to an InferenceModel.
+# real (operator, router and Redis as containers built from this repository), a managed model that
+# the operator deploys from the cluster's own OCI registry, and a streamed chat through the router.
 #
-#   hack/demo.sh up     cluster up with the real node, images built and imported, Ollama serving
-#                       gemma3:270m on the node's bridge, the chart installed (its pods on the real
-#                       node, its operator scoped to the namespace `demo`), an InferenceModel
-#                       pointing at Ollama, a real streamed answer through the router's NodePort
-#   hack/demo.sh down   stop the demo's Ollama, then the cluster
+#   hack/demo.sh up     cluster up with the real node (and its registry and local-path volumes),
+#                       images built and imported, gemma3:270m pushed to the registry with
+#                       `ollama push`, the chart installed (its pods on the real node, its operator
+#                       scoped to the namespace `demo`), an InferenceModel with runtime ollama whose
+#                       weights a prefetch Job pulls into a volume, a real streamed answer through
+#                       the router's NodePort
+#   hack/demo.sh down   stop the cluster (and everything on the real node)
 #
-# The demo's Ollama keeps running after `up` so that the printed requests work; its port, pid and
-# log are in .cache/demo/, and .cache/demo/env holds ROUTER_URL, API_KEY, ADMIN_KEY, MODEL and
-# MODEL_URL for `source`.
+# .cache/demo/env holds ROUTER_URL, API_KEY, ADMIN_KEY, MODEL and MODEL_URL (the model Service's
+# own address, reachable from this machine) for `source`.
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,65 +29,62 @@ helm_() { "$repo_root/.cache/bin/helm" --kubeconfig "$repo_root/.cache/kubeconfi
 namespace=modelfleet-demo
 release=demo
 models_namespace=demo
-
-stop_process() {
-  if [[ -f "$demo_dir/$1.pid" ]]; then
-    kill "$(cat "$demo_dir/$1.pid")" 2>/dev/null || true
-    rm -f "$demo_dir/$1.pid"
-  fi
-}
-
-# A port that was free a moment ago on ADDRESS.
-free_port() { "$python" -c 'import socket, sys; s=socket.socket(); s.bind((sys.argv[1], 0)); print(s.getsockname()[1])' "$1"; }
-
-answers() { curl -fsS --max-time 1 "$1" >/dev/null 2>&1; }
-
-# record_and_wait NAME PID PORT URL SECONDS: remember a background server, wait until URL answers.
-record_and_wait() {
-  echo "$2" >"$demo_dir/$1.pid"
-  printf 'PORT=%s\n' "$3" >"$demo_dir/$1.env"
-  local deadline=$((SECONDS + $5))
-  until answers "$4"; do
-    ((SECONDS < deadline)) || { tail -n 20 "$demo_dir/$1.log" >&2; echo "demo: $1 did not start" >&2; exit 1; }
-    sleep 0.2
-  done
-}
-
-# Ollama on the real node's bridge, where the router's pods reach it (and nothing outside this machine).
-start_ollama() {
-  local store port
-  store=$("$python" "$repo_root/hack/ollama_model.py" prepare)
-  mkdir -p "$demo_dir"
-  port=$(sed -n 's/^PORT=//p' "$demo_dir/ollama.env" 2>/dev/null || true)
-  if [[ -n "$port" ]] && answers "http://$bridge_address:$port/api/version"; then
-    model_url="http://$bridge_address:$port"
-    return 0
-  fi
-  stop_process ollama
-  port=$(free_port "$bridge_address")
-  model_url="http://$bridge_address:$port"
-  mkdir -p "$demo_dir/home"
-  # A private models directory of hard links, so the demo never changes the cached store.
-  rm -rf "$demo_dir/models" && cp -al "$store" "$demo_dir/models"
-  (
-    cd "$demo_dir"
-    exec env -i PATH="$PATH" HOME="$demo_dir/home" OLLAMA_HOST="$bridge_address:$port" \
-      OLLAMA_MODELS="$demo_dir/models" OLLAMA_KEEP_ALIVE=-1 OLLAMA_NO_CLOUD=1 OLLAMA_NOPRUNE=1 \
-      "$repo_root/.cache/bin/ollama" serve >"$demo_dir/ollama.log" 2>&1
-  ) &
-  record_and_wait ollama $! "$port" "$model_url/api/version" 60
-}
+registry="$bridge_address:$registry_port"
 
 install_chart() {
   kubectl_ create namespace "$models_namespace" --dry-run=client -o yaml | kubectl_ apply -f - >/dev/null
   kubectl_ create namespace "$namespace" --dry-run=client -o yaml | kubectl_ apply -f - >/dev/null
-  kubectl_ label namespace "$namespace" --overwrite pod-security.kubernetes.io/enforce=restricted >/dev/null
+  local ns
+  for ns in "$namespace" "$models_namespace"; do
+    kubectl_ label namespace "$ns" --overwrite pod-security.kubernetes.io/enforce=restricted >/dev/null
+  done
   helm_ upgrade --install "$release" "$repo_root/charts/modelfleet" --namespace "$namespace" \
     --values "$repo_root/hack/cluster/realnode-values.yaml" \
     --set-json "operator.watchNamespaces=[\"$models_namespace\"]" \
     --set "router.discoveryNamespace=$models_namespace" \
     --wait --timeout 10m >/dev/null
   kubectl_ -n "$namespace" get pods -o wide
+}
+
+# The managed model: Ollama on the real node (no GPU), its weights pulled from the registry into a
+# local-path volume by the prefetch Job, Ready once it has answered the operator's warm-up.
+apply_model() {
+  kubectl_ apply -f - <<EOF
+apiVersion: modelfleet.io/v1alpha1
+kind: InferenceModel
+metadata: {name: gemma, namespace: $models_namespace}
+spec:
+  runtime: ollama
+  model: gemma3:270m
+  source: {registry: "$registry", insecure: true}
+  resources: {gpu: 0, cpu: 250m, memory: 1Gi}
+  scheduling:
+    nodeSelector: {modelfleet.io/real-node: "true"}
+    tolerations: [{key: modelfleet.io/real-node, operator: Exists, effect: NoSchedule}]
+  cache: {size: 1Gi, storageClassName: local-path}
+  serving: {aliases: [gemma3], maxInFlightPerReplica: 2}
+EOF
+}
+
+# wait_ready SECONDS: until the model is Ready, printing its phase as it changes.
+wait_ready() {
+  local deadline=$((SECONDS + $1)) phase="" now
+  while :; do
+    now=$(kubectl_ -n "$models_namespace" get inferencemodel.modelfleet.io gemma \
+      -o jsonpath='{.status.phase}: {.status.conditions[?(@.type=="Ready")].message}' 2>/dev/null || true)
+    if [[ "$now" != "$phase" ]]; then
+      phase=$now
+      echo "  $(date +%T) $phase"
+    fi
+    [[ "$now" == Ready:* ]] && return 0
+    if ((SECONDS >= deadline)); then
+      kubectl_ -n "$models_namespace" get pods,jobs,pvc -o wide >&2
+      kubectl_ -n "$models_namespace" describe inferencemodel.modelfleet.io gemma >&2
+      echo "demo: the model did not become Ready" >&2
+      exit 1
+    fi
+    sleep 1
+  done
 }
 
 up() {
@@ -103,10 +101,8 @@ up() {
   for archive in "$repo_root"/.cache/images/*.tar; do "$repo_root/hack/node.sh" import "$archive"; done
 
   echo
-  echo "== Ollama $("$repo_root/.cache/bin/ollama" --version 2>/dev/null | awk '/version/ {print $NF}') (our CPU build) serving gemma3:270m =="
-  local model_url
-  start_ollama
-  echo "$model_url"
+  echo "== gemma3:270m in the cluster's OCI registry ($registry), put there with ollama push =="
+  "$repo_root/hack/registry.sh" push
 
   echo
   echo "== The ModelFleet chart, installed for real on the real node (release $release in $namespace) =="
@@ -118,23 +114,20 @@ up() {
   local router_url="http://$bridge_address:$node_port"
 
   echo
-  echo "== An InferenceModel that points at Ollama =="
-  kubectl_ apply -f - <<EOF
-apiVersion: modelfleet.io/v1alpha1
-kind: InferenceModel
-metadata: {name: gemma, namespace: $models_namespace}
-spec:
-  model: gemma3:270m
-  endpoint: {url: "$model_url", api: ollama}
-  serving: {aliases: [gemma3], maxInFlightPerReplica: 2}
-EOF
-  kubectl_ -n "$models_namespace" wait --for=condition=Ready inferencemodel.modelfleet.io/gemma --timeout=120s
+  echo "== A managed InferenceModel: the operator prefetches the weights, starts Ollama, warms it up =="
+  apply_model
+  wait_ready 600
   kubectl_ -n "$models_namespace" get inferencemodels.modelfleet.io
+  kubectl_ -n "$models_namespace" get pods,jobs,pvc -o wide
+  echo "Start-up phases (seconds): $(kubectl_ -n "$models_namespace" get inferencemodel.modelfleet.io gemma -o jsonpath='{.status.timings}')"
   local deadline=$((SECONDS + 60))
   until curl -fsS -H "Authorization: Bearer $api_key" "$router_url/v1/models" 2>/dev/null | grep -q '"gemma"'; do
     ((SECONDS < deadline)) || { echo "demo: the router pods did not pick up the InferenceModel" >&2; exit 1; }
     sleep 0.5
   done
+  local model_url
+  model_url="http://$(kubectl_ -n "$models_namespace" get service im-gemma -o jsonpath='{.spec.clusterIP}'):11434"
+  mkdir -p "$demo_dir"
   {
     printf 'ROUTER_URL=%s\n' "$router_url"
     printf 'API_KEY=%s\n' "$api_key"
@@ -146,7 +139,7 @@ EOF
 
   local prompt="Write one sentence about lighthouses."
   echo
-  echo "A streamed chat through the router's pods (the model found through the InferenceModel) to Ollama, as it arrives:"
+  echo "A streamed chat through the router's pods to the model's pod, as it arrives:"
   echo
   "$python" "$repo_root/hack/ollama_model.py" chat "$router_url/v1" "$prompt" gemma "$api_key"
   echo
@@ -158,12 +151,14 @@ EOF
   echo
   echo "The router ($router_url, a NodePort on the real node's bridge), the operator and Redis run as pods:"
   echo "  .cache/bin/kubectl --kubeconfig .cache/kubeconfig -n $namespace get pods"
-  echo "Ollama ($model_url) keeps running; its log is in $demo_dir. Stop everything with: make demo-down"
+  echo "The model's pod, its prefetch Job and its volume:"
+  echo "  .cache/bin/kubectl --kubeconfig .cache/kubeconfig -n $models_namespace get inferencemodels,pods,jobs,pvc"
+  echo "Ollama's own API, from this machine: curl \$MODEL_URL/api/tags. Stop everything with: make demo-down"
   echo "Note: the packaged GGUF is Gemma 3 270M's base (pretrained) model: it continues text rather than following instructions, so chat answers are often off-topic. The serving path is what this shows."
 }
 
 case "${1:-up}" in
   up) up ;;
-  down) stop_process ollama; rm -f "$demo_dir"/*.env "$demo_dir/env"; "$repo_root/hack/cluster.sh" down ;;
+  down) rm -f "$demo_dir/env"; "$repo_root/hack/cluster.sh" down ;;
   *) echo "usage: $0 up|down" >&2; exit 2 ;;
 esac

@@ -40,7 +40,8 @@ from tests.support.realnode import (
     run,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.realnode]
+# Each test waits on pods that start for real (the first also on the images and the chart install).
+pytestmark = [pytest.mark.e2e, pytest.mark.realnode, pytest.mark.timeout(1800)]
 
 REGISTRY = f"{BRIDGE_ADDRESS}:{NETWORK['registry_port']}"
 REGISTRY_MODEL = NETWORK["registry_model"]  # library/gemma3:270m
@@ -454,7 +455,7 @@ def test_a_model_the_registry_does_not_have_fails_once_with_a_status_that_says_w
              "the prefetch to fail", timeout=START)  # fmt: skip
     model = get_model(stack, "ghost")
     message = condition(model, "Ready")["message"]
-    assert f"the registry has no model {REGISTRY}/no-such-model:1b" in message, message
+    assert f"the registry has no model {REGISTRY}/library/no-such-model:1b" in message, message
     assert "check spec.model and spec.source.registry" in message, message
     assert model["status"]["phase"] == "Failed"
     # One attempt: the pod failure policy failed the Job at once, with no retries.

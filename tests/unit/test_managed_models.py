@@ -42,9 +42,11 @@ def test_a_private_registry_model_is_pulled_from_it_and_stored_under_its_short_n
     job = cache.build_prefetch_job(context(PRIVATE, cache_claim_uid="claim-1"))
     assert job is not None
     env = env_of(job)
-    assert env["MODELFLEET_PULL"] == "10.244.0.1:5000/gemma3:270m"
+    assert env["MODELFLEET_PULL"] == "10.244.0.1:5000/library/gemma3:270m", "Ollama needs the namespace"
     assert env["MODELFLEET_MODEL"] == "gemma3:270m", "clients and the serving pods use the short name"
     assert env["MODELFLEET_PULL_FLAGS"] == "--insecure"
+    own_namespace = env_of(cache.build_prefetch_job(context({**PRIVATE, "model": "team/tuned:1b"})) or {})
+    assert own_namespace["MODELFLEET_PULL"] == "10.244.0.1:5000/team/tuned:1b"
     # Without a source the model comes from Ollama's own registry, over TLS.
     public = env_of(cache.build_prefetch_job(context(OLLAMA)) or {})
     assert (public["MODELFLEET_PULL"], public["MODELFLEET_PULL_FLAGS"]) == ("gemma3:270m", "")

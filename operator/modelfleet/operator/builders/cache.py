@@ -62,7 +62,7 @@ def prefetch_job_name(context: ModelContext) -> str:
     return f"im-{context.name[:room].rstrip('-')}-{digest}-{suffix}"
 
 
-# Exit code of a pull that cannot succeed on retry (the registry has no such model): the Job's pod
+# Exit code of a pull that cannot succeed on retry (no such model, or a name Ollama refuses): the Job's pod
 # failure policy fails the Job at once instead of retrying, and the message says what to fix.
 MODEL_NOT_FOUND_EXIT_CODE = 3
 
@@ -88,6 +88,9 @@ if ! ollama pull $MODELFLEET_PULL_FLAGS "$MODELFLEET_PULL" 2>/tmp/pull.err; then
     *"file does not exist"*|*"not found"*|*"manifest unknown"*|*"name unknown"*)
       report "the registry has no model $MODELFLEET_PULL ($reason): check spec.model and spec.source.registry"
       exit {MODEL_NOT_FOUND_EXIT_CODE};;
+    *"invalid model name"*)
+      report "Ollama does not accept the model name $MODELFLEET_PULL ($reason): check spec.model"
+      exit {MODEL_NOT_FOUND_EXIT_CODE};;
   esac
   report "pulling $MODELFLEET_PULL failed: ${{reason:-see the Job's log}}"
   exit 1
@@ -108,7 +111,12 @@ REGISTRY_CA_PATH = "/etc/modelfleet/registry-ca/ca.crt"
 def ollama_pull_reference(context: ModelContext) -> str:
     """What the Job pulls: the model itself, or the same name in the private registry."""
     source = context.spec.source
-    return f"{source.registry}/{context.spec.model}" if source is not None else context.spec.model
+    if source is None:
+        return context.spec.model
+    # Ollama reads host/namespace/model:tag; a bare name such as gemma3:270m is in namespace library,
+    # as on ollama.com, and without it Ollama refuses the reference.
+    model = context.spec.model if "/" in context.spec.model else f"library/{context.spec.model}"
+    return f"{source.registry}/{model}"
 
 
 HF_DOWNLOAD_SCRIPT = """\
