@@ -152,14 +152,22 @@ def condition(model: dict[str, Any], kind: str) -> dict[str, Any]:
     return next((c for c in (model.get("status") or {}).get("conditions") or [] if c["type"] == kind), {})
 
 
+def pod_ready(pod: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
 def ready(stack: Release, name: str, replicas: int = 1) -> bool:
+    """The model says it is Ready with `replicas` replicas, and so do its pods (the status may lag them)."""
     model = get_model(stack, name)
     status = model.get("status") or {}
+    pods = serving_pods(stack, name)
     return (
         status.get("observedGeneration") == model["metadata"]["generation"]
         and condition(model, "Ready").get("status") == "True"
         and status.get("readyReplicas") == replicas
         and status.get("replicas") == replicas
+        and len(pods) == replicas
+        and all(pod_ready(pod) for pod in pods)
     )
 
 
@@ -172,9 +180,14 @@ def wait_ready(stack: Release, name: str, replicas: int = 1, timeout: float = ST
 
 
 def serving_pods(stack: Release, name: str) -> list[Any]:
+    """The model's serving pods, but those on their way out (deleted, or ended)."""
     selector = f"modelfleet.io/model={name},app.kubernetes.io/component=model-server"
     pods = client.CoreV1Api(stack.cluster.api).list_namespaced_pod(stack.namespace, label_selector=selector).items
-    return [pod for pod in pods if pod.metadata.deletion_timestamp is None]
+    return [
+        pod
+        for pod in pods
+        if pod.metadata.deletion_timestamp is None and pod.status.phase not in ("Succeeded", "Failed")
+    ]
 
 
 def prefetch_jobs(stack: Release, name: str) -> list[Any]:
@@ -314,11 +327,11 @@ def test_a_restart_a_second_replica_and_an_operator_restart_download_nothing(
     assert downloaded_since(before) == {}, "a restarted pod downloaded weights again"
 
     # A second replica, under load through the router: no request reaches it before its warm-up.
-    (old,) = serving_pods(stack, "gemma")
+    existing = {p.metadata.name for p in serving_pods(stack, "gemma")}
     with ChatLoop(stack) as loop:
         patch_spec(stack, "gemma", {"replicas": 2})
         wait_ready(stack, "gemma", replicas=2)
-        (new,) = [p for p in serving_pods(stack, "gemma") if p.metadata.name != old.metadata.name]
+        (new,) = [p for p in serving_pods(stack, "gemma") if p.metadata.name not in existing]
         # Keep going until the router has sent the new pod some of the load.
         router_ips = {p.status.pod_ip for p in stack.pods("router")}
         wait_for(lambda: any(a in router_ips for a, _ in model_requests(stack, new.metadata.name)),

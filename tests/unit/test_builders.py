@@ -122,7 +122,11 @@ def test_cache_claim_is_mounted_and_colocated_when_read_write_once(context: Mode
         assert claim["spec"]["accessModes"] == [context.cache.access_mode]
         assert claim["spec"]["resources"]["requests"]["storage"] == "30Gi"
     colocated = "podAffinity" in pod.get("affinity", {})
-    assert colocated == (context.cache.access_mode == "ReadWriteOnce" and workload.max_replicas(context) > 1)
+    assert colocated == (context.cache.access_mode == "ReadWriteOnce")
+    # The replica count never changes the pod template: scaling up must not replace running pods.
+    if not context.autoscaling.enabled:
+        scaled = dataclasses.replace(context, spec=context.spec.model_copy(update={"replicas": 7}))
+        assert workload.build_deployment(scaled)["spec"]["template"] == deployment["spec"]["template"]
 
 
 def test_prefetch_job_fetches_on_the_serving_nodes_without_a_gpu(context: ModelContext) -> None:

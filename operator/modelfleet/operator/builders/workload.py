@@ -139,7 +139,13 @@ def max_replicas(context: ModelContext) -> int:
 
 
 def needs_colocation(context: ModelContext) -> bool:
-    return context.cache.access_mode == "ReadWriteOnce" and max_replicas(context) > 1
+    """Whether every replica must run on the node that mounts the volume.
+
+    Also for a single replica: the rule is part of the pod template, and a template that changed
+    with the replica count would replace the running pod (and warm a new one up) on every scale-up.
+    A lone pod matches its own affinity term, so the scheduler places it anywhere.
+    """
+    return context.cache.access_mode == "ReadWriteOnce"
 
 
 def rollout_strategy(context: ModelContext) -> Manifest:
