@@ -217,3 +217,14 @@ def test_prompt_chars_counts_text_only() -> None:
     assert prompt_chars(["ab", "c"]) == 3
     assert prompt_chars("hello") == 5
     assert prompt_chars(None) == 0
+
+
+def test_idle_replicas_take_turns() -> None:
+    """Under light load every replica is idle between requests: all of them get requests, in turn."""
+    model = registry_with(spec("a", "http://r1", "http://r2")).resolve("a")
+    picks = []
+    for _ in range(4):
+        picked = model.pick_endpoint()
+        picks.append(picked)
+        model.release_endpoint(picked)
+    assert picks == ["http://r1", "http://r2", "http://r1", "http://r2"]

@@ -58,6 +58,7 @@ class ServedModel:
         self.spec = spec
         self.queue = ModelQueue(spec.name, spec.capacity, spec.max_queue, metrics, spec.namespace)
         self.outstanding: dict[str, int] = dict.fromkeys(spec.endpoints, 0)
+        self._picks = 0
 
     @property
     def name(self) -> str:
@@ -70,11 +71,18 @@ class ServedModel:
         self.queue.set_capacity(spec.capacity)
 
     def pick_endpoint(self) -> str:
-        """The ready replica with the fewest outstanding requests (ties: the first listed)."""
+        """The ready replica with the fewest outstanding requests; ties take turns.
+
+        Taking turns matters under light load, where every replica is often idle: always the first
+        would leave the others cold (and a new replica would never get a request).
+        """
         if not self.outstanding:
             raise RouterError(503, f"`{self.name}` has no ready replica.", type="upstream_error",
                               code="no_ready_replica")  # fmt: skip
-        endpoint = min(self.outstanding, key=self.outstanding.__getitem__)
+        fewest = min(self.outstanding.values())
+        tied = [endpoint for endpoint, count in self.outstanding.items() if count == fewest]
+        endpoint = tied[self._picks % len(tied)]
+        self._picks += 1
         self.outstanding[endpoint] += 1
         return endpoint
 
