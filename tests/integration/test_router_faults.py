@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from tests.conftest import OllamaServer, RouterServer, running_router, settled_chat_calls, start_ollama
-from tests.support.procs import wait_until
+from tests.support.procs import free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -279,3 +279,24 @@ def test_a_client_that_leaves_before_its_answer_cancels_the_generation(
             f"\nclient left after 2 s: slot free {freed_after * 1000:.0f} ms later, "
             f"generation ran {generation_seconds:.2f} s"
         )
+
+
+# A replica that has just stopped -----------------------------------------------------------------
+
+
+def test_a_replica_that_refuses_connections_costs_no_request(private_ollama: OllamaServer, tmp_path: Path) -> None:
+    """A pod that stopped before the router saw its EndpointSlice change refuses the connection: the
+    request never reached it, so the next replica takes it, streamed or not, and the client sees nothing."""
+    stopped = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connection refused
+    models = gemma(private_ollama, url=stopped, replica_urls=[private_ollama.base_url])
+    with running_router(tmp_path, models) as router:
+        answers = []
+        for stream in (False, True, False, True, False, True):
+            body = chat("Say hi.", 4, stream=stream)
+            response = httpx.post(f"{router.openai_base_url}/chat/completions", json=body, timeout=60)
+            answers.append(response.status_code)
+            if stream:
+                assert '"error"' not in response.text, response.text[-500:]
+        assert answers == [200] * 6
+        # Idle replicas take turns, so half of these went to the stopped one first.
+        assert metric(router, "modelfleet_upstream_errors_total", code="upstream_unavailable") == 0

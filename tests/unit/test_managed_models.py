@@ -126,6 +126,13 @@ def test_serving_pods_are_gated_on_the_warm_up_and_name_the_model_they_serve(run
     assert changed["spec"]["template"] != template or runtime == "vllm"
 
 
+@pytest.mark.parametrize("runtime", ["ollama", "vllm"])
+def test_a_stopping_pod_serves_on_until_its_endpoint_is_withdrawn(runtime: str) -> None:
+    pod = workload.build_deployment(context({"runtime": runtime, "model": "m"}))["spec"]["template"]["spec"]
+    seconds = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert 0 < seconds < pod["terminationGracePeriodSeconds"], "the sleep is part of the grace period"
+
+
 def test_vllm_answers_to_the_model_and_to_the_stable_inferencemodel_name() -> None:
     args = workload.build_deployment(context({"runtime": "vllm", "model": "Qwen/Qwen2.5-0.5B"}))["spec"]["template"][
         "spec"

@@ -43,6 +43,10 @@ class RouterError(Exception):
         self.headers = headers or {}
 
 
+class BackendUnreachable(RouterError):
+    """The connection to one replica failed, so it never saw the request: another replica may take it."""
+
+
 class ErrorDetail(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from modelfleet.server.auth import Principal
 from modelfleet.server.backends.base import Backend, Chunk, Kind, StreamBroken
 from modelfleet.server.cache import Lookup, cache_key, cacheable
-from modelfleet.server.errors import RouterError
+from modelfleet.server.errors import BackendUnreachable, RouterError
 from modelfleet.server.queue import Ticket
 from modelfleet.server.ratelimit import Decision, Limits, RateLimiterUnavailable
 from modelfleet.server.registry import ServedModel
@@ -243,15 +243,22 @@ async def run_backend(generation: Generation) -> dict[str, Any]:
     model = generation.model
     async with model.queue.slot(model.spec.request_timeout_seconds) as waited:
         generation.queue_seconds = waited
-        endpoint = model.pick_endpoint()
         started = time.monotonic()
-        try:
-            result = await pick_backend(generation.services, model).complete(
-                endpoint, model.spec, generation.kind, generation.body
-            )
-        finally:
-            model.release_endpoint(endpoint)
-            generation.backend_seconds = time.monotonic() - started
+        refused: list[str] = []  # replicas that refused the connection
+        while True:
+            endpoint = model.pick_endpoint(exclude=refused)
+            try:
+                result = await pick_backend(generation.services, model).complete(
+                    endpoint, model.spec, generation.kind, generation.body
+                )
+                break
+            except BackendUnreachable:
+                refused.append(endpoint)
+                if len(refused) >= len(model.outstanding):
+                    raise
+            finally:
+                model.release_endpoint(endpoint)
+                generation.backend_seconds = time.monotonic() - started
     await account(generation, result.get("usage"))
     return result
 
@@ -300,17 +307,28 @@ async def iter_async(events: Iterator[Chunk]) -> AsyncIterator[StreamEvent]:
 
 
 async def open_upstream(generation: Generation, ticket: Ticket) -> tuple[str, AsyncIterator[Chunk]]:
+    """The chosen replica's stream. A replica that refuses the connection (a pod that has just stopped,
+    before the router saw its EndpointSlice change) never saw the request: the next one gets it."""
     model = generation.model
     generation.queue_seconds = await ticket.wait(0)
-    endpoint = model.pick_endpoint()
-    try:
-        backend = pick_backend(generation.services, model)
-        chunks = await backend.open_stream(endpoint, model.spec, generation.kind, generation.body)
-    except BaseException as exc:
-        model.release_endpoint(endpoint)
-        record_upstream_error(generation, exc)
-        raise
-    return endpoint, chunks
+    refused: list[str] = []  # replicas that refused the connection
+    while True:
+        endpoint = model.pick_endpoint(exclude=refused)
+        try:
+            backend = pick_backend(generation.services, model)
+            chunks = await backend.open_stream(endpoint, model.spec, generation.kind, generation.body)
+        except BackendUnreachable as exc:
+            model.release_endpoint(endpoint)
+            refused.append(endpoint)
+            if len(refused) >= len(model.outstanding):
+                record_upstream_error(generation, exc)
+                raise
+            continue
+        except BaseException as exc:
+            model.release_endpoint(endpoint)
+            record_upstream_error(generation, exc)
+            raise
+        return endpoint, chunks
 
 
 async def wait_then_relay(generation: Generation, ticket: Ticket) -> AsyncIterator[StreamEvent]:

@@ -9,7 +9,7 @@ changed or vanished, so models come and go without a restart.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -70,17 +70,22 @@ class ServedModel:
         self.queue.max_queue = spec.max_queue
         self.queue.set_capacity(spec.capacity)
 
-    def pick_endpoint(self) -> str:
+    def pick_endpoint(self, exclude: Collection[str] = ()) -> str:
         """The ready replica with the fewest outstanding requests; ties take turns.
 
         Taking turns matters under light load, where every replica is often idle: always the first
-        would leave the others cold (and a new replica would never get a request).
+        would leave the others cold (and a new replica would never get a request). `exclude` names
+        replicas this request could not connect to.
         """
         if not self.outstanding:
             raise RouterError(503, f"`{self.name}` has no ready replica.", type="upstream_error",
                               code="no_ready_replica")  # fmt: skip
-        fewest = min(self.outstanding.values())
-        tied = [endpoint for endpoint, count in self.outstanding.items() if count == fewest]
+        candidates = {endpoint: count for endpoint, count in self.outstanding.items() if endpoint not in exclude}
+        if not candidates:
+            raise RouterError(503, f"`{self.name}` has no ready replica that answers.", type="upstream_error",
+                              code="no_ready_replica")  # fmt: skip
+        fewest = min(candidates.values())
+        tied = [endpoint for endpoint, count in candidates.items() if count == fewest]
         endpoint = tied[self._picks % len(tied)]
         self._picks += 1
         self.outstanding[endpoint] += 1

@@ -17,10 +17,13 @@ class StaticModel(BaseModel):
 
     name: str = Field(min_length=1, description="The name clients send as `model`.")
     url: HttpUrl = Field(description="Base URL of the backend, without /v1.")
+    replica_urls: list[HttpUrl] = Field(
+        default_factory=list, description="Base URLs of more replicas of the same backend; the least loaded answers."
+    )
     api: Literal["openai", "ollama"] = Field("openai", description="openai (/v1/...) or ollama (/api/chat).")
     upstream_model: str | None = Field(None, description="Model name at the backend, if it differs.")
     aliases: list[str] = Field(default_factory=list, description="Other names for this model.")
-    max_in_flight: int = Field(4, ge=1, description="Requests the backend runs at once; more wait in the queue.")
+    max_in_flight: int = Field(4, ge=1, description="Requests each replica runs at once; more wait in the queue.")
     max_queue: int = Field(64, ge=0, description="Requests that may wait; beyond this the router answers 429.")
     request_timeout_seconds: float = Field(300.0, gt=0, description="Longest wait in the queue.")
     remote: bool = Field(False, description="A remote provider: used only by requests that set allow_remote.")
@@ -35,7 +38,7 @@ class StaticModel(BaseModel):
             name=self.name,
             api=self.api,
             upstream_model=self.upstream_model or self.name,
-            endpoints=(str(self.url).rstrip("/"),),
+            endpoints=tuple(str(url).rstrip("/") for url in (self.url, *self.replica_urls)),
             aliases=tuple(self.aliases),
             max_in_flight_per_replica=self.max_in_flight,
             max_queue=self.max_queue,

@@ -23,6 +23,8 @@ WARMED_UP_CONDITION = "modelfleet.io/warmed-up"
 # The model name a pod answers to, on the pod template: what the warm-up asks for, and what
 # changes the template (and so rolls the pods) when spec.model changes.
 SERVED_MODEL_ANNOTATION = "modelfleet.io/served-model"
+# How long a stopping pod keeps serving before the engine gets SIGTERM (within its grace period).
+PRE_STOP_SECONDS = 10
 OLLAMA_PORT = 11434
 VLLM_PORT = 8000
 # GPU device plugins taint and label GPU nodes like this (NVIDIA GPU operator / GKE / EKS).
@@ -190,6 +192,10 @@ def build_deployment(context: ModelContext) -> Manifest:
         "startupProbe": probe(period=10, failures=180),
         "readinessProbe": probe(period=5, failures=3),
         "livenessProbe": probe(period=20, failures=3),
+        # A stopping pod keeps serving for a while: the router and kube-proxy learn from its EndpointSlice
+        # that it is going, and stop sending it requests, before the engine stops listening. The sleep
+        # action needs no shell in the image (Kubernetes 1.30+).
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}},
         "volumeMounts": [
             {"name": "model-cache", "mountPath": MODELS_MOUNT, "readOnly": context.runtime == "vllm"},
             {"name": "home", "mountPath": HOME},

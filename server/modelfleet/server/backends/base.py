@@ -13,7 +13,7 @@ from typing import Any, Literal, Protocol
 import aiohttp
 import orjson
 
-from modelfleet.server.errors import RouterError
+from modelfleet.server.errors import BackendUnreachable, RouterError
 from modelfleet.server.registry import ModelSpec
 
 Kind = Literal["chat", "completion"]
@@ -63,6 +63,10 @@ def unreachable(model: ModelSpec, exc: BaseException) -> RouterError:
     if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError):
         return RouterError(504, f"The backend for `{model.name}` did not answer in time.", type="upstream_error",
                            code="upstream_timeout")  # fmt: skip
+    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+        # No connection, so nothing was sent: safe to try another replica (a pod that just stopped).
+        return BackendUnreachable(502, f"The backend for `{model.name}` is unreachable.", type="upstream_error",
+                                  code="upstream_unavailable")  # fmt: skip
     return RouterError(502, f"The backend for `{model.name}` is unreachable.", type="upstream_error",
                        code="upstream_unavailable")  # fmt: skip
 
