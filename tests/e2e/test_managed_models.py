@@ -489,8 +489,10 @@ def test_a_memory_limit_below_what_the_model_needs_shows_as_oom_killed(stack: Re
     client.CustomObjectsApi(stack.cluster.api).create_namespaced_custom_object(
         GROUP, VERSION, stack.namespace, PLURAL, small
     )
-    wait_for(lambda: condition(get_model(stack, "tiny"), "Degraded").get("reason") == "OOMKilled",
-             "the model to show as OOMKilled", timeout=START)  # fmt: skip
+    # Under a cgroup v1 limit (this node) the kernel kills Ollama's runner, a child process, not the
+    # container: the engine reports a failed load, and the status says that memory is the likely cause.
+    wait_for(lambda: condition(get_model(stack, "tiny"), "Degraded").get("reason") in ("OOMKilled", "OutOfMemory"),
+             "the model to show that it ran out of memory", timeout=START)  # fmt: skip
     model = get_model(stack, "tiny")
     degraded = condition(model, "Degraded")
     assert degraded["status"] == "True"
@@ -507,16 +509,18 @@ def test_a_memory_limit_below_what_the_model_needs_shows_as_oom_killed(stack: Re
 
 
 def oom_kills(pod_uid: str) -> int:
-    """The oom_kill count of the pod's cgroup (v2 memory.events, or v1 memory.oom_control)."""
+    """The most OOM kills any memory cgroup of the pod (the pod's or a container's) has counted.
+
+    cgroup v1 counts them in memory.oom_control, per cgroup; v2 in memory.events, hierarchically.
+    """
     from pathlib import Path
 
-    uid = pod_uid.replace("-", "_")
-    total = 0
-    for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/memory")):
-        for events in root.glob(f"**/*{pod_uid}*/memory.events"):
-            total += next((int(line.split()[1]) for line in events.read_text().splitlines()
-                           if line.startswith("oom_kill ")), 0)  # fmt: skip
-        for control in root.glob(f"**/*{uid}*/memory.oom_control"):
-            total += next((int(line.split()[1]) for line in control.read_text().splitlines()
-                           if line.startswith("oom_kill ")), 0)  # fmt: skip
-    return total
+    counts = [0]
+    for pattern in (f"*{pod_uid}*", f"*{pod_uid.replace('-', '_')}*"):
+        for pod_dir in Path("/sys/fs/cgroup").glob(f"**/kubepods*/**/{pattern}"):
+            for name in ("memory.oom_control", "memory.events"):
+                for found in [pod_dir / name, *pod_dir.glob(f"*/{name}")]:
+                    if found.is_file():
+                        counts += [int(line.split()[1]) for line in found.read_text().splitlines()
+                                   if line.startswith("oom_kill ")]  # fmt: skip
+    return max(counts)

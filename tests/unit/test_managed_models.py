@@ -267,23 +267,34 @@ def test_a_model_the_registry_lacks_is_reported_in_words_a_user_can_act_on() -> 
 
 
 def test_an_engine_killed_for_memory_shows_as_degraded_with_the_reason() -> None:
-    killed = pod(ContainersReady="True")
-    killed["status"]["conditions"].append(
-        {"type": workload.WARMED_UP_CONDITION, "status": "False", "reason": "WarmUpFailed",
-         "message": "the warm-up generation failed: HTTP 500: llama runner process has terminated: signal: killed"}
-    )  # fmt: skip
     deployment = {"spec": {"replicas": 1}, "status": {"replicas": 1, "readyReplicas": 0}}
-    states = conditions_for(Observed(deployment=deployment, pods=[killed], prefetch_job=COMPLETE_JOB), memory="300Mi")
+    # The kubelet saw the container killed for memory.
+    container_oom = pod(ContainersReady="False")
+    container_oom["status"]["containerStatuses"] = [{"lastState": {"terminated": {"reason": "OOMKilled"}}}]
+    states = conditions_for(Observed(deployment=deployment, pods=[container_oom], prefetch_job=COMPLETE_JOB),
+                            memory="300Mi")  # fmt: skip
     found = by_type(states)
     assert (found["Degraded"].status, found["Degraded"].reason) == ("True", "OOMKilled")
     assert "300Mi" in found["Degraded"].message
-    assert "spec.resources.memory" in found["Degraded"].message
+    assert "raise spec.resources.memory" in found["Degraded"].message
     assert found["Ready"].reason == "OOMKilled"
     assert phase_for(states) == "Failed"
-    container_oom = pod(ContainersReady="False")
-    container_oom["status"]["containerStatuses"] = [{"lastState": {"terminated": {"reason": "OOMKilled"}}}]
-    again = by_type(conditions_for(Observed(deployment=deployment, pods=[container_oom], prefetch_job=COMPLETE_JOB)))
-    assert again["Degraded"].reason == "OOMKilled"
+    # Ollama's runner (a child process) was killed while it loaded the model, under a memory limit.
+    ollama_errors = [
+        "llama runner process has terminated: signal: killed",
+        "model failed to load, this may be due to resource limitations or an internal error",
+    ]
+    for engine_says in ollama_errors:
+        killed = pod(ContainersReady="True")
+        killed["status"]["conditions"].append(
+            {"type": workload.WARMED_UP_CONDITION, "status": "False", "reason": "WarmUpFailed",
+             "message": f"the warm-up generation failed: HTTP 500: {engine_says}"})  # fmt: skip
+        observed = Observed(deployment=deployment, pods=[killed], prefetch_job=COMPLETE_JOB)
+        found = by_type(conditions_for(observed, memory="300Mi"))
+        assert found["Degraded"].reason == "OutOfMemory", engine_says
+        assert "most likely for exceeding the memory limit (300Mi)" in found["Degraded"].message
+        # Without a memory limit, memory is not the likely cause: the engine's error is reported as is.
+        assert by_type(conditions_for(observed))["Degraded"].reason == "WarmUpFailed"
 
 
 def test_a_pod_still_warming_up_is_loading_and_a_failing_warm_up_says_why() -> None:

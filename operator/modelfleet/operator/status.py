@@ -103,23 +103,34 @@ def pod_condition(pod: Manifest, kind: str) -> Manifest | None:
     return next((condition for condition in conditions if condition.get("type") == kind), None)
 
 
-def out_of_memory(pods: list[Manifest], memory: str | None) -> list[str]:
-    """Pods whose engine was killed for memory: a container OOM-killed, or Ollama's runner killed
-    while it loaded the model (the kernel kills the largest process in the pod, which is the runner,
-    and the server reports it as 'signal: killed')."""
+# What engines say when a model could not be loaded for lack of memory. Ollama's runner is a child
+# process: under a cgroup v1 memory limit the kernel kills it, not the container, and the server
+# reports "signal: killed" or a failed load "due to resource limitations".
+LOAD_FAILURES = ("signal: killed", "resource limitations", "out of memory", "CUDA out of memory")
+
+
+def out_of_memory(pods: list[Manifest], memory: str | None) -> tuple[str, list[str]]:
+    """('OOMKilled' | 'OutOfMemory' | '', what happened per pod).
+
+    OOMKilled: the kubelet saw a container killed for memory. OutOfMemory: the engine could not load
+    the model, and the pod has a memory limit, so memory is the likely cause (the kernel's kill of a
+    child process is not reported by the kubelet).
+    """
     limit = f"the memory limit ({memory})" if memory else "the memory available"
-    found = []
+    killed, failed = [], []
     for pod in pods:
         name = pod["metadata"]["name"]
         for status in pod.get("status", {}).get("containerStatuses") or []:
-            for state in (status.get("state") or {}, status.get("lastState") or {}):
-                if ((state.get("terminated") or {}).get("reason")) == "OOMKilled":
-                    found.append(f"{name}: the engine was OOM-killed: it needs more than {limit}")
-                    break
+            states = (status.get("state") or {}, status.get("lastState") or {})
+            if any(((state.get("terminated") or {}).get("reason")) == "OOMKilled" for state in states):
+                killed.append(f"{name}: the engine was OOM-killed: it needs more than {limit}")
         warm = pod_condition(pod, WARMED_UP_CONDITION) or {}
-        if warm.get("status") == "False" and "signal: killed" in str(warm.get("message", "")):
-            found.append(f"{name}: the engine was killed while loading the model, most likely for exceeding {limit}")
-    return sorted(set(found))
+        message = str(warm.get("message", ""))
+        if memory and warm.get("status") == "False" and any(text in message for text in LOAD_FAILURES):
+            failed.append(f"{name}: the engine could not load the model, most likely for exceeding {limit} ({message})")
+    if killed:
+        return "OOMKilled", sorted(set(killed))
+    return ("OutOfMemory", sorted(set(failed))) if failed else ("", [])
 
 
 def warmup_failures(pods: list[Manifest]) -> list[str]:
@@ -190,7 +201,7 @@ def conditions_for(
     ready_replicas = deployment_status.get("readyReplicas") or 0
     unschedulable = unschedulable_messages(observed.pods)
     crashes = crash_looping(observed.pods)
-    oom = out_of_memory(observed.pods, memory)
+    oom_reason, oom = out_of_memory(observed.pods, memory)
     warmups_failing = warmup_failures(observed.pods)
 
     if unschedulable:
@@ -210,7 +221,7 @@ def conditions_for(
 
     memory_advice = "; raise spec.resources.memory"
     if oom:
-        states.append(ConditionState("Degraded", "True", "OOMKilled", "; ".join(oom) + memory_advice))
+        states.append(ConditionState("Degraded", "True", oom_reason, "; ".join(oom) + memory_advice))
     elif crashes:
         states.append(ConditionState("Degraded", "True", "ContainersFailing", "; ".join(crashes)))
     elif warmups_failing:
@@ -225,7 +236,7 @@ def conditions_for(
             ConditionState("Ready", "True", "ReplicasReady", f"{ready_replicas}/{desired} replica(s) ready to serve")
         )
     elif oom:
-        states.append(ConditionState("Ready", "False", "OOMKilled", "; ".join(oom) + memory_advice))
+        states.append(ConditionState("Ready", "False", oom_reason, "; ".join(oom) + memory_advice))
     elif job == "Failed":
         states.append(ConditionState("Ready", "False", "PrefetchFailed", job_message))
     elif unschedulable:
@@ -304,7 +315,15 @@ def phase_for(states: list[ConditionState]) -> str:
     if by_type["Ready"].status == "True":
         return "Degraded" if by_type.get("Degraded", by_type["Ready"]).status == "True" else "Ready"
     reason = by_type["Ready"].reason
-    if reason in {"PrefetchFailed", "ContainersFailing", "InvalidSpec", "OOMKilled", "ClaimNotFound", "WarmUpFailed"}:
+    if reason in {
+        "PrefetchFailed",
+        "ContainersFailing",
+        "InvalidSpec",
+        "OOMKilled",
+        "OutOfMemory",
+        "ClaimNotFound",
+        "WarmUpFailed",
+    }:
         return "Failed"
     if reason == "Downloading":
         return "Downloading"
