@@ -5,7 +5,7 @@
 #
 #   hack/images.sh base    # stand-in base images, built once per recipe and cached by content
 #   hack/images.sh build   # base, then the router and operator images (rebuilt only when what
-#                          # they are built from changed) and the archives of all four images
+#                          # they are built from changed) and the archives of all five images
 #   hack/images.sh list    # the archives in .cache/images/ and their sizes
 #
 # The stand-ins carry the official names, so `FROM python:3.11-slim-bookworm` and the chart's
@@ -553,7 +553,8 @@ cmd_build() {
         built+=("$name")
     done
 
-    for name in "${built[@]}" "$REDIS_IMAGE" "$OLLAMA_IMAGE"; do
+    # The Python stand-in too: the local-path provisioner's helper pods run it on the real node.
+    for name in "${built[@]}" "$REDIS_IMAGE" "$OLLAMA_IMAGE" "$PYTHON_IMAGE"; do
         save_archive "$name"
     done
     log "images (size in local storage, uncompressed):"
