@@ -114,9 +114,9 @@ cluster-down: ## Stop the local cluster and every process it started
 	hack/cluster.sh down
 
 .PHONY: demo
-demo: install ## The local cluster (GPU nodes and a real node), the chart running on it, Gemma 3 270M and a real streamed answer
+demo: install ## The local cluster (GPU nodes and a real node), the chart running on it, a managed Gemma 3 270M model deployed by the operator and a real streamed answer
 	hack/demo.sh up
 
 .PHONY: demo-down
-demo-down: ## Stop the demo's Ollama and the local cluster (and its real node)
+demo-down: ## Stop the local cluster (and its real node, registry and volumes)
 	hack/demo.sh down
