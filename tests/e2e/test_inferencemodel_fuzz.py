@@ -472,6 +472,15 @@ def cross_field_mutations() -> Iterator[Mutation]:
             "must not exceed spec.autoscaling.maxReplicas",
         ),
         (
+            "zero-replicas-on-engine-metric",
+            [
+                mutated(MANAGED_BASE, ("autoscaling",), {**MANAGED_BASE["autoscaling"], "minReplicas": 0}),
+                {"runtime": "vllm", "model": "m", "autoscaling": {"enabled": True, "minReplicas": 0, "metric": "engine"}},
+            ],
+            "spec.autoscaling.minReplicas",
+            "minReplicas 0 needs metric 'router'",
+        ),
+        (
             "engine-metric-on-ollama",
             [
                 {"runtime": "ollama", "model": "m", "autoscaling": {"enabled": True, "metric": "engine"}},
@@ -756,7 +765,8 @@ def managed_specs(draw: st.DrawFn, real: bool) -> Json:
             "minReplicas": low,
             "maxReplicas": high,
             "targetQueueDepthPerReplica": draw(st.sampled_from([1, 2**63 - 1]) | st.integers(1, 2**40)),
-            "metric": draw(st.sampled_from(["router", "engine"] if runtime == "vllm" else ["router"])),
+            # An engine metric cannot bring a model back from zero replicas; the CRD refuses that pair.
+            "metric": draw(st.sampled_from(["router", "engine"] if runtime == "vllm" and low > 0 else ["router"])),
             "scaleDownStabilizationSeconds": draw(st.sampled_from([0, 3600]) | st.integers(0, 3600)),
         }
     if draw(st.booleans()):
@@ -914,7 +924,7 @@ def test_operator_survives_odd_models_and_keeps_its_queue_moving(
         {
             "runtime": "vllm",
             "model": "m",
-            "autoscaling": {"enabled": True, "minReplicas": 0, "maxReplicas": 1000, "metric": "engine"},
+            "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 1000, "metric": "engine"},
         },
     )
     # Specs the schema cannot fully check (pass-through Kubernetes types) and a URL urllib cannot use:

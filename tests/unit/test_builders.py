@@ -79,7 +79,9 @@ def test_hpa_owns_replicas_when_autoscaling(context: ModelContext) -> None:
         assert "replicas" not in deployment["spec"]
         assert hpa is not None
         assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
-        assert hpa["spec"]["minReplicas"] == 1
+        # Asked for 0: the router's metric can bring a model back from zero, an engine's cannot.
+        assert hpa["spec"]["minReplicas"] == (0 if context.autoscaling.metric == "router" else 1)
+        assert autoscaling.build_hpa(context, scale_to_zero=False)["spec"]["minReplicas"] == 1  # type: ignore[index]
         assert hpa["spec"]["maxReplicas"] == 5
         (metric,) = hpa["spec"]["metrics"]
         if context.autoscaling.metric == "router":
@@ -414,6 +416,58 @@ def test_zero_replicas_is_not_loading() -> None:
     states = conditions_for(Observed(deployment=deployment, prefetch_expected=False))
     ready = next(state for state in states if state.type == "Ready")
     assert ready.reason == "ScaledToZero"
+    assert phase_for(states) == "Idle"
+
+
+class NoScaleToZeroKube:
+    """An API server before Kubernetes 1.37: it refuses an HPA with minReplicas 0, as 1.36 does.
+
+    A fake because the local cluster runs 1.37, where the HPAScaleToZero feature is on.
+    """
+
+    def __init__(self) -> None:
+        self.applied: list[dict[str, Any]] = []
+
+    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        if manifest["kind"] == "HorizontalPodAutoscaler" and manifest["spec"]["minReplicas"] == 0:
+            error = ApiException(status=422, reason="Unprocessable Entity")
+            name = manifest["metadata"]["name"]
+            error.body = json.dumps(
+                {
+                    "message": f'HorizontalPodAutoscaler.autoscaling "{name}" is invalid: '
+                    "spec.minReplicas: Invalid value: 0: must be greater than or equal to 1"
+                }
+            )
+            raise error
+        self.applied.append(manifest)
+        if manifest["kind"] == "Job":
+            return {**manifest, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+        return manifest
+
+    def get(self, *_: object) -> None:
+        return None
+
+    def list(self, *_: object) -> list[object]:
+        return []
+
+    def delete(self, *_: object) -> bool:
+        return False
+
+
+def test_an_api_server_without_scale_to_zero_keeps_one_replica_and_says_why() -> None:
+    body = {
+        **MODEL_BODY,
+        "spec": {"runtime": "ollama", "model": "phi3:mini", "autoscaling": {"enabled": True, "minReplicas": 0}},
+    }
+    kube = NoScaleToZeroKube()
+    outcome = reconcile(cast(Kube, kube), body, RuntimeImages())
+    (hpa,) = [m for m in kube.applied if m["kind"] == "HorizontalPodAutoscaler"]
+    assert hpa["spec"]["minReplicas"] == 1
+    conditions = {c["type"]: c for c in outcome.status["conditions"]}
+    assert conditions["ScaleToZero"]["status"] == "False"
+    assert "Kubernetes 1.37" in conditions["ScaleToZero"]["message"]
+    assert "must be greater than or equal to 1" in conditions["ScaleToZero"]["message"]
+    assert outcome.status["phase"] != "Failed"
 
 
 def test_a_terminating_namespace_is_recognised_by_the_cause_not_the_status() -> None:

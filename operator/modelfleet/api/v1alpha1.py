@@ -362,7 +362,15 @@ class Autoscaling(Model):
     """Horizontal autoscaling on request-queue depth.  When enabled, the HPA owns spec.replicas."""
 
     enabled: bool = Field(False, description="Create a HorizontalPodAutoscaler for the model.")
-    min_replicas: int = Field(1, ge=0, le=1000, description="Lowest replica count the HPA may set.")
+    min_replicas: int = Field(
+        1,
+        ge=0,
+        le=1000,
+        description=(
+            "Lowest replica count the HPA may set. 0 scales an idle model to zero (metric router, "
+            "Kubernetes 1.37 or later; older API servers keep 1 and say so in the ScaleToZero condition)."
+        ),
+    )
     max_replicas: int = Field(4, ge=1, le=1000, description="Highest replica count the HPA may set.")
     target_queue_depth_per_replica: int = Field(
         4, ge=1, description="Queued requests per replica that the HPA aims for."
@@ -489,6 +497,13 @@ SPEC_RULES: list[JsonValue] = [
         "message": "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas",
     },
     {
+        "rule": "!has(self.autoscaling) || self.autoscaling.minReplicas > 0 || self.autoscaling.metric == 'router'",
+        "message": (
+            "spec.autoscaling.minReplicas 0 needs metric 'router': an engine metric has no value while no pod "
+            "runs, so nothing could bring the first replica back"
+        ),
+    },
+    {
         "rule": "!has(self.autoscaling) || self.autoscaling.metric != 'engine' "
         "|| (has(self.runtime) && self.runtime == 'vllm')",
         "message": "spec.autoscaling.metric 'engine' needs runtime vllm; use metric 'router' for ollama",
@@ -558,8 +573,12 @@ class InferenceModelStatus(Model):
     """What is true now, as observed by the operator."""
 
     observed_generation: int | None = Field(None, description="The spec generation the status describes.")
-    phase: Literal["Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed"] | None = Field(
-        None, description="Summary of the conditions, for humans."
+    phase: Literal["Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed", "Idle"] | None = Field(
+        None,
+        description=(
+            "Summary of the conditions, for humans. Idle: scaled to zero; the router holds requests "
+            "until a replica is up."
+        ),
     )
     replicas: int | None = Field(None, description="Replicas that exist.")
     ready_replicas: int | None = Field(None, description="Replicas whose model answers.")

@@ -118,6 +118,27 @@ def apply_or_delete(kube: Kube, kind: str, desired: Manifest | None, context: Mo
     return None
 
 
+def apply_hpa(kube: Kube, context: ModelContext) -> str:
+    """Apply (or delete) the HPA; returns the API server's refusal of minReplicas 0, if it refused it.
+
+    Before Kubernetes 1.37 the HPAScaleToZero feature is off by default, and the API server refuses
+    minReplicas 0. The model then keeps one replica, and its status says why, rather than failing.
+    """
+    desired = autoscaling.build_hpa(context)
+    if desired is None or desired["spec"]["minReplicas"] > 0:
+        apply_or_delete(kube, "HorizontalPodAutoscaler", desired, context)
+        return ""
+    try:
+        kube.apply(desired)
+        return ""
+    except ApiException as exc:
+        refused = refusal(exc)
+        if refused is None or "minReplicas" not in refused:
+            raise
+    kube.apply(autoscaling.build_hpa(context, scale_to_zero=False))
+    return refused
+
+
 def job_failure_message(kube: Kube, job: Manifest) -> str:
     """What the prefetch script wrote to its termination log on its last failure, if anything."""
     name = job["metadata"]["name"]
@@ -214,9 +235,10 @@ def reconcile_managed(kube: Kube, context: ModelContext) -> Observed:
             kube.delete("Job", context.namespace, stale["metadata"]["name"])
 
     deployment: Manifest | None
+    scale_to_zero_refused = ""
     if observed_job is None or job_complete(observed_job):
         deployment = kube.apply(workload.build_deployment(context))
-        apply_or_delete(kube, "HorizontalPodAutoscaler", autoscaling.build_hpa(context), context)
+        scale_to_zero_refused = apply_hpa(kube, context)
         apply_or_delete(kube, "PodDisruptionBudget", autoscaling.build_pdb(context), context)
     else:
         # Pods start only once the weights are cached; a running older version keeps serving meanwhile.
@@ -229,6 +251,7 @@ def reconcile_managed(kube: Kube, context: ModelContext) -> Observed:
         prefetch_failure=job_failure_message(kube, observed_job)
         if observed_job is not None and job_failed(observed_job)
         else "",
+        scale_to_zero_refused=scale_to_zero_refused,
     )
 
 

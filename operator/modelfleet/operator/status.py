@@ -30,6 +30,8 @@ class Observed:
     # Why the spec cannot be carried out (it does not parse, or the API server refused a child built
     # from it): no retry can fix that, only a new spec.
     rejected: str = ""
+    # The API server refused the HPA's minReplicas 0 (no HPAScaleToZero): the model keeps one replica.
+    scale_to_zero_refused: str = ""
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,17 @@ def conditions_for(
             )
         )
 
+    if observed.scale_to_zero_refused:
+        states.append(
+            ConditionState(
+                "ScaleToZero",
+                "False",
+                "NotSupportedByCluster",
+                "the HPA keeps 1 replica: this API server refuses minReplicas 0 (HPAScaleToZero is on by default "
+                f"from Kubernetes 1.37): {observed.scale_to_zero_refused}",
+            )
+        )
+
     progressing = observed.deployment is None or ready_replicas < desired or job in {"Running", "Missing"}
     states.append(
         ConditionState(
@@ -329,6 +342,8 @@ def phase_for(states: list[ConditionState]) -> str:
         return "Downloading"
     if reason == "Loading":
         return "Loading"
+    if reason == "ScaledToZero":
+        return "Idle"
     return "Pending"
 
 

@@ -23,7 +23,22 @@ def queue_metric(context: ModelContext) -> Manifest:
     }
 
 
-def build_hpa(context: ModelContext) -> Manifest | None:
+def lowest_replicas(context: ModelContext, scale_to_zero: bool) -> int:
+    """The HPA's minReplicas: 0 only where the HPA can scale to zero.
+
+    That needs an External (or Object) metric, which still has a value when no pod exists, and an
+    API server that accepts minReplicas 0 (the HPAScaleToZero feature: on by default from Kubernetes
+    1.37, alpha and off before). The router's queue depth is such a metric: requests wait in the
+    router while there is no replica, and their count brings the first one up.
+    """
+    autoscaling = context.autoscaling
+    if scale_to_zero and autoscaling.metric == "router":
+        return autoscaling.min_replicas
+    return max(1, autoscaling.min_replicas)
+
+
+def build_hpa(context: ModelContext, scale_to_zero: bool = True) -> Manifest | None:
+    """The model's HPA; scale_to_zero=False floors minReplicas at 1 (for API servers that refuse 0)."""
     autoscaling = context.autoscaling
     if not autoscaling.enabled:
         return None
@@ -33,8 +48,7 @@ def build_hpa(context: ModelContext) -> Manifest | None:
         "metadata": metadata(context, child_name(context), "autoscaler"),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": child_name(context)},
-            # HPAs cannot scale to zero without the alpha HPAScaleToZero gate; 0 means "as few as possible".
-            "minReplicas": max(1, autoscaling.min_replicas),
+            "minReplicas": lowest_replicas(context, scale_to_zero),
             "maxReplicas": autoscaling.max_replicas,
             "metrics": [queue_metric(context)],
             "behavior": {
