@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from modelfleet.server.discovery import is_cluster_internal_host, models_from_cluster
+from modelfleet.server.discovery import RouterPeers, is_cluster_internal_host, models_from_cluster
 from modelfleet.server.registry import ModelSpec
 
 pytestmark = pytest.mark.unit
@@ -355,3 +355,64 @@ def test_a_malformed_model_is_skipped_and_the_others_still_served(caplog: pytest
     assert "ai/broken is not served" in caplog.text
     assert "ai/bad is not served" in caplog.text
     assert "ai/neither is not served" in caplog.text
+
+
+# Several router replicas --------------------------------------------------------------------------
+
+
+def routers_slice(*endpoints: Body) -> Body:
+    return slice_("modelfleet-router", list(endpoints), port=8000, namespace="modelfleet")
+
+
+def caps_of_each_router(addresses: list[str], replicas: int, max_in_flight: int) -> list[int]:
+    """The cap each router replica admits for one model with `replicas` ready pods."""
+    pods = [f"10.0.1.{i}" for i in range(replicas)]
+    body = model("m", {"runtime": "ollama", "model": "m", "serving": {"maxInFlightPerReplica": max_in_flight}})
+    caps = []
+    for own in addresses:
+        peers = RouterPeers(namespace="modelfleet", service="modelfleet-router", address=own)
+        spec = only(
+            models_from_cluster(
+                [body],
+                [slice_("im-m", [endpoint(*pods)])] if pods else [],
+                peers=peers,
+                router_slices=[routers_slice(endpoint(*addresses))],
+            )
+        )
+        caps.append(spec.capacity)
+    return caps
+
+
+@pytest.mark.parametrize(
+    ("routers", "replicas", "max_in_flight", "expected"),
+    [
+        (1, 1, 4, [4]),
+        (2, 1, 4, [2, 2]),
+        (2, 1, 3, [2, 1]),  # the remainder goes to the first in address order
+        (3, 2, 4, [3, 3, 2]),
+        (2, 0, 4, [0, 0]),  # no replica: every request waits
+        (3, 1, 2, [1, 1, 1]),  # more routers than slots: each keeps one, or some would never serve
+    ],
+)
+def test_routers_divide_each_models_cap_among_themselves(
+    routers: int, replicas: int, max_in_flight: int, expected: list[int]
+) -> None:
+    addresses = [f"10.0.0.{10 - i}" for i in range(routers)]  # listed out of order on purpose
+    caps = caps_of_each_router(addresses, replicas, max_in_flight)
+    assert sorted(caps, reverse=True) == expected
+    if replicas and routers <= replicas * max_in_flight:
+        assert sum(caps) == replicas * max_in_flight
+
+
+def test_a_router_counts_only_ready_peers_and_always_itself() -> None:
+    peers = RouterPeers(namespace="modelfleet", service="modelfleet-router", address="10.0.0.9")
+    others = routers_slice(
+        endpoint("10.0.0.2"),
+        endpoint("10.0.0.3", ready=False),
+        endpoint("10.0.0.4", ready=True, terminating=True),
+    )
+    # Not yet ready itself (its own address is not in the slice): it still counts itself.
+    assert peers.place([others]) == (2, 1)
+    assert peers.place([]) == (1, 0)
+    # Another Service's slice in the same namespace says nothing about the routers.
+    assert peers.place([slice_("other", [endpoint("10.0.0.1")], namespace="modelfleet")]) == (1, 0)

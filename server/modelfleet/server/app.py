@@ -20,7 +20,7 @@ from modelfleet.server.backends.ollama import OllamaBackend
 from modelfleet.server.backends.openai_compat import OpenAICompatBackend
 from modelfleet.server.cache import CacheStore, MemoryStore, RedisCircuit, RedisStore, ResponseCache
 from modelfleet.server.disconnect import CancelOnDisconnect
-from modelfleet.server.discovery import ClusterWatcher
+from modelfleet.server.discovery import ClusterWatcher, RouterPeers
 from modelfleet.server.errors import install_error_handlers
 from modelfleet.server.lifecycle import CloseWhenDraining, Drain
 from modelfleet.server.limits import BodySizeLimit
@@ -32,6 +32,14 @@ from modelfleet.server.services import Services
 from modelfleet.server.settings import RouterSettings
 
 PROBE_INTERVAL_SECONDS = 10.0
+
+
+def router_peers(settings: RouterSettings) -> RouterPeers | None:
+    """Who shares each model's cap with this replica: the router Service's ready endpoints."""
+    if not settings.router_service or not settings.pod_ip:
+        return None
+    namespace, _, service = settings.router_service.partition("/")
+    return RouterPeers(namespace=namespace, service=service, address=settings.pod_ip)
 
 
 def create_app(settings: RouterSettings, drain: Drain | None = None) -> FastAPI:
@@ -86,6 +94,7 @@ def create_app(settings: RouterSettings, drain: Drain | None = None) -> FastAPI:
                     on_change=lambda specs: registry.replace_source("cluster", specs),
                     namespace=settings.kubernetes_namespace,
                     kubeconfig=str(settings.kubeconfig) if settings.kubeconfig else None,
+                    peers=router_peers(settings),
                 )
                 background(services.watcher.run())
             background(probe_forever(services, PROBE_INTERVAL_SECONDS))

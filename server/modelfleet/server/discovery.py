@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -37,6 +38,40 @@ WarningKey = tuple[str, ...]
 
 
 @dataclass(frozen=True)
+class RouterPeers:
+    """The Service in front of every replica of this router, and this replica's address in it.
+
+    Each model's cap is divided among the Service's ready endpoints (ModelSpec.capacity), so that
+    two routers do not each admit the full cap.
+    """
+
+    namespace: str
+    service: str
+    address: str
+
+    def place(self, endpoint_slices: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
+        """(how many routers share the caps, this one's index among them in address order)."""
+        addresses = {self.address}
+        for slice_ in endpoint_slices:
+            meta = slice_.get("metadata") or {}
+            if (str(meta.get("namespace", "")), (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)) == (
+                self.namespace,
+                self.service,
+            ) and not meta.get("deletionTimestamp"):
+                addresses.update(_ready_addresses(slice_))
+        ordered = sorted(addresses, key=_address_order)
+        return len(ordered), ordered.index(self.address)
+
+
+def _address_order(address: str) -> tuple[int, int | str]:
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return (2, address)
+    return (parsed.version, int(parsed))
+
+
+@dataclass(frozen=True)
 class _Candidate:
     namespace: str
     name: str
@@ -49,8 +84,13 @@ def models_from_cluster(
     endpoint_slices: Iterable[Mapping[str, Any]],
     *,
     warned: set[WarningKey] | None = None,
+    peers: RouterPeers | None = None,
+    router_slices: Iterable[Mapping[str, Any]] = (),
 ) -> list[ModelSpec]:
     """The models the cluster declares, sorted by name.
+
+    With `peers`, every model's cap is shared with the router's other ready replicas, which
+    `router_slices` (the EndpointSlices of the router's Service) name.
 
     A model that cannot be served (a remote URL without allowRemote, a name taken by an older model in
     another namespace, a malformed spec) is left out with a warning.  Pass the same `warned` set on every
@@ -71,6 +111,7 @@ def models_from_cluster(
         by_name.setdefault(candidate.name, []).append(candidate)
 
     ready = _ready_endpoints_by_service(endpoint_slices)
+    routers, router_index = peers.place(router_slices) if peers is not None else (1, 0)
     notes: dict[WarningKey, str] = {}
     specs: list[ModelSpec] = []
     for name in sorted(by_name):
@@ -88,7 +129,7 @@ def models_from_cluster(
             notes[key] = f"InferenceModel {owner.namespace}/{name} is not served: malformed spec ({exc!r})"
             continue
         if spec is not None:
-            specs.append(spec)
+            specs.append(dataclasses.replace(spec, routers=routers, router_index=router_index))
 
     for key, message in notes.items():
         if warned is None or key not in warned:
@@ -188,15 +229,19 @@ def _ready_endpoints_by_service(endpoint_slices: Iterable[Mapping[str, Any]]) ->
         port = next((p.get("port") for p in slice_.get("ports") or () if p.get("name") == PORT_NAME), None)
         if port is None:
             continue
-        for endpoint in slice_.get("endpoints") or ():
-            conditions = endpoint.get("conditions") or {}
-            # Per the EndpointSlice API, an unset `ready` means ready; only an explicit False does not.
-            if conditions.get("ready") is False or conditions.get("terminating") is True:
-                continue
-            for address in endpoint.get("addresses") or ():
-                host = f"[{address}]" if ":" in address else address
-                urls.add(f"http://{host}:{port}")
+        for address in _ready_addresses(slice_):
+            host = f"[{address}]" if ":" in address else address
+            urls.add(f"http://{host}:{port}")
     return {key: tuple(sorted(urls)) for key, urls in found.items()}
+
+
+def _ready_addresses(slice_: Mapping[str, Any]) -> Iterable[str]:
+    for endpoint in slice_.get("endpoints") or ():
+        conditions = endpoint.get("conditions") or {}
+        # Per the EndpointSlice API, an unset `ready` means ready; only an explicit False does not.
+        if conditions.get("ready") is False or conditions.get("terminating") is True:
+            continue
+        yield from (str(address) for address in endpoint.get("addresses") or ())
 
 
 def is_cluster_internal_host(host: str) -> bool:
@@ -229,14 +274,18 @@ class _Kind:
     path: str  # cluster-wide collection path; the namespaced one inserts namespaces/<ns>
     label_selector: str | None = None
     keeps: Callable[[Mapping[str, Any]], bool] = _keep_all
+    # Watched in this namespace whatever the watcher's (the router's own Service).
+    namespace: str | None = None
 
     def url(self, namespace: str | None) -> str:
+        namespace = self.namespace or namespace
         if namespace is None:
             return self.path
         prefix, _, plural = self.path.rpartition("/")
         return f"{prefix}/namespaces/{namespace}/{plural}"
 
 
+ROUTER_SLICES = "router-endpointslices"
 INFERENCE_MODELS = _Kind("inferencemodels", "/apis/modelfleet.io/v1alpha1/inferencemodels")
 # A label selector cannot match a prefix: the server sends Service-owned slices only, and we keep im-*.
 ENDPOINT_SLICES = _Kind(
@@ -329,14 +378,27 @@ class ClusterWatcher:
         kubeconfig: str | None = None,
         debounce_seconds: float = 0.05,
         watch_timeout_seconds: int = 290,
+        peers: RouterPeers | None = None,
     ) -> None:
         self.on_change = on_change
         self.namespace = namespace
+        self.peers = peers
+        self._kinds = [INFERENCE_MODELS, ENDPOINT_SLICES]
+        if peers is not None:
+            # The router's own replicas, wherever the models are watched.
+            self._kinds.append(
+                _Kind(
+                    ROUTER_SLICES,
+                    ENDPOINT_SLICES.path,
+                    f"{SERVICE_NAME_LABEL}={peers.service}",
+                    namespace=peers.namespace,
+                )
+            )
         self.kubeconfig = kubeconfig
         self.debounce_seconds = debounce_seconds
         self.watch_timeout_seconds = watch_timeout_seconds
         self.synced = asyncio.Event()
-        self._stores: dict[str, dict[str, dict[str, Any]]] = {INFERENCE_MODELS.name: {}, ENDPOINT_SLICES.name: {}}
+        self._stores: dict[str, dict[str, dict[str, Any]]] = {kind.name: {} for kind in self._kinds}
         self._listed: set[str] = set()
         self._failing: set[str] = set()
         self._dirty = asyncio.Event()
@@ -359,7 +421,7 @@ class ClusterWatcher:
             connection = _Connection(http, server)
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._deliver_forever())
-                for kind in (INFERENCE_MODELS, ENDPOINT_SLICES):
+                for kind in self._kinds:
                     tasks.create_task(self._reflect_forever(connection, kind))
 
     def _mark_dirty(self) -> None:
@@ -378,6 +440,8 @@ class ClusterWatcher:
                 self._stores[INFERENCE_MODELS.name].values(),
                 self._stores[ENDPOINT_SLICES.name].values(),
                 warned=self._warned,
+                peers=self.peers,
+                router_slices=self._stores.get(ROUTER_SLICES, {}).values(),
             )
             if models == self._delivered:
                 self.synced.set()

@@ -45,10 +45,24 @@ class ModelSpec:
     # The InferenceModel's namespace: a label of modelfleet_queue_depth, which prometheus-adapter
     # matches against the namespace of the HPA that reads it.
     namespace: str = ""
+    # The router replicas that share this model's cap (discovery counts the router Service's ready
+    # endpoints), and this replica's place among them.
+    routers: int = 1
+    router_index: int = 0
 
     @property
     def capacity(self) -> int:
-        return self.max_in_flight_per_replica * len(self.endpoints)
+        """This router's share of maxInFlightPerReplica x ready replicas.
+
+        Every router replica admits only its share, so that the backends see the cap, not the cap
+        times the number of routers. The remainder goes to the first routers in address order; a
+        router whose share would be 0 (more routers than slots) keeps 1, so that none starves.
+        """
+        total = self.max_in_flight_per_replica * len(self.endpoints)
+        if self.routers <= 1 or total == 0:
+            return total
+        share, remainder = divmod(total, self.routers)
+        return max(1, share + (1 if self.router_index < remainder else 0))
 
 
 class ServedModel:

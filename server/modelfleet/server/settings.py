@@ -62,6 +62,15 @@ class RouterSettings(BaseSettings):
     kubernetes_discovery: bool = Field(False, description="Watch InferenceModels and EndpointSlices for models.")
     kubernetes_namespace: str | None = Field(None, description="Watch one namespace only (default: all).")
     kubeconfig: Path | None = Field(None, description="Kubeconfig for discovery (default: in-cluster, $KUBECONFIG).")
+    router_service: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description=(
+            "namespace/name of the Service in front of every router replica: with discovery and pod_ip, "
+            "each model's cap is divided among its ready endpoints, so the backends see the cap once."
+        ),
+    )
+    pod_ip: str | None = Field(None, description="This replica's address in router_service (the downward API's).")
     default_model: str | None = Field(None, description="Model of /v1/generate and /infer requests that name none.")
     # Requests
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request sets none.")
