@@ -135,7 +135,9 @@ def apply_hpa(kube: Kube, context: ModelContext) -> str:
         refused = refusal(exc)
         if refused is None or "minReplicas" not in refused:
             raise
-    kube.apply(autoscaling.build_hpa(context, scale_to_zero=False))
+    floored = autoscaling.build_hpa(context, scale_to_zero=False)
+    if floored is not None:
+        kube.apply(floored)
     return refused
 
 
