@@ -8,7 +8,7 @@ and then linked into ``.cache/bin`` of the checkout.  A rerun only checks files.
 
 Tools: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy
 (k8s.io/kubernetes), etcd, kwok, kwokctl, helm, helm4, coredns, registry (distribution),
-local-path-provisioner, kind (optional) and ollama.
+local-path-provisioner, prometheus, prometheus-adapter, kind (optional) and ollama.
 Not every entry is a binary: the Prometheus Operator CRDs (prometheus-operator-crds) are YAML copied out of the pinned
 prometheus-operator module into the same cache and linked as ``.cache/crds/prometheus-operator``,
 so that tests can install ServiceMonitor and PrometheusRule without a GitHub download.
@@ -76,6 +76,10 @@ class GoTool:
     # How a locally replaced sibling module maps to its published version, or None
     # when the module has no local replacements and can be ``go install``ed directly.
     sibling_version: str | None = None
+    # Build in a wrapper module even without local replacements: `go install pkg@version` also reads
+    # the module's version list (for deprecations), which the module proxy refuses for some modules.
+    wrapped: bool = False
+    tags: tuple[str, ...] = ()
 
     @property
     def binary_path(self) -> str:
@@ -134,6 +138,14 @@ def k8s_staging_version(kubernetes_version: str) -> str:
     if not match:
         raise ToolError(f"KUBERNETES_VERSION {kubernetes_version!r} is not of the form v1.MINOR.PATCH")
     return f"v0.{match.group(1)}.{match.group(2)}"
+
+
+def prometheus_release(module_version: str) -> str:
+    """Prometheus 3.x publishes its Go module as v0.3MM.P: v0.316.0 is Prometheus 3.16.0."""
+    match = re.fullmatch(r"v0\.(\d)(\d\d)\.(\d+)", module_version)
+    if not match:
+        raise ToolError(f"PROMETHEUS_VERSION {module_version!r} is not of the form v0.3MM.P")
+    return f"{match.group(1)}.{int(match.group(2))}.{match.group(3)}"
 
 
 def kubernetes_ldflags(version: str) -> tuple[str, ...]:
@@ -238,6 +250,28 @@ def tool_catalog(versions: dict[str, str]) -> dict[str, Tool]:
             package="github.com/rancher/local-path-provisioner",
             ldflags=(f"-X main.VERSION={versions['LOCAL_PATH_PROVISIONER_VERSION']}",),
         ),
+        # Scrapes the routers' pods for the HPAs (hack/monitoring.sh). Built here because Debian's
+        # Prometheus has no Kubernetes service discovery. Only that and the file/HTTP discovery are
+        # compiled in; the web UI's assets are not (the API is all that is used).
+        GoTool(
+            name="prometheus",
+            module="github.com/prometheus/prometheus",
+            version=versions["PROMETHEUS_VERSION"],
+            package="github.com/prometheus/prometheus/cmd/prometheus",
+            ldflags=(
+                f"-X github.com/prometheus/common/version.Version={prometheus_release(versions['PROMETHEUS_VERSION'])}",
+            ),
+            tags=("remove_all_sd", "enable_kubernetes_sd"),
+        ),
+        # Serves the router's queue depth to the HPA controller as an External metric (hack/monitoring.sh).
+        GoTool(
+            name="prometheus-adapter",
+            module="sigs.k8s.io/prometheus-adapter",
+            version=versions["PROMETHEUS_ADAPTER_VERSION"],
+            package="sigs.k8s.io/prometheus-adapter/cmd/adapter",
+            # The proxy serves v0.12.0 but refuses the module's version list.
+            wrapped=True,
+        ),
         GoTool(name="kind", module="sigs.k8s.io/kind", version=kind, package="sigs.k8s.io/kind"),
     ]
     ollama = OllamaTool(version=versions["OLLAMA_VERSION"], miniaudio_version=versions["MINIAUDIO_PYPI_VERSION"])
@@ -333,12 +367,13 @@ def local_replacements(go_mod_text: str) -> list[str]:
 
 def build_tool(tool: GoTool, dest: Path) -> None:
     ldflags = " ".join(("-s", "-w", *tool.ldflags))
+    tags = [f"-tags={','.join(tool.tags)}"] if tool.tags else []
     with tempfile.TemporaryDirectory(prefix=f"modelfleet-build-{tool.name}-") as tmp:
         work = Path(tmp)
-        if tool.sibling_version is None:
+        if tool.sibling_version is None and not tool.wrapped:
             gobin = work / "bin"
             run_go(
-                ["install", "-trimpath", f"-ldflags={ldflags}", f"{tool.package}@{tool.version}"],
+                ["install", "-trimpath", f"-ldflags={ldflags}", *tags, f"{tool.package}@{tool.version}"],
                 work,
                 f"{tool.name}@{tool.version}",
                 {"GOBIN": str(gobin)},
@@ -349,11 +384,13 @@ def build_tool(tool: GoTool, dest: Path) -> None:
             upstream = module_go_mod(tool.module, tool.version, work)
             edits = [f"-require={tool.module}@{tool.version}"]
             for sibling in local_replacements(upstream):
+                if tool.sibling_version is None:
+                    raise ToolError(f"{tool.module} replaces {sibling} with a local path; set sibling_version")
                 edits.append(f"-replace={sibling}={sibling}@{tool.sibling_version}")
             run_go(["mod", "edit", *edits], work, f"{tool.name} wrapper module")
             built = work / tool.name
             run_go(
-                ["build", "-mod=mod", "-trimpath", f"-ldflags={ldflags}", "-o", str(built), tool.package],
+                ["build", "-mod=mod", "-trimpath", f"-ldflags={ldflags}", *tags, "-o", str(built), tool.package],
                 work,
                 f"{tool.name}@{tool.version}",
             )

@@ -38,7 +38,7 @@ def test_versions_file_has_every_tool_version(tmp_path: Path) -> None:
     catalog = build_tools.tool_catalog(versions)
     kubernetes = {"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet", "kube-proxy"}
     others = {"etcd", "kwok", "kwokctl", "helm", "helm4", "coredns", "kind", "ollama", "prometheus-operator-crds"}
-    real_node = {"registry", "local-path-provisioner"}
+    real_node = {"registry", "local-path-provisioner", "prometheus", "prometheus-adapter"}
     assert set(catalog) == kubernetes | others | real_node
     # hack/node.sh starts both on every `up`: `make tools` (no arguments) must build them.
     assert not real_node & build_tools.OPTIONAL_TOOLS
@@ -50,6 +50,16 @@ def test_versions_file_has_every_tool_version(tmp_path: Path) -> None:
         registry.ldflags
     )
     assert catalog["local-path-provisioner"].version == versions["LOCAL_PATH_PROVISIONER_VERSION"]
+    prometheus = catalog["prometheus"]
+    assert isinstance(prometheus, build_tools.GoTool)
+    assert "enable_kubernetes_sd" in prometheus.tags  # the reason it is built rather than Debian's
+    assert build_tools.prometheus_release("v0.316.0") == "3.16.0"
+    adapter = catalog["prometheus-adapter"]
+    assert isinstance(adapter, build_tools.GoTool)
+    assert (adapter.version, adapter.package) == (
+        versions["PROMETHEUS_ADAPTER_VERSION"],
+        "sigs.k8s.io/prometheus-adapter/cmd/adapter",
+    )
     crds = catalog["prometheus-operator-crds"]
     assert isinstance(crds, build_tools.CrdBundle)
     assert crds.version == versions["PROMETHEUS_OPERATOR_VERSION"]
