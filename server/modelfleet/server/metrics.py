@@ -29,6 +29,7 @@ class RouterMetrics:
     tokens_per_second: Histogram
     queue_depth: Gauge
     in_flight: Gauge
+    slots: Gauge
     ready_replicas: Gauge
     queue_wait: Histogram
     rejected: Counter
@@ -66,6 +67,8 @@ class RouterMetrics:
                               "InferenceModel's, empty for static models)", ["model", "namespace"],
                               registry=registry),
             in_flight=Gauge("modelfleet_in_flight_requests", "Requests holding a slot", ["model"], registry=registry),
+            slots=Gauge("modelfleet_admission_slots", "Requests this router replica runs at once for the model: its "
+                        "share of maxInFlightPerReplica x ready replicas", ["model"], registry=registry),
             ready_replicas=Gauge("modelfleet_ready_replicas", "Ready replicas the router can send to", ["model"],
                                  registry=registry),
             queue_wait=Histogram("modelfleet_queue_wait_seconds", "Time spent waiting for a slot", ["model"],
@@ -94,7 +97,7 @@ class RouterMetrics:
         """Drop a removed model's gauges so dashboards and HPAs do not see a ghost."""
         with contextlib.suppress(KeyError):
             self.queue_depth.remove(model, namespace)
-        for gauge in (self.in_flight, self.ready_replicas):
+        for gauge in (self.in_flight, self.slots, self.ready_replicas):
             with contextlib.suppress(KeyError):
                 gauge.remove(model)
 

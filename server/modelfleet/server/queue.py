@@ -160,3 +160,4 @@ class ModelQueue:
     def _publish(self) -> None:
         self.metrics.queue_depth.labels(model=self.model, namespace=self.namespace).set(self.depth)
         self.metrics.in_flight.labels(model=self.model).set(self.in_flight)
+        self.metrics.slots.labels(model=self.model).set(self.capacity)
