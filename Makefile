@@ -93,6 +93,15 @@ bench: install ## Benchmarks against same-run baselines (router overhead, cache,
 .PHONY: test
 test: install lint verify-generated test-unit test-integration test-e2e ## Everything CI runs (installs what is missing first)
 
+.PHONY: test-autoscaling
+test-autoscaling: ## Only the autoscaling e2e tests (real HPA, Prometheus, prometheus-adapter, real model pods)
+	$(PYTEST) -m autoscaling tests/e2e
+
+.PHONY: autoscaling-plot
+autoscaling-plot: ## Draw .cache/autoscaling/timeline.json (from test-autoscaling) as docs/autoscaling-timeline.png
+	$(VENV_BIN)/pip install --quiet -e '.[plot]'
+	$(PY) -m hack.plot_autoscaling
+
 .PHONY: test-unit
 test-unit: ## Pure-logic tests
 	$(PYTEST) -m unit tests/unit

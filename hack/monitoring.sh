@@ -38,38 +38,9 @@ die() { printf 'monitoring: error: %s\n' "$*" >&2; exit 1; }
 
 kubectl_() { "$bin_dir/kubectl" --kubeconfig "$kubeconfig" "$@"; }
 
-pid_alive() { [[ -f "$monitoring_dir/$1.pid" ]] && kill -0 "$(cat "$monitoring_dir/$1.pid")" 2>/dev/null; }
-
-wait_for() {
-  local what=$1 seconds=$2
-  shift 2
-  local deadline=$((SECONDS + seconds))
-  until "$@" >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || die "$what did not happen within ${seconds}s (see $monitoring_dir/*.log)"
-    sleep 0.5
-  done
-}
-
-start_process() {
-  local name=$1
-  shift
-  pid_alive "$name" && return 0
-  setsid "$@" >>"$monitoring_dir/$name.log" 2>&1 </dev/null &
-  echo $! >"$monitoring_dir/$name.pid"
-}
-
-stop_process() {
-  local name=$1 pid
-  [[ -f "$monitoring_dir/$name.pid" ]] || return 0
-  pid=$(cat "$monitoring_dir/$name.pid")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + 20))
-    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
-    kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -f "$monitoring_dir/$name.pid"
-}
+state_dir=$monitoring_dir
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$repo_root/hack/lib.sh"
 
 write_prometheus_config() {
   cat >"$monitoring_dir/prometheus.yml" <<EOF

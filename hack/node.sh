@@ -44,41 +44,9 @@ die() { printf 'node: error: %s\n' "$*" >&2; exit 1; }
 kubectl_() { "$bin_dir/kubectl" --kubeconfig "$kubeconfig" "$@"; }
 ctr_() { ctr --address "$containerd_socket" --namespace k8s.io "$@"; }
 
-pid_alive() { [[ -f "$node_dir/$1.pid" ]] && kill -0 "$(cat "$node_dir/$1.pid")" 2>/dev/null; }
-
-# start NAME ARGV...: run a component in its own session, log to .cache/node/NAME.log.
-start() {
-  local name=$1
-  shift
-  if pid_alive "$name"; then
-    return 0
-  fi
-  setsid "$@" >"$node_dir/$name.log" 2>&1 </dev/null &
-  echo $! >"$node_dir/$name.pid"
-}
-
-stop() {
-  local name=$1 pid
-  [[ -f "$node_dir/$name.pid" ]] || return 0
-  pid=$(cat "$node_dir/$name.pid")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + 20))
-    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
-    kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -f "$node_dir/$name.pid"
-}
-
-wait_for() {
-  local what=$1 seconds=$2
-  shift 2
-  local deadline=$((SECONDS + seconds))
-  until "$@" >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || die "$what did not happen within ${seconds}s (logs in $node_dir)"
-    sleep 0.5
-  done
-}
+state_dir=$node_dir
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$repo_root/hack/lib.sh"
 
 bridge_up() {
   if ! ip link show "$bridge" >/dev/null 2>&1; then
@@ -264,26 +232,26 @@ up() {
   bridge_up
   "$repo_root/hack/registry.sh" start
   write_configs
-  start containerd containerd --config "$node_dir/containerd/config.toml"
+  start_process containerd containerd --config "$node_dir/containerd/config.toml"
   wait_for "containerd answering" 30 ctr --address "$containerd_socket" version
   ensure_pause_image
   # The `kubernetes` Service's endpoint is the bridge address (advertised by the API server, which
   # itself listens on loopback only): relay that port there. TLS passes through untouched.
   local api_port
   api_port=$(kubectl_ config view --minify -o jsonpath='{.clusters[0].cluster.server}' | sed 's/.*://')
-  start apiserver-relay socat "TCP-LISTEN:$api_port,bind=$bridge_address,fork,reuseaddr" "TCP:127.0.0.1:$api_port"
-  start kubelet "$bin_dir/kubelet" --config "$node_dir/kubelet.yaml" --kubeconfig "$node_kubeconfig" \
+  start_process apiserver-relay socat "TCP-LISTEN:$api_port,bind=$bridge_address,fork,reuseaddr" "TCP:127.0.0.1:$api_port"
+  start_process kubelet "$bin_dir/kubelet" --config "$node_dir/kubelet.yaml" --kubeconfig "$node_kubeconfig" \
     --hostname-override "$node_name" --node-ip "$bridge_address" --root-dir "$node_dir/kubelet" \
     --cert-dir "$node_dir/kubelet-pki" --node-labels "$real_node_label=true"
-  start kube-proxy "$bin_dir/kube-proxy" --config "$node_dir/kube-proxy.yaml"
-  start coredns "$bin_dir/coredns" -conf "$node_dir/Corefile"
+  start_process kube-proxy "$bin_dir/kube-proxy" --config "$node_dir/kube-proxy.yaml"
+  start_process coredns "$bin_dir/coredns" -conf "$node_dir/Corefile"
   wait_for "node $node_name Ready" 120 kubectl_ wait --for=condition=Ready "node/$node_name" --timeout=5s
   wait_for "CoreDNS ready" 60 curl -fsS "http://$bridge_address:$coredns_ready_port/ready"
   kubectl_ apply -f "$repo_root/hack/cluster/local-path.yaml" >/dev/null
   if ! ctr_ images ls -q | grep -qx "$helper_image"; then
     log "warning: $helper_image is not in the node's containerd: local-path volumes wait for it (make images, then hack/node.sh import)"
   fi
-  start local-path-provisioner "$bin_dir/local-path-provisioner" start --kubeconfig "$node_kubeconfig" \
+  start_process local-path-provisioner "$bin_dir/local-path-provisioner" start --kubeconfig "$node_kubeconfig" \
     --config "$node_dir/local-path-provisioner.json" --namespace local-path-storage \
     --configmap-name local-path-config --service-account-name local-path-provisioner --helper-image "$helper_image"
   log "$node_name is Ready in $((SECONDS - started))s ($(kubectl_ get node "$node_name" -o jsonpath='{.status.nodeInfo.containerRuntimeVersion}'))"
@@ -328,7 +296,7 @@ down_machine_state() {
 
 down() {
   # No new helper pods from here on; the drain below deletes any that are left.
-  stop local-path-provisioner
+  stop_process local-path-provisioner
   if [[ -f "$kubeconfig" ]] && pid_alive kubelet && kubectl_ get node "$node_name" >/dev/null 2>&1; then
     # Delete the workloads while the kubelet still runs, so it stops their containers itself.
     log "draining $node_name"
@@ -347,10 +315,10 @@ down() {
   if [[ -f "$kubeconfig" ]]; then
     kubectl_ -n local-path-storage delete pods --all --force --grace-period=0 >/dev/null 2>&1 || true
   fi
-  stop coredns
-  stop kube-proxy
-  stop kubelet
-  stop apiserver-relay
+  stop_process coredns
+  stop_process kube-proxy
+  stop_process kubelet
+  stop_process apiserver-relay
   "$repo_root/hack/registry.sh" stop
   if [[ -f "$kubeconfig" ]]; then kubectl_ delete node "$node_name" --wait=false >/dev/null 2>&1 || true; fi
   if [[ -x "$bin_dir/kube-proxy" ]]; then "$bin_dir/kube-proxy" --cleanup >/dev/null 2>&1 || true; fi
@@ -364,7 +332,7 @@ down() {
       ctr_ containers delete "$id" >/dev/null 2>&1 || true
     done
   fi
-  stop containerd
+  stop_process containerd
   # containerd-shim processes outlive containerd; they belong to this node's state directory.
   pkill -f -- "containerd-shim.*-namespace k8s.io.*-address $containerd_socket" 2>/dev/null || true
   down_machine_state

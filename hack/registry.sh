@@ -37,21 +37,14 @@ remote_model="$bridge_address:$registry_port/$registry_model"
 log() { printf 'registry: %s\n' "$*" >&2; }
 die() { printf 'registry: error: %s\n' "$*" >&2; exit 1; }
 
-pid_alive() { [[ -f "$registry_dir/$1.pid" ]] && kill -0 "$(cat "$registry_dir/$1.pid")" 2>/dev/null; }
+state_dir=$registry_dir
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$repo_root/hack/lib.sh"
+
 # The blob host answers 404 to anything but a stored blob: any HTTP answer means it is up.
 answers() {
   curl -fsS -o /dev/null --max-time 2 "$registry_url/v2/" &&
     curl -sS -o /dev/null --max-time 2 "$blobs_url/" && curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$registry_blob_metrics_port/metrics"
-}
-
-wait_for() {
-  local what=$1 seconds=$2
-  shift 2
-  local deadline=$((SECONDS + seconds))
-  until "$@" >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || die "$what did not happen within ${seconds}s (see $registry_dir/registry.log)"
-    sleep 0.2
-  done
 }
 
 write_config() {
@@ -83,28 +76,6 @@ http:
 EOF
 }
 
-# start NAME ARGV...: run a process in its own session; stdout (its access log) and stderr to files here.
-start_process() {
-  local name=$1 access_log=$2
-  shift 2
-  pid_alive "$name" && return 0
-  setsid "$@" >>"$access_log" 2>>"$registry_dir/$name.log" </dev/null &
-  echo $! >"$registry_dir/$name.pid"
-}
-
-stop_process() {
-  local name=$1 pid
-  [[ -f "$registry_dir/$name.pid" ]] || return 0
-  pid=$(cat "$registry_dir/$name.pid")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + 20))
-    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
-    kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -f "$registry_dir/$name.pid"
-}
-
 start() {
   python3 "$repo_root/hack/build_tools.py" registry >/dev/null
   ip -4 addr show dev "$bridge" 2>/dev/null | grep -qF " $bridge_address/" ||
@@ -113,11 +84,11 @@ start() {
   ip addr replace "$registry_blob_address/32" dev "$bridge"
   mkdir -p "$registry_dir/data"
   write_config
-  start_process blobs "$registry_dir/blobs-access.log" python3 "$repo_root/hack/node/registry_blobs.py" \
+  start_process --stdout "$registry_dir/blobs-access.log" blobs python3 "$repo_root/hack/node/registry_blobs.py" \
     --root "$registry_dir/data" --listen "$registry_blob_address:$registry_blob_port" \
     --metrics "127.0.0.1:$registry_blob_metrics_port"
   # The registry's stdout is its access log. No tracing exporter: nothing collects traces here.
-  start_process registry "$registry_dir/access.log" \
+  start_process --stdout "$registry_dir/access.log" registry \
     env OTEL_TRACES_EXPORTER=none "$bin_dir/registry" serve "$registry_dir/config.yml"
   wait_for "the registry answering at $registry_url and its blob host at $blobs_url" 30 answers
   log "serving $registry_url, blobs at $blobs_url (metrics: 127.0.0.1:$registry_debug_port and 127.0.0.1:$registry_blob_metrics_port, data: $registry_dir/data)"

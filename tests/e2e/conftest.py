@@ -8,12 +8,12 @@ import re
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
@@ -30,6 +30,12 @@ from tests.support.cluster import (
     load_guarded_context,
 )
 from tests.support.procs import LOOPBACK, RunningProcess, free_port, running_process, wait_until
+
+# Re-exported: the e2e tests import it from here.
+from tests.support.procs import wait_for as wait_for
+
+if TYPE_CHECKING:
+    from tests.support.managed import RegistryModel
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -117,15 +123,6 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
         except ApiException as exc:
             if exc.status != 404:
                 raise
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60, interval: float = 0.25) -> None:
-    """`wait_until` with an error that names what the test was waiting for."""
-    started = time.monotonic()
-    try:
-        wait_until(condition, timeout=timeout, interval=interval)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {time.monotonic() - started:.0f}s waiting for {what}") from None
 
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "modelfleet.io_inferencemodels.yaml"
@@ -316,3 +313,17 @@ def node_images(real_node: client.V1Node) -> list[str]:
     for archive in archives:
         run([str(REPO / "hack" / "node.sh"), "import", str(archive)], f"importing {archive.name}")
     return [archive.name for archive in archives]
+
+
+@pytest.fixture(scope="session")
+def registry_model(real_node: client.V1Node) -> RegistryModel:
+    """gemma3:270m in the registry (pushed once; later runs find it there), and a variant of it."""
+    from tests.support.managed import REGISTRY_MODEL, VARIANT, RegistryModel, registry_manifest
+    from tests.support.realnode import REPO, run
+
+    run([str(REPO / "hack" / "registry.sh"), "push"], "hack/registry.sh push", timeout=1800)
+    run([str(REPO / "hack" / "registry.sh"), "push-variant", VARIANT, "PARAMETER num_predict 24"],
+        "hack/registry.sh push-variant", timeout=600)  # fmt: skip
+    manifest = registry_manifest(REGISTRY_MODEL)
+    (weights,) = [layer for layer in manifest["layers"] if layer["mediaType"] == "application/vnd.ollama.image.model"]
+    return RegistryModel(weights_digest=weights["digest"], weights_size=int(weights["size"]))

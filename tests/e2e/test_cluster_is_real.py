@@ -206,8 +206,9 @@ def test_hpa_with_an_external_metric_is_accepted_and_evaluated(cluster: Cluster,
     stored = autoscaling.read_namespaced_horizontal_pod_autoscaler("scaled", namespace)
     assert stored.spec.metrics[0].external.metric.name == "modelfleet_queue_depth"
 
-    # The controller-manager's HPA controller really evaluates it: with no external metrics API
-    # served yet, it reports that it cannot fetch the metric.
+    # The controller-manager's HPA controller really evaluates it: it asks prometheus-adapter
+    # (hack/monitoring.sh), which has no series for a model that no router serves, and reports that
+    # it cannot fetch the metric. (tests/e2e/test_autoscaling.py has the metric really served.)
     def scaling_active_condition() -> client.V2HorizontalPodAutoscalerCondition | None:
         hpa = autoscaling.read_namespaced_horizontal_pod_autoscaler_status("scaled", namespace)
         return next((c for c in hpa.status.conditions or [] if c.type == "ScalingActive"), None)

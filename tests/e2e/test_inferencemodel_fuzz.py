@@ -475,7 +475,11 @@ def cross_field_mutations() -> Iterator[Mutation]:
             "zero-replicas-on-engine-metric",
             [
                 mutated(MANAGED_BASE, ("autoscaling",), {**MANAGED_BASE["autoscaling"], "minReplicas": 0}),
-                {"runtime": "vllm", "model": "m", "autoscaling": {"enabled": True, "minReplicas": 0, "metric": "engine"}},
+                {
+                    "runtime": "vllm",
+                    "model": "m",
+                    "autoscaling": {"enabled": True, "minReplicas": 0, "metric": "engine"},
+                },
             ],
             "spec.autoscaling.minReplicas",
             "minReplicas 0 needs metric 'router'",

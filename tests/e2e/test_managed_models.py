@@ -12,13 +12,8 @@ left, as a user's cluster would.
 
 from __future__ import annotations
 
-import json
-import re
-import threading
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,81 +23,43 @@ from kubernetes import client
 
 from tests.e2e.conftest import Cluster, namespace_name_for, wait_for
 from tests.support.cluster import BIN_DIR
+from tests.support.managed import (
+    GROUP,
+    MODEL,
+    PLURAL,
+    REGISTRY,
+    START,
+    VARIANT,
+    VERSION,
+    WARMED_UP,
+    RegistryModel,
+    blob_bytes,
+    chat_loop,
+    condition,
+    downloaded_since,
+    get_model,
+    managed_model,
+    model_requests,
+    openai_client,
+    patch_spec,
+    prefetch_jobs,
+    ready,
+    serving_pods,
+    streamed_chat,
+    wait_ready,
+)
 from tests.support.realnode import (
-    BRIDGE_ADDRESS,
-    NETWORK,
     NODE_NAME,
-    REPO,
     ROLLOUT,
     Release,
-    api_key,
     installed_release,
-    node_port_url,
-    pod_report,
-    run,
 )
 
 # Each test waits on pods that start for real (the first also on the images and the chart install).
 pytestmark = [pytest.mark.e2e, pytest.mark.realnode, pytest.mark.timeout(1800)]
 
-REGISTRY = f"{BRIDGE_ADDRESS}:{NETWORK['registry_port']}"
-REGISTRY_MODEL = NETWORK["registry_model"]  # library/gemma3:270m
-MODEL = REGISTRY_MODEL.removeprefix("library/")  # what spec.model says: Ollama adds library/ itself
-VARIANT = "gemma3-terse:270m"  # the same weights with other parameters: a second model to change to
-BLOB_METRICS = f"http://127.0.0.1:{NETWORK['registry_blob_metrics_port']}/metrics"
-GROUP, VERSION, PLURAL = "modelfleet.io", "v1alpha1", "inferencemodels"
-WARMED_UP = "modelfleet.io/warmed-up"
-# Starting a model on two shared cores: download, container start, load and warm-up. Bounds, not goals.
-START = 600
-
 # What the closing summary prints: phase timings and bytes downloaded per scenario.
 REPORT: dict[str, Any] = {}
-
-
-# The registry ----------------------------------------------------------------------------------
-
-
-def blob_bytes() -> dict[str, int]:
-    """Body bytes the registry's blob host has sent, by digest, since it started."""
-    with urllib.request.urlopen(BLOB_METRICS, timeout=10) as response:
-        text = response.read().decode()
-    sent = {}
-    for match in re.finditer(r'^registry_blobs_sent_bytes_total\{digest="([^"]+)"\} (\d+)', text, re.M):
-        sent[match.group(1)] = int(match.group(2))
-    return sent
-
-
-def downloaded_since(before: dict[str, int]) -> dict[str, int]:
-    after = blob_bytes()
-    return {digest: after[digest] - before.get(digest, 0) for digest in after if after[digest] != before.get(digest)}
-
-
-@dataclass(frozen=True)
-class RegistryModel:
-    weights_digest: str
-    weights_size: int
-
-
-@pytest.fixture(scope="module")
-def registry_model(real_node: client.V1Node) -> RegistryModel:
-    """gemma3:270m in the registry (pushed once; later runs find it there), and a variant of it."""
-    run([str(REPO / "hack" / "registry.sh"), "push"], "hack/registry.sh push", timeout=1800)
-    run([str(REPO / "hack" / "registry.sh"), "push-variant", VARIANT, "PARAMETER num_predict 24"],
-        "hack/registry.sh push-variant", timeout=600)  # fmt: skip
-    manifest = registry_manifest(REGISTRY_MODEL)
-    (weights,) = [layer for layer in manifest["layers"] if layer["mediaType"] == "application/vnd.ollama.image.model"]
-    return RegistryModel(weights_digest=weights["digest"], weights_size=int(weights["size"]))
-
-
-def registry_manifest(reference: str) -> dict[str, Any]:
-    name, tag = reference.rsplit(":", 1)
-    request = urllib.request.Request(
-        f"http://{REGISTRY}/v2/{name}/manifests/{tag}",
-        headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        manifest: dict[str, Any] = json.load(response)
-    return manifest
 
 
 # The stack ---------------------------------------------------------------------------------------
@@ -116,149 +73,6 @@ def stack(cluster: Cluster, node_images: list[str], inferencemodel_crd: str) -> 
         cluster, BIN_DIR / "helm", namespace, extra_args=("--set", f"router.discoveryNamespace={namespace}")
     )
     print("\n".join(f"{key}: {value}" for key, value in REPORT.items()))
-
-
-def managed_model(name: str, model: str = MODEL, **overrides: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "runtime": "ollama",
-        "model": model,
-        "source": {"registry": REGISTRY, "insecure": True},
-        "resources": {"gpu": 0, "cpu": "250m", "memory": "1Gi"},
-        "scheduling": {
-            "nodeSelector": {"modelfleet.io/real-node": "true"},
-            "tolerations": [{"key": "modelfleet.io/real-node", "operator": "Exists", "effect": "NoSchedule"}],
-        },
-        "cache": {"size": "1Gi", "storageClassName": "local-path"},
-        "serving": {"maxInFlightPerReplica": 2},
-    }
-    spec.update(overrides)
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceModel", "metadata": {"name": name}, "spec": spec}
-
-
-def get_model(stack: Release, name: str) -> dict[str, Any]:
-    found: dict[str, Any] = client.CustomObjectsApi(stack.cluster.api).get_namespaced_custom_object(
-        GROUP, VERSION, stack.namespace, PLURAL, name
-    )
-    return found
-
-
-def patch_spec(stack: Release, name: str, spec: dict[str, Any]) -> None:
-    client.CustomObjectsApi(stack.cluster.api).patch_namespaced_custom_object(
-        GROUP, VERSION, stack.namespace, PLURAL, name, {"spec": spec}
-    )
-
-
-def condition(model: dict[str, Any], kind: str) -> dict[str, Any]:
-    return next((c for c in (model.get("status") or {}).get("conditions") or [] if c["type"] == kind), {})
-
-
-def pod_ready(pod: Any) -> bool:
-    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
-
-
-def ready(stack: Release, name: str, replicas: int = 1) -> bool:
-    """The model says it is Ready with `replicas` replicas, and so do its pods (the status may lag them)."""
-    model = get_model(stack, name)
-    status = model.get("status") or {}
-    pods = serving_pods(stack, name)
-    return (
-        status.get("observedGeneration") == model["metadata"]["generation"]
-        and condition(model, "Ready").get("status") == "True"
-        and status.get("readyReplicas") == replicas
-        and status.get("replicas") == replicas
-        and len(pods) == replicas
-        and all(pod_ready(pod) for pod in pods)
-    )
-
-
-def wait_ready(stack: Release, name: str, replicas: int = 1, timeout: float = START) -> None:
-    try:
-        wait_for(lambda: ready(stack, name, replicas), f"{name} to be Ready with {replicas} replica(s)", timeout)
-    except AssertionError as exc:
-        status = get_model(stack, name).get("status")
-        raise AssertionError(f"{exc}\nstatus: {status}\n{pod_report(stack.cluster, stack.namespace)}") from None
-
-
-def serving_pods(stack: Release, name: str) -> list[Any]:
-    """The model's serving pods, but those on their way out (deleted, or ended)."""
-    selector = f"modelfleet.io/model={name},app.kubernetes.io/component=model-server"
-    pods = client.CoreV1Api(stack.cluster.api).list_namespaced_pod(stack.namespace, label_selector=selector).items
-    return [
-        pod
-        for pod in pods
-        if pod.metadata.deletion_timestamp is None and pod.status.phase not in ("Succeeded", "Failed")
-    ]
-
-
-def prefetch_jobs(stack: Release, name: str) -> list[Any]:
-    selector = f"modelfleet.io/model={name},app.kubernetes.io/component=model-prefetch"
-    jobs: list[Any] = (
-        client.BatchV1Api(stack.cluster.api).list_namespaced_job(stack.namespace, label_selector=selector).items
-    )
-    return jobs
-
-
-def openai_client(stack: Release) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{node_port_url(stack)}/v1", api_key=api_key(stack), max_retries=0, timeout=120)
-
-
-def streamed_chat(stack: Release, prompt: str, max_tokens: int = 24) -> str:
-    stream = openai_client(stack).chat.completions.create(
-        model="gemma", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True
-    )
-    return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-
-
-# Ollama's request log: [GIN] 2026/11/30 - 22:59:01 | 200 |  1.2s |  10.244.0.15 | POST  "/api/chat"
-GIN_LINE = re.compile(r"\[GIN\].*\|\s*(\d{3})\s*\|[^|]*\|\s*([0-9a-f.:]+)\s*\|\s*(\w+)\s+\"([^\"]+)\"")
-
-
-def model_requests(stack: Release, pod: str) -> list[tuple[str, str]]:
-    """(client address, path) of every generation request in a serving pod's Ollama log, in order."""
-    log = stack.cluster.kubectl("-n", stack.namespace, "logs", pod).stdout
-    return [
-        (match.group(2), match.group(4))
-        for match in map(GIN_LINE.search, log.splitlines())
-        if match and match.group(4) in ("/api/chat", "/api/generate")
-    ]
-
-
-@dataclass
-class ChatLoop:
-    """Short chats through the router, one after another, until stopped; every failure is kept."""
-
-    stack: Release
-    answered: int = 0
-    failures: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-
-    def run(self) -> None:
-        chat = openai_client(self.stack)
-        while not self.stop.is_set():
-            try:
-                answer = chat.chat.completions.create(
-                    model="gemma", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4
-                )
-                if answer.choices:
-                    self.answered += 1
-                else:
-                    self.failures.append(f"no choices: {answer}")
-            except Exception as exc:  # every failure counts, whatever its kind
-                self.failures.append(repr(exc))
-            # Under the chart's default rate limit of 100 requests per key and minute.
-            self.stop.wait(0.8)
-
-    def __enter__(self) -> ChatLoop:
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.answered >= 2 or bool(self.failures), "the chat loop's first answers", timeout=120)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join(timeout=150)
 
 
 # The tests ---------------------------------------------------------------------------------------
@@ -328,7 +142,7 @@ def test_a_restart_a_second_replica_and_an_operator_restart_download_nothing(
 
     # A second replica, under load through the router: no request reaches it before its warm-up.
     existing = {p.metadata.name for p in serving_pods(stack, "gemma")}
-    with ChatLoop(stack) as loop:
+    with chat_loop(stack) as loop:
         patch_spec(stack, "gemma", {"replicas": 2})
         wait_ready(stack, "gemma", replicas=2)
         (new,) = [p for p in serving_pods(stack, "gemma") if p.metadata.name not in existing]
@@ -411,7 +225,7 @@ def test_changing_the_model_keeps_answering_until_the_new_one_is_ready(
     before = blob_bytes()
     apps = client.AppsV1Api(stack.cluster.api)
     old_sets = {rs.metadata.name for rs in apps.list_namespaced_replica_set(stack.namespace).items}
-    with ChatLoop(stack) as loop:
+    with chat_loop(stack) as loop:
         patch_spec(stack, "gemma", {"model": VARIANT})
         wait_for(lambda: get_model(stack, "gemma")["status"].get("servedModel") == VARIANT,
                  "the router's name for the model to follow the new pods", timeout=START)  # fmt: skip

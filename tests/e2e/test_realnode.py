@@ -8,9 +8,7 @@ Helm 3 and with Helm 4 into a namespace that enforces Pod Security "restricted".
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -24,6 +22,7 @@ from tests.support.realnode import (
     NODE_NAME,
     ROLLOUT,
     Release,
+    RequestLoop,
     api_key,
     get_json,
     installed_release,
@@ -137,28 +136,12 @@ def test_chart_pods_run_for_real_and_pass_helm_test(release: Release, cluster: C
     assert "Phase:          Succeeded" in out, out
 
 
-@dataclass
-class RequestLoop:
-    """A light request loop against the router from the host; records every failure."""
+def listing_models(url: str, key: str) -> Callable[[], str | None]:
+    def list_models() -> str | None:
+        status, body = get_json(f"{url}/v1/models", key, timeout=10)
+        return None if status == 200 else f"{status}: {body}"
 
-    url: str
-    key: str
-    answered: int = 0
-    failures: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                status, body = get_json(f"{self.url}/v1/models", self.key, timeout=10)
-                if status == 200:
-                    self.answered += 1
-                else:
-                    self.failures.append(f"{status}: {body}")
-            except Exception as exc:  # every failure counts, whatever its kind
-                self.failures.append(repr(exc))
-            # About 80 requests a minute: the chart's default rate limit is 100 per key and minute.
-            self.stop.wait(0.75)
+    return list_models
 
 
 def test_upgrade_rolls_the_router_without_a_failed_request(release: Release, cluster: Cluster) -> None:
@@ -166,10 +149,7 @@ def test_upgrade_rolls_the_router_without_a_failed_request(release: Release, clu
     before = {pod.metadata.name for pod in release.pods("router")}
     keys_before = cluster.kubectl("-n", release.namespace, "get", "secret", f"{release.fullname}-api-keys",
                                   "-o", "jsonpath={.data}").stdout  # fmt: skip
-    loop = RequestLoop(node_port_url(release), key)
-    thread = threading.Thread(target=loop.run, daemon=True)
-    thread.start()
-    try:
+    with RequestLoop(listing_models(node_port_url(release), key)) as loop:
         wait_for(lambda: loop.answered >= 5, "the request loop to get its first answers", timeout=60)
         release.run("upgrade", release.name, str(CHART), "--reuse-values", "--set", "router.defaultMaxTokens=128",
                     "--wait", "--timeout", f"{ROLLOUT}s")  # fmt: skip
@@ -178,9 +158,6 @@ def test_upgrade_rolls_the_router_without_a_failed_request(release: Release, clu
         answered_after_rollout = loop.answered
         wait_for(lambda: loop.answered >= answered_after_rollout + 5 or len(loop.failures) > 5,
                  "answers from the new router pods", timeout=60)  # fmt: skip
-    finally:
-        loop.stop.set()
-        thread.join(timeout=30)
     routers = release.pods("router")
     running_with_real_containers(routers)
     for pod in routers:

@@ -125,3 +125,12 @@ def running_process(
             yield handle
         finally:
             handle.stop()
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60, interval: float = 0.25) -> None:
+    """`wait_until` with an error that names what the test was waiting for."""
+    started = time.monotonic()
+    try:
+        wait_until(condition, timeout=timeout, interval=interval)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {time.monotonic() - started:.0f}s waiting for {what}") from None

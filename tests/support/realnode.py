@@ -5,15 +5,18 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client
+
+from tests.support.procs import wait_for
 
 # tests.e2e.conftest.Cluster (the e2e suite's handle on the API server); not imported, so that the
 # type check of tests/support does not pull in the e2e suite.
@@ -164,3 +167,41 @@ def node_containers(namespace: str) -> list[str]:
         ["ctr", "--address", socket, "--namespace", "k8s.io", "containers", "ls", "-q", label], "ctr containers ls"
     )
     return out.split()
+
+
+@dataclass
+class RequestLoop:
+    """One request after another from the host until stopped; every failure is kept.
+
+    `request` returns None when it was answered, else what went wrong. About 75 requests a minute:
+    the chart's default rate limit is 100 per key and minute.
+    """
+
+    request: Callable[[], str | None]
+    answered: int = 0
+    failures: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                failure = self.request()
+            except Exception as exc:  # every failure counts, whatever its kind
+                failure = repr(exc)
+            if failure is None:
+                self.answered += 1
+            else:
+                self.failures.append(failure)
+            self.stop.wait(0.8)
+
+    def __enter__(self) -> RequestLoop:
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.answered >= 2 or bool(self.failures), "the request loop's first answers", timeout=120)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=150)

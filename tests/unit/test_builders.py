@@ -365,16 +365,8 @@ def test_a_refused_child_is_a_failed_condition_not_a_retry_loop() -> None:
     assert phase_for(states) == "Failed"
 
 
-class RefusingKube:
-    """A Kube whose applies the API server answers with one status."""
-
-    def __init__(self, status: int) -> None:
-        self.status = status
-
-    def apply(self, manifest: dict[str, object]) -> dict[str, object]:
-        error = ApiException(status=self.status, reason="refused")
-        error.body = json.dumps({"message": f"{manifest['kind']} is invalid: spec.template.spec.affinity: bad"})
-        raise error
+class EmptyNamespaceKube:
+    """A Kube in which nothing exists yet: reads find nothing, deletes delete nothing."""
 
     def get(self, *_: object) -> None:
         return None
@@ -384,6 +376,18 @@ class RefusingKube:
 
     def delete(self, *_: object) -> bool:
         return False
+
+
+class RefusingKube(EmptyNamespaceKube):
+    """A Kube whose applies the API server answers with one status."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+    def apply(self, manifest: dict[str, object]) -> dict[str, object]:
+        error = ApiException(status=self.status, reason="refused")
+        error.body = json.dumps({"message": f"{manifest['kind']} is invalid: spec.template.spec.affinity: bad"})
+        raise error
 
 
 MODEL_BODY = {
@@ -419,7 +423,7 @@ def test_zero_replicas_is_not_loading() -> None:
     assert phase_for(states) == "Idle"
 
 
-class NoScaleToZeroKube:
+class NoScaleToZeroKube(EmptyNamespaceKube):
     """An API server before Kubernetes 1.37: it refuses an HPA with minReplicas 0, as 1.36 does.
 
     A fake because the local cluster runs 1.37, where the HPAScaleToZero feature is on.
@@ -443,15 +447,6 @@ class NoScaleToZeroKube:
         if manifest["kind"] == "Job":
             return {**manifest, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
         return manifest
-
-    def get(self, *_: object) -> None:
-        return None
-
-    def list(self, *_: object) -> list[object]:
-        return []
-
-    def delete(self, *_: object) -> bool:
-        return False
 
 
 def test_an_api_server_without_scale_to_zero_keeps_one_replica_and_says_why() -> None:
