@@ -72,6 +72,11 @@ BASELINE_RESOURCES = {
     ("selfsubjectreviews.authentication.k8s.io", "create"),
     ("selfsubjectaccessreviews.authorization.k8s.io", "create"),
     ("selfsubjectrulesreviews.authorization.k8s.io", "create"),
+    # Kubernetes 1.37 turns ClusterTrustBundles on and binds system:cluster-trust-bundle-discovery to
+    # every authenticated user: public CA certificates, read-only.
+    ("clustertrustbundles.certificates.k8s.io", "get"),
+    ("clustertrustbundles.certificates.k8s.io", "list"),
+    ("clustertrustbundles.certificates.k8s.io", "watch"),
 }
 
 
