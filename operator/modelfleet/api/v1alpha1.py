@@ -419,7 +419,13 @@ class Serving(Model):
         64, ge=0, le=100000, description="Requests that may wait; beyond this the router answers 429."
     )
     request_timeout_seconds: int = Field(
-        300, ge=1, le=86400, description="Deadline of one request, queue wait included."
+        300,
+        ge=1,
+        le=86400,
+        description=(
+            "Longest time a request waits in the router's queue for a slot (then 504 queue_timeout); "
+            "the generation itself is bounded by the router's upstream timeouts."
+        ),
     )
     cache: ResponseCache | None = Field(None, description="Response cache settings.")
     rate_limit: RateLimit | None = Field(None, description="Rate limits per API key.")
