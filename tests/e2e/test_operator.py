@@ -184,6 +184,51 @@ def test_drift_is_corrected_and_deleted_children_come_back(
              what="the deleted Service to be recreated", timeout=20)  # fmt: skip
 
 
+def test_a_new_model_or_image_gets_a_new_prefetch_job_and_the_old_one_is_deleted(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    namespace: str,
+) -> None:
+    apply_sample_and_wait_ready(cluster, namespace, "ollama-gpu.yaml", "llama3-2-1b")
+    batch, apps = client.BatchV1Api(cluster.api), client.AppsV1Api(cluster.api)
+    selector = "modelfleet.io/model=llama3-2-1b,app.kubernetes.io/component=model-prefetch"
+
+    def jobs() -> list[client.V1Job]:
+        found: list[client.V1Job] = batch.list_namespaced_job(namespace, label_selector=selector).items
+        return found
+
+    def serving(model: str, image: str) -> bool:
+        template = apps.read_namespaced_deployment("im-llama3-2-1b", namespace).spec.template
+        served = (template.metadata.annotations or {}).get("modelfleet.io/served-model")
+        return template.spec.containers[0].image == image and served == model
+
+    (first,) = jobs()
+    default_image = first.spec.template.spec.containers[0].image
+    changes = [
+        ({"model": "llama3.2:3b"}, "llama3.2:3b", default_image),
+        ({"image": "docker.io/ollama/ollama:0.17.5"}, "llama3.2:3b", "docker.io/ollama/ollama:0.17.5"),
+    ]
+    names = [first.metadata.name]
+    for change, model, image in changes:
+        custom(cluster).patch_namespaced_custom_object(
+            v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, "llama3-2-1b", {"spec": change}
+        )
+
+        def replaced() -> bool:
+            current = jobs()
+            return len(current) == 1 and current[0].metadata.name not in names
+
+        wait_for(replaced, what=f"one new prefetch Job, and no other, after {change}", timeout=60)
+        (job,) = jobs()
+        container = job.spec.template.spec.containers[0]
+        assert job.metadata.annotations["modelfleet.io/prefetch-model"] == model
+        assert container.image == image
+        names.append(job.metadata.name)
+        # The pods roll to it once the new Job has completed (kwok completes Jobs).
+        wait_for(lambda: serving(model, image), what=f"the Deployment to serve {model} with {image}", timeout=60)  # noqa: B023
+    assert len(set(names)) == 3, names
+
+
 def test_scale_subresource_and_deletion_of_all_children(
     cluster: Cluster,
     operator: OperatorProcess,

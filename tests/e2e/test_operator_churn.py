@@ -125,7 +125,7 @@ def divergence(cluster: Cluster, namespace: str, churn: Churn) -> list[str]:
                     problems.append(f"deployment/{child.metadata.name} is stale: {requested}/{child.spec.replicas}, "
                                     f"want {cpu}/{replicas}")  # fmt: skip
         for name in models:
-            expected = {0, 1} if kind == "job" else {1}  # the prefetch Job may be gone once done
+            expected = {1}  # the prefetch Job stays: a completed one means "the weights are on this volume"
             if owners[name] not in expected:
                 problems.append(f"{name} has {owners[name]} {kind}s")
     return problems

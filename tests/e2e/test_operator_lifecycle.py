@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import signal
-import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
 
 from modelfleet.api import v1alpha1
 from tests.e2e.conftest import Cluster, start_operator, wait_for
@@ -48,6 +49,22 @@ def resource_versions(cluster: Cluster, namespace: str) -> dict[str, str]:
     return versions
 
 
+def operator_metric(metrics_url: str, sample_name: str, **labels: str) -> float:
+    """One of the live operator's counters (summed over other labels); a dead operator raises instead."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def reconciles(metrics_url: str, trigger: str) -> float:
+    return operator_metric(metrics_url, "modelfleet_operator_reconciles_total", trigger=trigger)
+
+
 def all_ready(cluster: Cluster, namespace: str, names: list[str]) -> bool:
     api = client.CustomObjectsApi(cluster.api)
     for name in names:
@@ -58,12 +75,12 @@ def all_ready(cluster: Cluster, namespace: str, names: list[str]) -> bool:
     return True
 
 
-def test_steady_state_makes_no_writes_for_60_seconds(
+def test_steady_state_reconciles_and_writes_nothing(
     cluster: Cluster, inferencemodel_crd: str, namespace: str, tmp_path: Path, record_property: pytest.RecordProperty
 ) -> None:
     names = ["quiet-a", "quiet-b"]
     servers = start_operator(cluster, tmp_path, resync_seconds=5)
-    next(servers)
+    operator = next(servers)
     try:
         api = client.CustomObjectsApi(cluster.api)
         for name in names:
@@ -71,14 +88,31 @@ def test_steady_state_makes_no_writes_for_60_seconds(
                 v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, model(name)
             )
         wait_for(lambda: all_ready(cluster, namespace, names), what="both models Ready and stable", timeout=90)
-        time.sleep(6)  # let the last status patch and the child events it caused settle
+        # Let the last status patch and the child events it caused settle: two full resyncs of both
+        # models after Ready.
+        settled = reconciles(operator.metrics_url, "resync") + 2 * len(names)
+        wait_for(lambda: reconciles(operator.metrics_url, "resync") >= settled, what="the models to settle",
+                 timeout=60)  # fmt: skip
         before = resource_versions(cluster, namespace)
-        time.sleep(60)  # 12 resync periods of the operator
+        resyncs_before = reconciles(operator.metrics_url, "resync")
+        failures_before = operator_metric(operator.metrics_url, "modelfleet_operator_reconcile_errors_total")
+        # Quiet must mean "reconciled and found nothing to change", not "did nothing": wait for
+        # ten more resyncs of each model (the counter is read from the live operator, so a dead or
+        # stuck operator fails here rather than passing as quiet).
+        wanted = resyncs_before + 10 * len(names)
+        wait_for(lambda: reconciles(operator.metrics_url, "resync") >= wanted,
+                 what=f"{10 * len(names)} resync reconciles", timeout=180)  # fmt: skip
         after = resource_versions(cluster, namespace)
+        resyncs = reconciles(operator.metrics_url, "resync") - resyncs_before
+        failures = operator_metric(operator.metrics_url, "modelfleet_operator_reconcile_errors_total") - failures_before
+        assert operator.process.process.poll() is None, "the operator exited"
     finally:
         servers.close()
     changed = sorted(key for key in before if after.get(key) != before[key])
-    record_property("steady_state_writes_in_60s", len(changed))
+    record_property("steady_state_resync_reconciles", resyncs)
+    record_property("steady_state_writes", len(changed))
+    assert resyncs >= 10 * len(names)
+    assert failures == 0, "a reconcile that fails writes nothing, but is not quiet"
     assert len(before) == 4 * len(names) + len(names)
     assert changed == [], f"objects written in steady state: {changed}"
 

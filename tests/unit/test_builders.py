@@ -91,7 +91,13 @@ def test_hpa_owns_replicas_when_autoscaling(context: ModelContext) -> None:
         else:
             assert metric["type"] == "Pods"
             assert metric["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
-        assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+        scale_down = hpa["spec"]["behavior"]["scaleDown"]
+        assert scale_down["stabilizationWindowSeconds"] == context.autoscaling.scale_down_stabilization_seconds
+        tuned = context.spec.model_copy(update={"autoscaling": context.autoscaling.model_copy(
+            update={"scale_down_stabilization_seconds": 42})})  # fmt: skip
+        tuned_hpa = autoscaling.build_hpa(dataclasses.replace(context, spec=tuned))
+        assert tuned_hpa is not None
+        assert tuned_hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 42
     else:
         assert deployment["spec"]["replicas"] == context.spec.replicas
         assert hpa is None
@@ -139,8 +145,8 @@ def test_prefetch_job_fetches_on_the_serving_nodes_without_a_gpu(context: ModelC
     assert pod.get("nodeSelector") == serving_pod.get("nodeSelector")
     assert pod.get("tolerations") == serving_pod.get("tolerations")
     assert "limits" not in pod["containers"][0]["resources"]
-    assert job["spec"]["backoffLimit"] > 0
-    assert job["spec"]["activeDeadlineSeconds"] > 0
+    # The Job fetches with the serving image: the same Ollama writes the layout the pods will read.
+    assert pod["containers"][0]["image"] == serving_pod["containers"][0]["image"] == context.image
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert env["MODELFLEET_MODEL"] == context.spec.model
     mount = pod["containers"][0]["volumeMounts"][0]
@@ -148,11 +154,15 @@ def test_prefetch_job_fetches_on_the_serving_nodes_without_a_gpu(context: ModelC
 
 
 def test_runtime_specific_arguments(context: ModelContext) -> None:
-    container = workload.build_deployment(context)["spec"]["template"]["spec"]["containers"][0]
+    # The operator's configured image for the runtime (its settings), not a default baked in here.
+    images = RuntimeImages(ollama="registry.local/ollama:test", vllm="registry.local/vllm:test")
+    container = workload.build_deployment(dataclasses.replace(context, images=images))["spec"]["template"]["spec"][
+        "containers"
+    ][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["EXTRA"] == "1"
+    assert container["image"] == (images.ollama if context.runtime == "ollama" else images.vllm)
     if context.runtime == "ollama":
-        assert container["image"] == "docker.io/ollama/ollama:0.17.4"
         assert container["args"] == ["serve"]
         assert env["OLLAMA_NUM_PARALLEL"] == "6"
         assert env["OLLAMA_KEEP_ALIVE"] == "-1"
