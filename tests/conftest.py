@@ -26,6 +26,34 @@ import yaml
 from hack import ollama_model
 from tests.support.procs import LOOPBACK, RunningProcess, free_port, running_process, wait_until
 
+HARNESS_ITEMS = pytest.StashKey[set[str]]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    config.stash[HARNESS_ITEMS] = {item.nodeid for item in items if item.get_closest_marker("harness")}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """Checks of the test environment itself are counted apart: they pass whatever ModelFleet does."""
+    harness = config.stash.get(HARNESS_ITEMS, set())
+    counts: dict[bool, dict[str, int]] = {True: {}, False: {}}
+    for outcome in ("passed", "failed", "error", "skipped", "xfailed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, "when", "call") not in ("call", "setup") or not hasattr(report, "nodeid"):
+                continue
+            if outcome == "passed" and report.when != "call":
+                continue
+            group = counts[report.nodeid in harness]
+            group[outcome] = group.get(outcome, 0) + 1
+
+    def said(group: dict[str, int]) -> str:
+        return ", ".join(f"{n} {outcome}" for outcome, n in group.items()) or "none run"
+
+    terminalreporter.write_sep("-", "ModelFleet tests and harness checks")
+    terminalreporter.write_line(f"tests of ModelFleet: {said(counts[False])}")
+    terminalreporter.write_line(f"harness checks (Redis, Prometheus, promtool, kwok, the real node, Ollama): "
+                                f"{said(counts[True])}")  # fmt: skip
+
 
 def require_binary(name: str, install_hint: str) -> str:
     path = shutil.which(name)

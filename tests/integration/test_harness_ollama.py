@@ -14,7 +14,7 @@ from hack import ollama_model
 from hack.build_tools import amx_instruction_count
 from tests.conftest import OllamaServer, start_ollama
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.harness]
 
 CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 

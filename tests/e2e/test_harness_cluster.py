@@ -11,7 +11,7 @@ from kubernetes.client.rest import ApiException
 
 from tests.e2e.conftest import Cluster, client_with_token, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.harness]
 
 GPU_TOLERATION = client.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
 

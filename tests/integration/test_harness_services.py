@@ -15,7 +15,7 @@ import redis
 from tests.conftest import PrometheusServer, RedisServer
 from tests.support.procs import wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.harness]
 
 
 def test_redis_fixture_serves_commands_from_its_own_directory(redis_server: RedisServer) -> None:
