@@ -7,8 +7,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import OllamaServer, RouterServer, hashed_key, running_router, write_keys_file
+from tests.support.procs import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -100,3 +102,46 @@ def test_anonymous_clients_are_limited_by_address(ollama_server: OllamaServer, t
     with running_router(tmp_path, models, rate_limit_requests_per_minute="2") as router:
         # Any key is ignored while auth is off: the budget belongs to the client address.
         assert [ask(router, key).status_code for key in ("k1", "k2", "k3")] == [200, 200, 429]
+
+
+def project_secret(volume: Path, revision: str, entries: list[dict[str, object]] | str) -> Path:
+    """Write keys.yaml into `volume` as the kubelet updates a mounted Secret: the new content in a
+    fresh timestamped directory, then the `..data` symlink swapped to it in one rename."""
+    version = volume / f"..{revision}"
+    version.mkdir()
+    text = entries if isinstance(entries, str) else yaml.safe_dump({"keys": entries})
+    (version / "keys.yaml").write_text(text)
+    swap = volume / "..data_tmp"
+    swap.symlink_to(version.name)
+    swap.replace(volume / "..data")
+    visible = volume / "keys.yaml"
+    if not visible.is_symlink():
+        visible.symlink_to("..data/keys.yaml")
+    return visible
+
+
+def test_the_keys_file_is_reloaded_when_the_mounted_secret_changes(ollama_server: OllamaServer, tmp_path: Path) -> None:
+    volume = tmp_path / "api-keys"
+    volume.mkdir()
+    keys_file = project_secret(volume, "2026_01_01_00_00_00.1", [hashed_key("old", "key-old")])
+    models: list[dict[str, object]] = [{"name": ollama_server.model, "url": ollama_server.base_url}]
+
+    def statuses(router: RouterServer) -> tuple[int, int]:
+        listed = [
+            httpx.get(f"{router.openai_base_url}/models", headers={"authorization": f"Bearer {key}"}, timeout=10)
+            for key in ("key-old", "key-new")
+        ]
+        return listed[0].status_code, listed[1].status_code
+
+    with running_router(tmp_path / "router", models, auth_required="true", api_keys_file=str(keys_file)) as router:
+        assert statuses(router) == (200, 401)
+        # The key is rotated: the new one is admitted and the old one refused, without a restart.
+        project_secret(volume, "2026_01_01_00_01_00.2", [hashed_key("new", "key-new")])
+        wait_until(lambda: statuses(router) == (401, 200), timeout=60, interval=0.5)
+        # A broken update keeps the keys that work rather than locking every client out.
+        project_secret(volume, "2026_01_01_00_02_00.3", "keys: [{name: broken")
+        # (the router reads the file again on a request, at most every few seconds)
+        wait_until(lambda: statuses(router) == (401, 200) and "cannot reload the API key file"
+                   in router.process.log_path.read_text(), timeout=60, interval=0.5)  # fmt: skip
+        assert statuses(router) == (401, 200)
+        assert router.process.process.poll() is None

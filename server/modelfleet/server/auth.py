@@ -115,7 +115,9 @@ class KeyRing:
         try:
             if self.path.stat().st_mtime != self._mtime:
                 self._load()
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            # A half-written or mistyped Secret must not lock every client out (nor answer 500s):
+            # the keys that worked keep working, and the next change is tried again.
             logger.error("cannot reload the API key file, keeping the previous keys: %s", exc)
 
     def lookup(self, key: str) -> KeyEntry | None:
