@@ -163,6 +163,18 @@ def prometheus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prom
         yield PrometheusServer(port=port, process=process, config_path=config_path)
 
 
+GO_DURATION_PART = re.compile(r"([0-9.]+)(h|ms|m|s|µs|ns)")
+GO_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "µs": 1e-6, "ns": 1e-9}
+
+
+def go_duration_seconds(text: str) -> float:
+    """A Go time.Duration as Go prints it (GIN's access log): "126.5µs", "13.4s", "4m9s", "1h2m3.5s"."""
+    parts = GO_DURATION_PART.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise ValueError(f"not a Go duration: {text!r}")
+    return sum(float(number) * GO_DURATION_UNITS[unit] for number, unit in parts)
+
+
 @dataclass
 class OllamaServer:
     base_url: str
@@ -174,19 +186,41 @@ class OllamaServer:
     def openai_base_url(self) -> str:
         return f"{self.base_url}/v1"
 
-    def finished_chat_durations(self) -> list[float]:
-        """Durations of the /v1/chat/completions requests Ollama has finished, from its access log.
+    def finished_chat_requests(self) -> list[tuple[int, float]]:
+        """(status, seconds) of each /v1/chat/completions request Ollama has finished, from its access log.
 
         Each backend call adds one line when its handler returns, so the count proves how many
-        generations ran and the duration shows when a cancelled one stopped.
+        generations ran. The status says how each ended: a non-streamed generation whose client
+        went away ends with "context canceled", which Ollama answers (to nobody) with a 500; one
+        that ran to its end answers 200.
         """
-        durations = []
+        finished = []
         for line in self.process.log_path.read_text(errors="replace").splitlines():
             if line.startswith("[GIN]") and '"/v1/chat/completions"' in line:
-                match = re.search(r"\|\s*([0-9.]+)(ms|s|µs)\s*\|", line)
+                match = re.search(r"\|\s*(\d{3})\s*\|\s*(\S+)\s*\|", line)
                 if match:
-                    durations.append(float(match.group(1)) * {"s": 1.0, "ms": 1e-3, "µs": 1e-6}[match.group(2)])
-        return durations
+                    finished.append((int(match.group(1)), go_duration_seconds(match.group(2))))
+        return finished
+
+    def generation_seconds(self, messages: list[dict[str, str]], tokens: int) -> float:
+        """Ollama's own wall time for a chat of exactly `tokens` generated tokens, on this machine now.
+
+        A yardstick measured in the same run, so that "stopped early" needs no guess about how fast
+        the machine is.
+        """
+        body = {"model": self.model, "messages": messages, "stream": False,
+                "options": {"num_predict": tokens, "temperature": 0}}  # fmt: skip
+        request = urllib.request.Request(
+            f"{self.base_url}/api/chat", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=300) as response:
+            answer = json.load(response)
+        assert answer["eval_count"] == tokens, f"the prompt ended after {answer['eval_count']} of {tokens} tokens"
+        return float(answer["total_duration"]) / 1e9
+
+    def finished_chat_durations(self) -> list[float]:
+        """Durations of the /v1/chat/completions requests Ollama has finished (see finished_chat_requests)."""
+        return [seconds for _, seconds in self.finished_chat_requests()]
 
 
 def expect_chat_calls(ollama: OllamaServer, expected: int) -> None:
