@@ -79,6 +79,9 @@ class GoTool:
     # Build in a wrapper module even without local replacements: `go install pkg@version` also reads
     # the module's version list (for deprecations), which the module proxy refuses for some modules.
     wrapped: bool = False
+    # Build inside a copy of the module itself: its go.mod replaces dependencies with forks (and with
+    # directories of its own), which `go install` refuses and a wrapper module would drop.
+    in_module: bool = False
     tags: tuple[str, ...] = ()
 
     @property
@@ -272,6 +275,25 @@ def tool_catalog(versions: dict[str, str]) -> dict[str, Tool]:
             # The proxy serves v0.12.0 but refuses the module's version list.
             wrapped=True,
         ),
+        # Enforces NetworkPolicies on the real node (firewall-only mode: iptables and ipsets).
+        GoTool(
+            name="kube-router",
+            module="github.com/cloudnativelabs/kube-router/v2",
+            version=versions["KUBE_ROUTER_VERSION"],
+            package="github.com/cloudnativelabs/kube-router/v2/cmd/kube-router",
+            ldflags=(
+                "-X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=" + versions["KUBE_ROUTER_VERSION"],
+            ),
+        ),
+        # The local cluster's ingress controller (hack/ingress.sh): SSE through a real Ingress.
+        GoTool(
+            name="traefik",
+            module="github.com/traefik/traefik/v3",
+            version=versions["TRAEFIK_VERSION"],
+            package="github.com/traefik/traefik/v3/cmd/traefik",
+            ldflags=(f"-X github.com/traefik/traefik/v3/pkg/version.Version={versions['TRAEFIK_VERSION']}",),
+            in_module=True,
+        ),
         GoTool(name="kind", module="sigs.k8s.io/kind", version=kind, package="sigs.k8s.io/kind"),
     ]
     ollama = OllamaTool(version=versions["OLLAMA_VERSION"], miniaudio_version=versions["MINIAUDIO_PYPI_VERSION"])
@@ -370,7 +392,19 @@ def build_tool(tool: GoTool, dest: Path) -> None:
     tags = [f"-tags={','.join(tool.tags)}"] if tool.tags else []
     with tempfile.TemporaryDirectory(prefix=f"modelfleet-build-{tool.name}-") as tmp:
         work = Path(tmp)
-        if tool.sibling_version is None and not tool.wrapped:
+        if tool.in_module:
+            source = work / "src"
+            shutil.copytree(module_download(tool.module, tool.version, work)["Dir"], source)
+            for path in (source, *source.rglob("*")):  # the module cache is read-only
+                path.chmod(path.stat().st_mode | 0o200)
+            built = work / tool.name
+            package = "./" + tool.package.removeprefix(tool.module).lstrip("/")
+            run_go(
+                ["build", "-trimpath", f"-ldflags={ldflags}", *tags, "-o", str(built), package],
+                source,
+                f"{tool.name}@{tool.version}",
+            )
+        elif tool.sibling_version is None and not tool.wrapped:
             gobin = work / "bin"
             run_go(
                 ["install", "-trimpath", f"-ldflags={ldflags}", *tags, f"{tool.package}@{tool.version}"],

@@ -38,7 +38,7 @@ def test_versions_file_has_every_tool_version(tmp_path: Path) -> None:
     catalog = build_tools.tool_catalog(versions)
     kubernetes = {"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet", "kube-proxy"}
     others = {"etcd", "kwok", "kwokctl", "helm", "helm4", "coredns", "kind", "ollama", "prometheus-operator-crds"}
-    real_node = {"registry", "local-path-provisioner", "prometheus", "prometheus-adapter"}
+    real_node = {"registry", "local-path-provisioner", "prometheus", "prometheus-adapter", "kube-router", "traefik"}
     assert set(catalog) == kubernetes | others | real_node
     # hack/node.sh starts both on every `up`: `make tools` (no arguments) must build them.
     assert not real_node & build_tools.OPTIONAL_TOOLS
