@@ -2,8 +2,9 @@
 # The local Kubernetes of ModelFleet: kwokctl's binary runtime (etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler and kwok, all as local processes, no Docker),
 # with two fake GPU nodes and one fake CPU node for scheduling and scale, and one real node
-# (hack/node.sh: containerd, kubelet, kube-proxy, CoreDNS) whose pods really run, and the metrics
-# pipeline of the HPAs (hack/monitoring.sh: Prometheus, prometheus-adapter as external.metrics.k8s.io).
+# (hack/node.sh: containerd, kubelet, kube-proxy, kube-router enforcing NetworkPolicies, CoreDNS)
+# whose pods really run, the metrics pipeline of the HPAs (hack/monitoring.sh: Prometheus,
+# prometheus-adapter as external.metrics.k8s.io), and an ingress controller (hack/ingress.sh: Traefik).
 #
 #   hack/cluster.sh up       create it, or return at once if it is already running
 #   hack/cluster.sh down     stop every process it started and delete its state
@@ -72,10 +73,11 @@ up() {
     log "$cluster_name is already running ($(sed -n 's/^SERVER=//p' "$identity_file"))"
     "$repo_root/hack/node.sh" status 2>/dev/null || "$repo_root/hack/node.sh" up
     "$repo_root/hack/monitoring.sh" status 2>/dev/null || "$repo_root/hack/monitoring.sh" start
+    "$repo_root/hack/ingress.sh" status 2>/dev/null || "$repo_root/hack/ingress.sh" start
     return 0
   fi
   python3 "$repo_root/hack/build_tools.py" etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwokctl \
-    kubelet kube-proxy coredns registry local-path-provisioner prometheus prometheus-adapter
+    kubelet kube-proxy kube-router coredns registry local-path-provisioner prometheus prometheus-adapter traefik
   "$repo_root/hack/node.sh" down 2>/dev/null || true
   remove_stale
   mkdir -p "$cache_dir"
@@ -116,11 +118,13 @@ up() {
   } >"$identity_file"
   "$repo_root/hack/node.sh" up
   "$repo_root/hack/monitoring.sh" start
+  "$repo_root/hack/ingress.sh" start
   log "$cluster_name is up in $((SECONDS - started))s; kubeconfig: $kubeconfig"
   kubectl_ get nodes -o custom-columns='NAME:.metadata.name,STATUS:.status.conditions[?(@.type=="Ready")].status,RUNTIME:.status.nodeInfo.containerRuntimeVersion,GPU:.status.allocatable.nvidia\.com/gpu,CPU:.status.allocatable.cpu,MEMORY:.status.allocatable.memory' >&2
 }
 
 down() {
+  "$repo_root/hack/ingress.sh" stop || true
   "$repo_root/hack/monitoring.sh" stop || true
   # The real node first, while the API server can still delete its pods.
   "$repo_root/hack/node.sh" down || true
@@ -138,7 +142,8 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status)
-    if is_healthy && "$repo_root/hack/node.sh" status 2>/dev/null && "$repo_root/hack/monitoring.sh" status 2>/dev/null; then log "$cluster_name is running"; else
+    if is_healthy && "$repo_root/hack/node.sh" status 2>/dev/null && "$repo_root/hack/monitoring.sh" status 2>/dev/null &&
+      "$repo_root/hack/ingress.sh" status 2>/dev/null; then log "$cluster_name is running"; else
       log "$cluster_name is not running"
       exit 1
     fi

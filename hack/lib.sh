@@ -1,4 +1,5 @@
-# Host processes of the local cluster, shared by hack/node.sh, hack/registry.sh and hack/monitoring.sh.
+# Host processes of the local cluster, shared by hack/node.sh, hack/registry.sh, hack/monitoring.sh
+# and hack/ingress.sh.
 # Each process runs in its own session with a pid file and a log in $state_dir (which the sourcing
 # script sets, with its own die()), and is stopped by that pid.
 # shellcheck shell=bash

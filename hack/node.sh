@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The real node of the local cluster: containerd + runc, the CNI bridge, kubelet, kube-proxy and
-# CoreDNS as local processes, joined to the kwokctl control plane beside the fake kwok nodes.
+# The real node of the local cluster: containerd + runc, the CNI bridge, kubelet, kube-proxy,
+# kube-router (NetworkPolicies) and CoreDNS as local processes, joined to the kwokctl control plane
+# beside the fake kwok nodes.
 # Its pods are real containers in network namespaces on this machine.
 #
 #   hack/node.sh up        start it (the control plane must be up: hack/cluster.sh up calls this)
@@ -74,11 +75,21 @@ claim_machine() {
   echo "$repo_root" >"$owner_file"
 }
 
+# A config file, replaced only when its content changes, and then in one rename: kube-proxy exits
+# when it sees its file change, and `cat >` would show it an empty file for a moment even when
+# `up` runs again with the same content.
+write_config() {
+  local path=$1 new
+  new=$(mktemp "$path.XXXXXX")
+  cat >"$new"
+  if cmp -s "$new" "$path"; then rm -f "$new"; else mv "$new" "$path"; fi
+}
+
 write_configs() {
   mkdir -p "$node_dir/cni/net.d" "$node_dir/containerd" "$node_dir/kubelet" "$run_dir"
   # containerd 1.6 (Debian) with runc. restrict_oom_score_adj: this machine lacks CAP_SYS_RESOURCE,
   # so runc must not raise a container's oom_score_adj above its own (the sandbox failed without it).
-  cat >"$node_dir/containerd/config.toml" <<EOF
+  write_config "$node_dir/containerd/config.toml" <<EOF
 version = 2
 root = "$node_dir/containerd/root"
 state = "$run_dir/containerd"
@@ -102,7 +113,7 @@ state = "$run_dir/containerd"
     bin_dir = "$cni_bin_dir"
     conf_dir = "$node_dir/cni/net.d"
 EOF
-  cat >"$node_dir/cni/net.d/10-modelfleet.conflist" <<EOF
+  write_config "$node_dir/cni/net.d/10-modelfleet.conflist" <<EOF
 {
   "cniVersion": "1.0.0",
   "name": "modelfleet",
@@ -131,7 +142,7 @@ EOF
   mkdir -p "$local_path_dir"
   printf '{"nodePathMap": [{"node": "%s", "paths": ["%s"]}]}\n' "$node_name" "$local_path_dir" \
     >"$node_dir/local-path-provisioner.json"
-  cat >"$node_dir/kubelet.yaml" <<EOF
+  write_config "$node_dir/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: $bridge_address
@@ -163,7 +174,7 @@ evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available:
 serializeImagePulls: false
 maxPods: 110
 EOF
-  cat >"$node_dir/kube-proxy.yaml" <<EOF
+  write_config "$node_dir/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 mode: nftables
@@ -178,7 +189,7 @@ nodePortAddresses: ["$bridge_address/32"]
 # Leave the machine's conntrack sysctls alone (this machine cannot raise every limit).
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s, udpTimeout: 0s, udpStreamTimeout: 0s}
 EOF
-  cat >"$node_dir/Corefile" <<EOF
+  write_config "$node_dir/Corefile" <<EOF
 .:53 {
     bind $bridge_address
     errors
@@ -223,8 +234,8 @@ up() {
   [[ $EUID -eq 0 ]] || die "the real node needs root (network namespaces, mounts, cgroups)"
   [[ -f "$kubeconfig" ]] || die "the control plane is not up (hack/cluster.sh up)"
   local started=$SECONDS
-  python3 "$repo_root/hack/build_tools.py" kubelet kube-proxy coredns registry local-path-provisioner >/dev/null
-  for tool in containerd runc ctr nft socat buildah gcc; do
+  python3 "$repo_root/hack/build_tools.py" kubelet kube-proxy kube-router coredns registry local-path-provisioner >/dev/null
+  for tool in containerd runc ctr nft iptables ipset socat buildah gcc; do
     command -v "$tool" >/dev/null || die "$tool is missing (make install-system)"
   done
   mkdir -p "$node_dir"
@@ -244,6 +255,16 @@ up() {
     --hostname-override "$node_name" --node-ip "$bridge_address" --root-dir "$node_dir/kubelet" \
     --cert-dir "$node_dir/kubelet-pki" --node-labels "$real_node_label=true"
   start_process kube-proxy "$bin_dir/kube-proxy" --config "$node_dir/kube-proxy.yaml"
+  # NetworkPolicies are enforced, as Calico or Cilium would enforce them: kube-router in
+  # firewall-only mode turns the policies selecting this node's pods into iptables rules and
+  # ipsets (bridged pod-to-pod traffic passes them: bridge-nf-call-iptables). As in any such
+  # cluster, traffic from the node itself (kubelet probes, NodePorts from the host) is admitted.
+  # Its health port would listen on every interface: off; readiness is its chains existing.
+  start_process kube-router "$bin_dir/kube-router" --kubeconfig "$kubeconfig" --hostname-override "$node_name" \
+    --run-firewall=true --run-router=false --run-service-proxy=false --run-loadbalancer=false \
+    --enable-ipv4=true --enable-ipv6=false --service-cluster-ip-range="$service_subnet" \
+    --health-port=0 --metrics-port=0 --iptables-sync-period=1m
+  wait_for "kube-router's NetworkPolicy chains" 60 iptables -S KUBE-ROUTER-FORWARD
   start_process coredns "$bin_dir/coredns" -conf "$node_dir/Corefile"
   wait_for "node $node_name Ready" 120 kubectl_ wait --for=condition=Ready "node/$node_name" --timeout=5s
   wait_for "CoreDNS ready" 60 curl -fsS "http://$bridge_address:$coredns_ready_port/ready"
@@ -255,6 +276,25 @@ up() {
     --config "$node_dir/local-path-provisioner.json" --namespace local-path-storage \
     --configmap-name local-path-config --service-account-name local-path-provisioner --helper-image "$helper_image"
   log "$node_name is Ready in $((SECONDS - started))s ($(kubectl_ get node "$node_name" -o jsonpath='{.status.nodeInfo.containerRuntimeVersion}'))"
+}
+
+# kube-router's rules outlive it, and its own --cleanup-config would also flush the machine's IPVS
+# services: remove exactly its jumps (commented "kube-router netpol"), its chains and its ipsets.
+kube_router_cleanup() {
+  local hook rule chain set
+  for hook in INPUT FORWARD OUTPUT; do
+    { iptables -S "$hook" 2>/dev/null | grep -F 'kube-router netpol' || true; } | while read -r rule; do
+      eval "iptables ${rule/#-A/-D}" 2>/dev/null || true
+    done
+  done
+  # Policy and pod chains jump to each other: flush them all, then delete them.
+  local chains
+  chains=$({ iptables -S 2>/dev/null | awk '$1 == "-N" {print $2}' | grep -E '^KUBE-(ROUTER|POD-FW|NWPLCY)-' || true; })
+  for chain in $chains; do iptables -F "$chain" 2>/dev/null || true; done
+  for chain in $chains; do iptables -X "$chain" 2>/dev/null || true; done
+  for set in $({ ipset list -n 2>/dev/null | grep -E '^KUBE-(SRC|DST)-' || true; }); do
+    ipset destroy "$set" 2>/dev/null || true
+  done
 }
 
 # Remove what the node leaves in the machine: mounts, rules, the bridge, IPAM state and cgroups.
@@ -274,6 +314,7 @@ down_machine_state() {
   # (podman's, say) are left alone: only rules commented with this network's name are removed.
   nft delete table ip kube-proxy 2>/dev/null || true
   nft delete table ip6 kube-proxy 2>/dev/null || true
+  kube_router_cleanup
   local rule chain
   { iptables -t nat -S POSTROUTING 2>/dev/null | grep -F 'name: \"modelfleet\"' || true; } | while read -r rule; do
     chain=${rule##*-j }
@@ -316,6 +357,7 @@ down() {
     kubectl_ -n local-path-storage delete pods --all --force --grace-period=0 >/dev/null 2>&1 || true
   fi
   stop_process coredns
+  stop_process kube-router
   stop_process kube-proxy
   stop_process kubelet
   stop_process apiserver-relay
@@ -344,7 +386,8 @@ down() {
 status() {
   pid_alive kubelet && kubectl_ get node "$node_name" \
     -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -qx True &&
-    pid_alive local-path-provisioner && "$repo_root/hack/registry.sh" status 2>/dev/null
+    pid_alive kube-proxy && pid_alive kube-router && pid_alive coredns && pid_alive local-path-provisioner &&
+    "$repo_root/hack/registry.sh" status 2>/dev/null
 }
 
 import_image() {
