@@ -19,6 +19,7 @@ from tests.support.cluster import BIN_DIR
 from tests.support.realnode import (
     BRIDGE_ADDRESS,
     CHART,
+    NETWORK,
     NODE_NAME,
     ROLLOUT,
     Release,
@@ -34,6 +35,7 @@ from tests.support.realnode import (
 pytestmark = [pytest.mark.e2e, pytest.mark.realnode]
 
 
+@pytest.mark.harness
 def test_the_real_node_runs_containerd_beside_the_kwok_nodes(cluster: Cluster, real_node: client.V1Node) -> None:
     nodes = client.CoreV1Api(cluster.api).list_node().items
     fake = {n.metadata.name for n in nodes if (n.metadata.annotations or {}).get("kwok.x-k8s.io/node") == "fake"}
@@ -71,6 +73,16 @@ def release(
     yield from installed_release(cluster, BIN_DIR / request.param, namespace_name_for(f"chart-{request.param}"))
 
 
+def helm_test(release: Release, cluster: Cluster) -> str:
+    """`helm test`; when it fails, the error carries the test pod's log (the pod stays until the next run)."""
+    try:
+        return release.run("test", release.name, "--timeout", f"{ROLLOUT}s")
+    except AssertionError as failure:
+        pod = f"{release.fullname}-test-health"
+        log = cluster.kubectl("-n", release.namespace, "logs", pod, check=False)
+        raise AssertionError(f"{failure}\n{pod} log:\n{log.stdout}{log.stderr}") from None
+
+
 def test_chart_pods_run_for_real_and_pass_helm_test(release: Release, cluster: Cluster) -> None:
     namespace = release.namespace
     operators, routers, redis = release.pods("operator"), release.pods("router"), release.pods("redis")
@@ -95,8 +107,20 @@ def test_chart_pods_run_for_real_and_pass_helm_test(release: Release, cluster: C
     assert sorted(peer["priority"] for peer in peers().values()) == [99, 100], peers()
 
     # The active operator reconciles a model in the watched namespace: its reachability probe of the
-    # endpoint (the router's own Service, by DNS name) runs from inside the cluster.
-    endpoint = f"http://{release.fullname}-router.{namespace}.svc"
+    # endpoint runs from inside the cluster, by a Service's DNS name. The Service has no selector: its
+    # EndpointSlice names a server outside the cluster's pods (the node's registry), as a Service in
+    # front of an external model server would. (Not the router's own Service: the router's
+    # NetworkPolicy, enforced on this node, admits only the ingress controller and Prometheus.)
+    core = client.CoreV1Api(cluster.api)
+    core.create_namespaced_service(
+        namespace,
+        {"metadata": {"name": "upstream"}, "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 5000}]}},
+    )
+    client.DiscoveryV1Api(cluster.api).create_namespaced_endpoint_slice(namespace, {
+        "metadata": {"name": "upstream-1", "labels": {"kubernetes.io/service-name": "upstream"}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": int(NETWORK["registry_port"])}],
+        "endpoints": [{"addresses": [BRIDGE_ADDRESS]}]})  # fmt: skip
+    endpoint = f"http://upstream.{namespace}.svc"
     model = {"apiVersion": "modelfleet.io/v1alpha1", "kind": "InferenceModel",
              "metadata": {"name": "echo", "namespace": namespace},
              "spec": {"model": "gemma3:270m", "endpoint": {"url": endpoint}}}  # fmt: skip
@@ -129,10 +153,36 @@ def test_chart_pods_run_for_real_and_pass_helm_test(release: Release, cluster: C
 
     wait_for(listed, "the router pods to list the model discovered in the cluster", timeout=60)
 
+    def probed_reachable() -> bool:
+        # Both routers' background probers have reached the model's endpoint (the NodePort spreads asks).
+        answers = [get_json(f"{url}/health", key) for _ in range(6)]
+        return all(body["backends"].get("echo", {}).get("reachable") is True for _, body in answers)
+
+    wait_for(probed_reachable, "the routers' probers to reach the model's endpoint", timeout=60)
+
     # `helm test`: a pod inside the cluster resolves the router's Service name and checks its health.
     # Its assertions (discovery synced, Redis reachable) fail the pod, and so `helm test`; the pod is
     # deleted once it succeeds (hook-succeeded), so there are no logs to read afterwards.
-    out = release.run("test", release.name, "--timeout", f"{ROLLOUT}s")
+    out = helm_test(release, cluster)
+    assert "Phase:          Succeeded" in out, out
+
+    # And it can fail: with Redis gone, the routers say so in /health, and `helm test` fails on it.
+    apps = client.AppsV1Api(cluster.api)
+    redis_name = f"{release.fullname}-redis"
+
+    def redis_seen(available: bool) -> bool:
+        # The NodePort spreads requests over both routers: ask until each has answered the same.
+        answers = [get_json(f"{url}/health", key) for _ in range(6)]
+        return all(status == 200 and body["redis"]["available"] is available for status, body in answers)
+
+    apps.patch_namespaced_deployment_scale(redis_name, namespace, {"spec": {"replicas": 0}})
+    wait_for(lambda: not release.pods("redis") and redis_seen(False), "the routers to lose Redis", timeout=ROLLOUT)
+    # (the pod's log ends with the failed assertion's value: body["redis"])
+    with pytest.raises(AssertionError, match=r"AssertionError: \{.available.: False\}"):
+        helm_test(release, cluster)
+    apps.patch_namespaced_deployment_scale(redis_name, namespace, {"spec": {"replicas": 1}})
+    wait_for(lambda: redis_seen(True), "the routers to reach Redis again", timeout=ROLLOUT)
+    out = helm_test(release, cluster)
     assert "Phase:          Succeeded" in out, out
 
 
