@@ -13,6 +13,7 @@ left, as a user's cluster would.
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,9 +50,13 @@ from tests.support.managed import (
     wait_ready,
 )
 from tests.support.realnode import (
+    BRIDGE_ADDRESS,
+    CHART,
+    NETWORK,
     NODE_NAME,
     ROLLOUT,
     Release,
+    api_key,
     installed_release,
 )
 
@@ -126,6 +131,165 @@ def test_a_managed_model_is_prefetched_served_and_streams_through_the_router(
     assert text.strip(), "an empty answer"
     REPORT["first streamed answer"] = text.strip()[:80]
     assert model["status"]["servedModel"] == MODEL
+
+
+# NetworkPolicies, with packets: kube-router enforces them on the real node (hack/node.sh) --------
+
+# Run inside a pod: "open" when a TCP connection to host:port succeeds within 3 s, else why not.
+CONNECT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()
+    print("open")
+except OSError as exc:
+    print("closed", type(exc).__name__)
+"""
+
+
+def client_pod(namespace: str, name: str, image: str, labels: dict[str, str]) -> dict[str, Any]:
+    """A pod on the real node that only waits, to open connections from (the router's image has Python)."""
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "nodeSelector": {"modelfleet.io/real-node": "true"},
+            "tolerations": [{"key": "modelfleet.io/real-node", "operator": "Exists", "effect": "NoSchedule"}],
+            "terminationGracePeriodSeconds": 0,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "client", "image": image, "imagePullPolicy": "Never",
+                "command": ["python", "-c", "import time; time.sleep(3600)"],
+                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+            }],
+        },
+    }  # fmt: skip
+
+
+def test_network_policies_drop_what_they_do_not_admit(stack: Release) -> None:
+    """The chart's and the operator's policies, enforced: from a pod of another namespace, nothing of
+    the release answers; the ingress controller's pods reach the router; the router reaches Redis and
+    the model's pod. Each refusal is paired with a pod that reaches the same address and port, so a
+    closed port is the policy's doing, not a server that is not listening."""
+    core = client.CoreV1Api(stack.cluster.api)
+    namespace = stack.namespace
+    (router, *_) = stack.pods("router")
+    (redis,) = stack.pods("redis")
+    (model,) = serving_pods(stack, "gemma")
+    image = router.spec.containers[0].image
+    services = {name: core.read_namespaced_service(name, namespace) for name in
+                (f"{stack.fullname}-router", f"{stack.fullname}-redis", "im-gemma")}  # fmt: skip
+    router_service, redis_service, model_service = services.values()
+    targets = {
+        "router Service": (router_service.spec.cluster_ip, router_service.spec.ports[0].port),
+        "router pod": (router.status.pod_ip, router.spec.containers[0].ports[0].container_port),
+        "Redis Service": (redis_service.spec.cluster_ip, redis_service.spec.ports[0].port),
+        "Redis pod": (redis.status.pod_ip, redis.spec.containers[0].ports[0].container_port),
+        "model Service": (model_service.spec.cluster_ip, model_service.spec.ports[0].port),
+        "model pod": (model.status.pod_ip, model.spec.containers[0].ports[0].container_port),
+    }
+
+    # An outsider: a pod of another namespace, with no label any policy admits. And a pod where the
+    # chart's default policy expects the ingress controller (namespace ingress-nginx, its pod label).
+    outside = f"{namespace}-outside"
+    created_ingress_namespace = "ingress-nginx" not in {n.metadata.name for n in core.list_namespace().items}
+    for name in (outside, "ingress-nginx") if created_ingress_namespace else (outside,):
+        core.create_namespace({"metadata": {"name": name, "labels": {"modelfleet.io/test": "networkpolicy"}}})
+    clients = {
+        "outsider": (outside, "outsider", {"app": "outsider"}),
+        "ingress controller": ("ingress-nginx", f"{namespace}-ingress", {"app.kubernetes.io/name": "ingress-nginx"}),
+    }
+    try:
+        for pod_namespace, name, labels in clients.values():
+            core.create_namespaced_pod(pod_namespace, client_pod(pod_namespace, name, image, labels))
+        for pod_namespace, name, _ in clients.values():
+            stack.cluster.kubectl("-n", pod_namespace, "wait", "--for=condition=Ready", f"pod/{name}", "--timeout=120s")
+
+        def from_pod(pod_namespace: str, pod: str, target: str) -> str:
+            host, port = targets[target] if target in targets else (target.split(":")[0], int(target.split(":")[1]))
+            return stack.cluster.kubectl("-n", pod_namespace, "exec", pod, "--", "python", "-c", CONNECT, host,
+                                         str(port)).stdout.strip()  # fmt: skip
+
+        def reaches(source: str, target: str) -> bool:
+            pod_namespace, pod = (namespace, router.metadata.name) if source == "router" else clients[source][:2]
+            return from_pod(pod_namespace, pod, target) == "open"
+
+        seen: dict[tuple[str, str], str] = {}
+
+        def expect(source: str, target: str, wanted: bool) -> None:
+            # kube-router applies a change within moments of the pod's or policy's event: poll, bounded.
+            outcome = "open" if wanted else "refused"
+            wait_for(lambda: reaches(source, target) is wanted, f"{source} -> {target} to be {outcome}",
+                     timeout=60, interval=2)  # fmt: skip
+            seen[(source, target)] = outcome
+
+        # The outsider's network works: it reaches the API server's Service, which no policy guards.
+        expect("outsider", "10.96.0.1:443", True)
+        for target in targets:
+            expect("outsider", target, False)
+        # The same addresses answer the pods the policies admit.
+        expect("ingress controller", "router Service", True)
+        expect("ingress controller", "router pod", True)
+        for target in ("Redis Service", "Redis pod", "model Service", "model pod"):
+            expect("ingress controller", target, False)
+            expect("router", target, True)
+        REPORT["NetworkPolicy checks (source -> target)"] = len(seen)
+    finally:
+        for pod_namespace, name, _ in clients.values():
+            core.delete_namespaced_pod(name, pod_namespace, grace_period_seconds=0)
+        core.delete_namespace(outside)
+        if created_ingress_namespace:
+            core.delete_namespace("ingress-nginx")
+
+
+def router_in_flight(stack: Release) -> float:
+    """Requests the router pods are running for the model now, read from each pod's /metrics."""
+    total = 0.0
+    for pod in stack.pods("router"):
+        port = pod.spec.containers[0].ports[0].container_port
+        with urllib.request.urlopen(f"http://{pod.status.pod_ip}:{port}/metrics", timeout=10) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith('modelfleet_in_flight_requests{model="gemma"'):
+                    total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_sse_streams_through_a_real_ingress(stack: Release) -> None:
+    """The chart's Ingress, served by a real controller (Traefik, hack/ingress.sh): the official SDK
+    streams through it, and each chunk arrives while the generation still runs, not buffered to the end."""
+    stack.run("upgrade", stack.name, str(CHART), "--reuse-values", "--set", "ingress.enabled=true",
+              "--set", "ingress.className=traefik", "--set", "ingress.host=modelfleet.local",
+              "--wait", "--timeout", f"{ROLLOUT}s")  # fmt: skip
+    sdk = openai.OpenAI(
+        base_url=f"http://{BRIDGE_ADDRESS}:{NETWORK['ingress_port']}/v1",
+        api_key=api_key(stack),
+        default_headers={"Host": "modelfleet.local"},
+        max_retries=0,
+        timeout=120,
+    )
+
+    def routed() -> bool:
+        return "gemma" in [model.id for model in sdk.models.list()]
+
+    wait_for(routed, "the ingress controller to route modelfleet.local to the router", timeout=120, interval=1)
+    stream = sdk.chat.completions.create(
+        model="gemma", messages=[{"role": "user", "content": "Tell a story about a lighthouse."}], max_tokens=48,
+        stream=True, extra_body={"use_cache": False},
+    )  # fmt: skip
+    contents: list[str] = []
+    running_at_first_chunk = None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            contents.append(chunk.choices[0].delta.content)
+            if running_at_first_chunk is None:
+                # The client holds a chunk while the router still runs the request: nothing waited
+                # for the end of the stream (a buffering proxy would deliver it all at once, after).
+                running_at_first_chunk = router_in_flight(stack)
+    assert len(contents) > 1, contents
+    assert running_at_first_chunk == 1, f"the router ran {running_at_first_chunk} requests at the first chunk"
+    wait_for(lambda: router_in_flight(stack) == 0, "the request to end in the router", timeout=30)
+    access_log = (Path(__file__).resolve().parents[2] / ".cache" / "ingress" / "traefik.log").read_text()
+    assert '"POST /v1/chat/completions HTTP/1.1" 200' in access_log, access_log[-2000:]
+    REPORT["streamed through the Ingress (chunks)"] = len(contents)
 
 
 def test_a_restart_a_second_replica_and_an_operator_restart_download_nothing(

@@ -1,9 +1,10 @@
 """NetworkPolicies: ingress -> router -> backends, and nothing else.
 
-kwok runs no CNI, so nothing here can prove that packets are dropped. What is proved instead: the
-chart's and the operator's policies are accepted and stored by the real API server, and their
-selectors, evaluated by the API server's own label selection against real pods and namespaces,
-admit exactly the intended sources to exactly the intended pods and ports.
+Here, on the kwok nodes, which run no network: the chart's and the operator's policies are
+accepted and stored by the real API server, and their selectors, evaluated by the API server's own
+label selection against real pods and namespaces, admit exactly the intended sources to exactly the
+intended pods and ports. That packets are dropped is proved on the real node, where kube-router
+enforces the policies (test_managed_models.py::test_network_policies_drop_what_they_do_not_admit).
 """
 
 from __future__ import annotations
