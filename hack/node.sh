@@ -255,18 +255,19 @@ up() {
     --hostname-override "$node_name" --node-ip "$bridge_address" --root-dir "$node_dir/kubelet" \
     --cert-dir "$node_dir/kubelet-pki" --node-labels "$real_node_label=true"
   start_process kube-proxy "$bin_dir/kube-proxy" --config "$node_dir/kube-proxy.yaml"
+  start_process coredns "$bin_dir/coredns" -conf "$node_dir/Corefile"
+  wait_for "node $node_name Ready" 120 kubectl_ wait --for=condition=Ready "node/$node_name" --timeout=5s
   # NetworkPolicies are enforced, as Calico or Cilium would enforce them: kube-router in
   # firewall-only mode turns the policies selecting this node's pods into iptables rules and
   # ipsets (bridged pod-to-pod traffic passes them: bridge-nf-call-iptables). As in any such
   # cluster, traffic from the node itself (kubelet probes, NodePorts from the host) is admitted.
-  # Its health port would listen on every interface: off; readiness is its chains existing.
+  # It finds its node by name, so it starts once the kubelet has registered the node. Its health
+  # port would listen on every interface: off; readiness is its chains existing.
   start_process kube-router "$bin_dir/kube-router" --kubeconfig "$kubeconfig" --hostname-override "$node_name" \
     --run-firewall=true --run-router=false --run-service-proxy=false --run-loadbalancer=false \
     --enable-ipv4=true --enable-ipv6=false --service-cluster-ip-range="$service_subnet" \
     --health-port=0 --metrics-port=0 --iptables-sync-period=1m
   wait_for "kube-router's NetworkPolicy chains" 60 iptables -S KUBE-ROUTER-FORWARD
-  start_process coredns "$bin_dir/coredns" -conf "$node_dir/Corefile"
-  wait_for "node $node_name Ready" 120 kubectl_ wait --for=condition=Ready "node/$node_name" --timeout=5s
   wait_for "CoreDNS ready" 60 curl -fsS "http://$bridge_address:$coredns_ready_port/ready"
   kubectl_ apply -f "$repo_root/hack/cluster/local-path.yaml" >/dev/null
   if ! ctr_ images ls -q | grep -qx "$helper_image"; then
