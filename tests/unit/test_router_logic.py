@@ -14,7 +14,8 @@ from starlette.requests import Request
 from modelfleet.server.api.compat import as_chat_request as generate_as_chat
 from modelfleet.server.api.responses import as_chat_request as responses_as_chat
 from modelfleet.server.auth import KeyRing
-from modelfleet.server.backends.ollama import native_request, usage_of
+from modelfleet.server.backends.ollama import native_request, openai_logprobs, openai_tool_calls, usage_of
+from modelfleet.server.cache import cache_key
 from modelfleet.server.errors import RouterError
 from modelfleet.server.lifecycle import Drain
 from modelfleet.server.metrics import RouterMetrics
@@ -228,3 +229,121 @@ def test_idle_replicas_take_turns() -> None:
         picks.append(picked)
         model.release_endpoint(picked)
     assert picks == ["http://r1", "http://r2", "http://r1", "http://r2"]
+
+
+# OpenAI fields the router does not act on: passed through, or mapped for Ollama's native API -------
+
+CHAT = {"model": "l", "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+
+
+def chat_body(**fields: Any) -> dict[str, Any]:
+    request = ChatCompletionRequest.model_validate({**CHAT, **fields})
+    return upstream_body(request, registry_with(LLAMA).resolve("l"), services())
+
+
+def test_fields_the_router_does_not_act_on_reach_the_backend_unchanged() -> None:
+    fields = {
+        "tools": [WEATHER_TOOL], "tool_choice": "auto", "parallel_tool_calls": False,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}}},
+        "logprobs": True, "top_logprobs": 3, "logit_bias": {"50256": -100.0}, "user": "u-1",
+        "metadata": {"team": "a"}, "guided_json": {"type": "object"}, "options": {"num_ctx": 512},
+        "some_future_field": [1, 2],
+    }  # fmt: skip
+    body = chat_body(**fields)
+    assert {key: body[key] for key in fields} == fields
+
+
+def test_typed_fields_are_validated_before_they_are_forwarded() -> None:
+    with pytest.raises(ValueError, match=r"json_schema\.schema"):
+        chat_body(response_format={"type": "json_schema", "json_schema": {"name": "w"}})
+    with pytest.raises(ValueError, match="response_format"):
+        chat_body(response_format={"type": "yaml"})
+    with pytest.raises(ValueError, match="top_logprobs"):
+        chat_body(logprobs=True, top_logprobs=21)
+
+
+def test_a_vendor_token_limit_is_held_to_the_servers_limit() -> None:
+    with pytest.raises(RouterError, match="above this server's limit"):
+        chat_body(options={"num_predict": 100_000})
+    assert chat_body(options={"num_predict": 50})["max_tokens"] == 50
+
+
+def test_the_cache_key_changes_with_every_field_that_changes_the_answer() -> None:
+    plain = cache_key("m", "chat", chat_body(temperature=0))
+    for fields in ({"tools": [WEATHER_TOOL]}, {"response_format": {"type": "json_object"}}, {"logprobs": True},
+                   {"guided_json": {"type": "object"}}, {"options": {"num_ctx": 512}}):  # fmt: skip
+        assert cache_key("m", "chat", chat_body(temperature=0, **fields)) != plain, fields
+    for fields in ({"user": "someone"}, {"metadata": {"team": "a"}}):  # change nothing in the answer
+        assert cache_key("m", "chat", chat_body(temperature=0, **fields)) == plain, fields
+
+
+def test_ollama_native_requests_map_formats_tools_and_logprobs() -> None:
+    def native(**fields: Any) -> dict[str, Any]:
+        return native_request("chat", chat_body(**fields), stream=False)[1]
+
+    assert native(response_format={"type": "json_object"})["format"] == "json"
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    assert (
+        native(response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})["format"]
+        == schema
+    )
+    assert "format" not in native(response_format={"type": "text"})
+    assert native(format="json")["format"] == "json", "Ollama's own field, as a vendor extension"
+    assert native(tools=[WEATHER_TOOL])["tools"] == [WEATHER_TOOL]
+    assert "tools" not in native(tools=[WEATHER_TOOL], tool_choice="none"), "none: the model gets no tools"
+    with_logprobs = native(logprobs=True, top_logprobs=2)
+    assert (with_logprobs["logprobs"], with_logprobs["top_logprobs"]) == (True, 2)
+    merged = native(options={"num_ctx": 512, "temperature": 1.5, "num_predict": 7}, temperature=0.2, max_tokens=9)
+    assert merged["options"]["num_ctx"] == 512
+    assert (merged["options"]["temperature"], merged["options"]["num_predict"]) == (0.2, 9), "OpenAI fields win"
+    assert native(user="u", metadata={"a": "b"}).keys() == native().keys(), "nothing to send, nothing lost"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tool_choice": "required", "tools": [WEATHER_TOOL]}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "weather"}}, "tools": [WEATHER_TOOL]},
+         "tool_choice"),
+        ({"parallel_tool_calls": False, "tools": [WEATHER_TOOL]}, "parallel_tool_calls"),
+        ({"logit_bias": {"1": 5.0}}, "logit_bias"),
+        ({"guided_json": {"type": "object"}}, "guided_json"),
+        ({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}, "messages"),
+    ],
+)  # fmt: skip
+def test_what_ollamas_native_api_cannot_do_is_a_clear_400(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(RouterError) as refused:
+        native_request("chat", chat_body(**fields), stream=False)
+    assert (refused.value.status, refused.value.code, refused.value.param) == (400, "unsupported_parameter", param)
+    assert param in refused.value.message
+
+
+def test_a_tool_conversation_and_images_map_to_ollamas_messages() -> None:
+    messages = [
+        {"role": "user", "content": [
+            {"type": "text", "text": "What is this, and the weather?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]  # fmt: skip
+    native = native_request("chat", chat_body(messages=messages, tools=[WEATHER_TOOL]), stream=False)[1]["messages"]
+    assert native[0] == {"role": "user", "content": "What is this, and the weather?", "images": ["iVBORw0KGgo="]}
+    assert native[1]["tool_calls"] == [
+        {"id": "call_1", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+    ]
+    assert native[2] == {"role": "tool", "content": "sunny", "tool_call_id": "call_1", "tool_name": "weather"}
+
+
+def test_ollamas_tool_calls_and_logprobs_come_back_in_openais_shape() -> None:
+    calls = openai_tool_calls([{"function": {"index": 0, "name": "weather", "arguments": {"city": "Paris"}}}],
+                              streamed=True)  # fmt: skip
+    (call,) = calls
+    assert call["id"].startswith("call_")
+    assert {k: call[k] for k in ("index", "type", "function")} == {
+        "index": 0, "type": "function", "function": {"name": "weather", "arguments": '{"city":"Paris"}'}}  # fmt: skip
+    entry = {"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": [{"token": "Hi", "logprob": -0.1}]}
+    assert openai_logprobs({"logprobs": [entry]}) == {"content": [entry]}
+    assert openai_logprobs({}) is None

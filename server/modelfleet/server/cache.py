@@ -27,7 +27,9 @@ from modelfleet.server.metrics import RouterMetrics
 logger = logging.getLogger(__name__)
 
 # Fields that do not change what the model generates, so they are left out of the key.
-NOT_IN_KEY = frozenset({"stream", "stream_options", "user"})
+# Fields that never change an answer; every other field of the request (tools, response_format,
+# logprobs, vendor extensions) is part of the key.
+NOT_IN_KEY = frozenset({"stream", "stream_options", "user", "metadata"})
 
 Lookup = Literal["hit", "miss", "coalesced", "bypass"]
 

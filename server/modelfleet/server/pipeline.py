@@ -77,7 +77,12 @@ def upstream_body(request: SamplingFields, model: ServedModel, services: Service
     """The request as the backend should see it: its model name, and max_tokens bounded by policy."""
     body = request.model_dump(exclude_none=True, exclude={"n", "stream", "stream_options", "use_cache",
                                                           "allow_remote"})  # fmt: skip
-    requested = body.pop("max_completion_tokens", None) or body.get("max_tokens")
+    # Ollama's own name for it (a vendor extension) is held to the same limit.
+    requested = (
+        body.pop("max_completion_tokens", None)
+        or body.get("max_tokens")
+        or ((body.get("options") or {}).get("num_predict") if isinstance(body.get("options"), dict) else None)
+    )
     cap = services.settings.max_tokens_cap
     if requested is not None and requested > cap:
         raise RouterError(400, f"max_tokens is {requested}, above this server's limit of {cap}.",

@@ -51,10 +51,31 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class SamplingFields(ForwardedBody):
-    """Fields shared by chat and text completions; unknown fields are ignored, as OpenAI's own API does."""
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: plain text, any JSON object, or JSON that follows a schema."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and not isinstance((self.json_schema or {}).get("schema"), dict):
+            raise ValueError("response_format of type json_schema needs json_schema.schema, a JSON Schema object")
+        return self
+
+
+class SamplingFields(ForwardedBody):
+    """Fields shared by chat and text completions.
+
+    Every field the router does not act on itself reaches the backend unchanged: tools, logprobs,
+    vendor extensions (vLLM's guided decoding, Ollama's options) and fields added to the OpenAI API
+    later. The backend's answer comes back unchanged too, and what a backend cannot do is its error.
+    The fields typed here are validated first, so that a malformed one is a clear 400 from the router.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
     stream: bool = False
@@ -68,6 +89,14 @@ class SamplingFields(ForwardedBody):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = None
     # ModelFleet extensions.
     allow_remote: bool = Field(False, description="Allow a model served by a remote provider.")
     use_cache: bool = Field(True, description="false: neither read nor write the response cache.")
