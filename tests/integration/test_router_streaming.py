@@ -4,6 +4,7 @@ while requests wait, and a backend that dies mid-stream."""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
 import signal
@@ -173,3 +174,66 @@ def test_backend_killed_mid_stream_becomes_an_error_event(tmp_path: Path) -> Non
             metrics = httpx.get(f"{router.base_url}/metrics", timeout=5).text
             assert 'modelfleet_in_flight_requests{model="doomed"} 0.0' in metrics
             assert 'modelfleet_upstream_errors_total{code="mid_stream",model="doomed"} 1.0' in metrics
+
+
+class LongFinalLineOllama(http.server.BaseHTTPRequestHandler):
+    """Answers /api/generate as Ollama does, with a final line longer than aiohttp's line limit (twice its
+    read buffer: 512 KiB with aiohttp 3.14, 128 KiB before).
+
+    A stand-in, because the real one writes such a line only after a context of tens of thousands of
+    tokens (its `context` array), which would take this machine many minutes to evaluate.
+    """
+
+    context_tokens = 130_000  # about 1 MiB of JSON
+    # A line of JSON that is not an object, sent instead of the final line (a garbled backend).
+    garbled = False
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-ndjson")
+        self.end_headers()
+        for word in ("Once", " upon"):
+            self.wfile.write(json.dumps({"model": "m", "response": word, "done": False}).encode() + b"\n")
+        final = {"model": "m", "response": "", "done": True, "done_reason": "stop", "prompt_eval_count": 3,
+                 "eval_count": 2, "context": list(range(100_000, 100_000 + self.context_tokens))}  # fmt: skip
+        self.wfile.write(b'"not an object"\n' if self.garbled else json.dumps(final).encode() + b"\n")
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def stream_from(handler: type[http.server.BaseHTTPRequestHandler], tmp_path: Path) -> list[str]:
+    """The SSE data lines of a streamed completion through the router, from a stand-in Ollama."""
+    backend = http.server.ThreadingHTTPServer((LOOPBACK, 0), handler)
+    serving = threading.Thread(target=backend.serve_forever, daemon=True)
+    serving.start()
+    try:
+        url = f"http://{LOOPBACK}:{backend.server_address[1]}"
+        models: list[dict[str, object]] = [{"name": "long", "url": url, "upstream_model": "m", "api": "ollama"}]
+        with running_router(tmp_path, models) as router:
+            body = {"model": "long", "prompt": "Tell", "max_tokens": 8, "stream": True,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
+            answer = httpx.post(f"{router.openai_base_url}/completions", json=body, timeout=60)
+            return [line.removeprefix("data: ") for line in answer.text.splitlines() if line.startswith("data: ")]
+    finally:
+        backend.shutdown()
+        backend.server_close()
+
+
+def test_a_backend_line_longer_than_aiohttps_limit_is_read_not_dropped(tmp_path: Path) -> None:
+    events = stream_from(LongFinalLineOllama, tmp_path)
+    assert events[-1] == "[DONE]", events[-3:]
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert not [c for c in chunks if "error" in c], chunks
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "Once upon"
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+def test_a_garbled_backend_line_ends_the_stream_with_an_error_event(tmp_path: Path) -> None:
+    class Garbled(LongFinalLineOllama):
+        garbled = True
+
+    events = stream_from(Garbled, tmp_path)
+    assert events[-1] == "[DONE]", events[-3:]
+    assert json.loads(events[-2])["error"]["code"] == "upstream_error", events[-3:]

@@ -405,6 +405,14 @@ async def relay(
             metrics.upstream_errors.labels(model=generation.name, code="mid_stream").inc()
             yield StreamFailure(RouterError(502, f"The backend for `{generation.name}` failed mid-stream.",
                                             type="upstream_error", code="upstream_error"))  # fmt: skip
+    except Exception:
+        # Anything else (a backend line of an unexpected shape, a bug here): the client still gets an
+        # error event and [DONE], never a stream that just stops. Cancellation is not an Exception.
+        status_class = "5xx"
+        logger.exception("relaying the stream of %s failed", generation.name)
+        metrics.upstream_errors.labels(model=generation.name, code="mid_stream").inc()
+        yield StreamFailure(RouterError(502, f"The stream from the backend for `{generation.name}` could not be "
+                                        "relayed.", type="upstream_error", code="upstream_error"))  # fmt: skip
     except BaseException as exc:
         status_class = status_class_of(exc)
         raise

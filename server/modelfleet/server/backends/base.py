@@ -109,14 +109,31 @@ async def post_json(session: aiohttp.ClientSession, model: ModelSpec, url: str, 
     return result
 
 
+# The longest line read from a backend. aiohttp's own line reader stops at twice its read buffer
+# (128 KiB, or 512 KiB since 3.14), and the last line of Ollama's /api/generate carries the whole
+# `context` array, which can be longer.
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+
 async def upstream_lines(response: aiohttp.ClientResponse) -> AsyncGenerator[bytes]:
-    """The body's lines as they arrive; a broken connection becomes StreamBroken.
+    """The body's lines (each with its newline; the last may lack one) as they arrive; a broken
+    connection, or a line over MAX_LINE_BYTES, becomes StreamBroken: never a silent end.
 
     Closing this iterator closes the connection, which is what tells the backend to stop generating.
     """
+    pending = bytearray()
     try:
-        async for line in response.content:
-            yield line
+        async for data in response.content.iter_any():
+            pending += data
+            start = 0
+            while (end := pending.find(b"\n", start)) != -1:
+                yield bytes(pending[start : end + 1])
+                start = end + 1
+            del pending[:start]
+            if len(pending) > MAX_LINE_BYTES:
+                raise StreamBroken(f"the backend sent a line longer than {MAX_LINE_BYTES} bytes")
+        if pending:
+            yield bytes(pending)
     except UPSTREAM_FAILURES as exc:
         raise StreamBroken(type(exc).__name__, timed_out=isinstance(exc, TimeoutError)) from exc
     finally:
