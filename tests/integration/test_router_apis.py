@@ -118,7 +118,8 @@ def test_responses_sse_events_in_order(keyed_router: RouterServer) -> None:
     assert [payload["sequence_number"] for payload in payloads] == list(range(1, len(payloads) + 1))
     assert events[:4] == ["response.created", "response.in_progress", "response.output_item.added",
                           "response.content_part.added"]  # fmt: skip
-    assert events[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert events[-5:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                             "response.metrics"]  # fmt: skip
     assert events[-1] in {"response.completed", "response.incomplete"}
     deltas = [payload["delta"] for payload in payloads if payload["type"] == "response.output_text.delta"]
     assert deltas
@@ -215,3 +216,80 @@ def test_remote_models_need_allow_remote(ollama_server: OllamaServer, tmp_path: 
         assert refused.status_code == 403
         assert refused.json()["error"]["code"] == "remote_not_allowed"
         assert httpx.post(url, json={**body, "allow_remote": True}, timeout=60).status_code == 200
+
+
+# llm-pool's POST /v1/responses, as its README documents it ----------------------------------------
+
+POOL_METRICS = {"backend_inference_wall_ms", "engine_total_wall_ms", "pool_total_wall_ms", "engine_queue_wait_ms",
+                "gpu_time_to_first_token_ms", "engine_prompt_tokens", "engine_output_tokens",
+                "engine_tokens_per_second"}  # fmt: skip
+
+
+def pool_request(stream: bool) -> dict[str, object]:
+    """llm-pool's documented inference example, field by field (its model id is one of ours here, and the
+    token limit smaller, for this machine)."""
+    return {
+        "model": "gemma",
+        "input": "The weather is pleasant today, and I would like to take a walk in the park after lunch.",
+        "instructions": "Translate to Dutch. Return only the translation.",
+        "stream": stream,
+        "decoding": {"beam_size": 1, "top_k": 1, "top_p": 1.0, "temperature": 0.1, "repetition_penalty": 1.0,
+                     "max_tokens": 24},
+    }  # fmt: skip
+
+
+def test_llm_pool_responses_example(keyed_router: RouterServer) -> None:
+    response = httpx.post(f"{keyed_router.openai_base_url}/responses", json=pool_request(False), headers=user(),
+                          timeout=120)  # fmt: skip
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["object"], body["model"]) == ("response", "gemma")
+    assert body["id"].startswith("resp_")
+    assert body["output_text"].strip()
+    assert body["output"][0]["text"] == body["output_text"] == body["output"][0]["content"][0]["text"]
+    assert body["usage"]["output_tokens"] <= 24, "decoding.max_tokens is the limit"
+    metrics = body["metrics"]
+    assert set(metrics) >= POOL_METRICS
+    # llm-pool's nesting: inference inside engine inside pool.
+    assert 0 < metrics["backend_inference_wall_ms"] <= metrics["engine_total_wall_ms"] <= metrics["pool_total_wall_ms"]
+    assert metrics["engine_prompt_tokens"] > 0
+    assert metrics["engine_output_tokens"] == body["usage"]["output_tokens"]
+    assert metrics["engine_tokens_per_second"] > 0
+
+
+def test_llm_pool_responses_stream_sends_metrics_before_completed(keyed_router: RouterServer) -> None:
+    response = httpx.post(f"{keyed_router.openai_base_url}/responses", json=pool_request(True), headers=user(),
+                          timeout=120)  # fmt: skip
+    assert response.status_code == 200, response.text
+    payloads = [json.loads(line.removeprefix("data: ")) for line in sse_lines(response) if line.startswith("data: ")]
+    kinds = [payload["type"] for payload in payloads]
+    # The events llm-pool documents, in its order; ours adds OpenAI's others between them.
+    documented = [kind for kind in kinds if kind in {"response.created", "response.output_text.delta",
+                                                      "response.metrics", "response.completed",
+                                                      "response.incomplete"}]  # fmt: skip
+    assert documented[0] == "response.created"
+    assert documented[-2:] in (["response.metrics", "response.completed"], ["response.metrics", "response.incomplete"])
+    assert "response.output_text.delta" in documented
+    metrics = next(payload["metrics"] for payload in payloads if payload["type"] == "response.metrics")
+    assert set(metrics) >= POOL_METRICS
+    assert metrics["gpu_time_to_first_token_ms"] > 0, "a streamed answer knows its first token"
+    assert payloads[-1]["response"]["output_text"] == "".join(
+        payload["delta"] for payload in payloads if payload["type"] == "response.output_text.delta"
+    )
+
+
+def test_the_sdks_responses_stream_helper(keyed_router: RouterServer) -> None:
+    sdk = openai.OpenAI(base_url=keyed_router.openai_base_url, api_key=USER_KEY, max_retries=0, timeout=120)
+    deltas = []
+    # The SDK's helper wants response.completed: a stop string ends this base model's answer (it would
+    # run to its token limit, and end with response.incomplete), given as llm-pool's decoding.stop.
+    with sdk.responses.stream(model="gemma", input="Name a fruit.", max_output_tokens=32,
+                              extra_body={"decoding": {"stop": ["\n"]}}) as stream:  # fmt: skip
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+        final = stream.get_final_response()
+    assert deltas
+    assert final.output_text == "".join(deltas)
+    assert final.usage is not None
+    assert final.usage.output_tokens > 0

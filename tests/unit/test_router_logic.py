@@ -347,3 +347,20 @@ def test_ollamas_tool_calls_and_logprobs_come_back_in_openais_shape() -> None:
     entry = {"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": [{"token": "Hi", "logprob": -0.1}]}
     assert openai_logprobs({"logprobs": [entry]}) == {"content": [entry]}
     assert openai_logprobs({}) is None
+
+
+def test_llm_pools_decoding_fills_what_the_top_level_fields_leave_unset() -> None:
+    request = ResponsesRequest.model_validate({
+        "model": "l", "input": "Hi", "temperature": 0.7,
+        "decoding": {"temperature": 0.1, "top_p": 0.9, "top_k": 1, "max_tokens": 5, "stop": ["\n"],
+                     "repetition_penalty": 1.1, "beam_size": 4},
+    })  # fmt: skip
+    chat = upstream_body(responses_as_chat(request), registry_with(LLAMA).resolve("l"), services())
+    assert chat["temperature"] == 0.7, "the top-level field wins"
+    assert (chat["top_p"], chat["max_tokens"], chat["stop"]) == (0.9, 5, ["\n"])
+    assert (chat["top_k"], chat["repetition_penalty"]) == (1, 1.1), "forwarded: vLLM reads them, Ollama maps them"
+    assert "beam_size" not in chat, "accepted and ignored"
+    native = native_request("chat", chat, stream=False)[1]["options"]
+    assert (native["top_k"], native["repeat_penalty"], native["num_predict"]) == (1, 1.1, 5)
+    with pytest.raises(ValueError, match="decoding"):
+        ResponsesRequest.model_validate({"model": "gemma", "input": "Hi", "decoding": {"temprature": 0}})

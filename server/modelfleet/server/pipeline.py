@@ -49,6 +49,10 @@ class Generation:
     rate_limit: Decision | None = None
     queue_seconds: float = 0.0
     backend_seconds: float = 0.0
+    # When a streamed request was sent to the backend, and how long its first token took from there
+    # (a whole answer arrives at once: no first token of its own).
+    backend_started: float | None = None
+    first_token_seconds: float | None = None
 
     @property
     def name(self) -> str:
@@ -316,6 +320,7 @@ async def open_upstream(generation: Generation, ticket: Ticket) -> tuple[str, As
     before the router saw its EndpointSlice change) never saw the request: the next one gets it."""
     model = generation.model
     generation.queue_seconds = await ticket.wait(0)
+    generation.backend_started = time.monotonic()
     refused: list[str] = []  # replicas that refused the connection
     while True:
         endpoint = model.pick_endpoint(exclude=refused)
@@ -387,6 +392,7 @@ async def relay(
                 now = time.monotonic()
                 if first_token_at is None:
                     first_token_at = now
+                    generation.first_token_seconds = now - (generation.backend_started or started)
                     metrics.time_to_first_token.labels(model=generation.name, route=generation.route).observe(
                         now - generation.started
                     )

@@ -145,6 +145,20 @@ class ResponsesInputMessage(BaseModel):
     content: str | list[dict[str, Any]]
 
 
+class Decoding(BaseModel):
+    """llm-pool's `decoding` object. beam_size is accepted and ignored (no backend here searches beams)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: list[str] | None = Field(None, max_length=4)
+    repetition_penalty: float | None = Field(None, gt=0)
+    beam_size: int | None = Field(None, ge=1)
+
+
 class ResponsesRequest(ForwardedBody):
     """The Responses-style API: `input` is a string or a list of messages."""
 
@@ -164,6 +178,7 @@ class ResponsesRequest(ForwardedBody):
     stream: bool = False
     allow_remote: bool = False
     use_cache: bool = True
+    decoding: Decoding | None = Field(None, description="llm-pool's sampling fields; the top-level ones win.")
 
     @field_validator("input")
     @classmethod
@@ -256,7 +271,8 @@ class ModelList(Answer):
 
 
 class ResponseObject(Answer):
-    """POST /v1/responses: OpenAI's response object, plus `cached` and `timings` (milliseconds)."""
+    """POST /v1/responses: OpenAI's response object, plus `cached` and `timings` (milliseconds), and
+    llm-pool's `output_text` and `metrics` (its names, in milliseconds; null where not known)."""
 
     id: str
     object: Literal["response"]
@@ -267,6 +283,8 @@ class ResponseObject(Answer):
     usage: dict[str, Any] | None
     cached: bool
     timings: dict[str, float]
+    output_text: str
+    metrics: dict[str, float | int | None]
 
 
 class GenerateAnswer(Answer):

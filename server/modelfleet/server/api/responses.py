@@ -5,6 +5,7 @@ Every response carries `timings` (queue wait, backend time, total, in millisecon
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from modelfleet.server.services import services_of
 from modelfleet.server.streaming import PING, sse
 
 router = APIRouter(tags=["responses"])
+logger = logging.getLogger(__name__)
 
 # The events of a streamed response, and the keys each one's data carries besides `type` and `sequence_number`.
 EVENTS: dict[str, list[str]] = {
@@ -34,6 +36,7 @@ EVENTS: dict[str, list[str]] = {
     "response.output_text.done": ["item_id", "output_index", "content_index", "text"],
     "response.content_part.done": ["item_id", "output_index", "content_index", "part"],
     "response.output_item.done": ["output_index", "item"],
+    "response.metrics": ["metrics"],
     "response.completed": ["response"],
     "response.incomplete": ["response"],
     "error": ["code", "message", "param"],
@@ -74,10 +77,41 @@ def as_chat_request(request: ResponsesRequest) -> ChatCompletionRequest:
             if isinstance(content, list):
                 content = "".join(str(part.get("text", "")) for part in content)
             messages.append({"role": message.role, "content": content})
-    return ChatCompletionRequest.model_validate(
-        {"model": request.model, "messages": messages, "max_tokens": request.max_output_tokens,
-         "temperature": request.temperature, "top_p": request.top_p, "seed": request.seed}
-    )  # fmt: skip
+    # llm-pool's `decoding` fills in what the top-level fields leave unset.
+    decoding = request.decoding.model_dump(exclude_none=True) if request.decoding is not None else {}
+    beam_size = decoding.pop("beam_size", None)
+    if beam_size not in (None, 1):
+        logger.info("decoding.beam_size %s accepted and ignored: the backends here sample, they do not "
+                    "search beams", beam_size)  # fmt: skip
+    fields = {**decoding, **{key: value for key, value in {
+        "max_tokens": request.max_output_tokens, "temperature": request.temperature, "top_p": request.top_p,
+        "seed": request.seed}.items() if value is not None}}  # fmt: skip
+    return ChatCompletionRequest.model_validate({"model": request.model, "messages": messages, **fields})
+
+
+def milliseconds(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def pool_metrics(generation: Generation, usage: dict[str, Any] | None) -> dict[str, Any]:
+    """The `metrics` object of llm-pool's responses, in its names, null where the value is not known.
+
+    Its nesting holds here: the backend call (inference) is inside the queue wait plus the call
+    (engine), which is inside the whole handler (pool).
+    """
+    backend = generation.backend_seconds
+    output_tokens = int((usage or {}).get("completion_tokens") or 0) if usage else None
+    return {
+        "backend_inference_wall_ms": milliseconds(backend),
+        "engine_total_wall_ms": milliseconds(generation.queue_seconds + backend),
+        "pool_total_wall_ms": milliseconds(time.monotonic() - generation.started),
+        "engine_queue_wait_ms": milliseconds(generation.queue_seconds),
+        "engine_tokenize_ms": None,
+        "gpu_time_to_first_token_ms": milliseconds(generation.first_token_seconds),
+        "engine_prompt_tokens": int(usage.get("prompt_tokens") or 0) if usage else None,
+        "engine_output_tokens": output_tokens,
+        "engine_tokens_per_second": round(output_tokens / backend, 3) if output_tokens and backend > 0 else None,
+    }
 
 
 def timings(generation: Generation) -> dict[str, float]:
@@ -97,8 +131,9 @@ def response_object(
     output = []
     if done:
         part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
+        # `text` on the item too: llm-pool's clients read output[0].text.
         output.append({"type": "message", "id": message_id, "status": "completed", "role": "assistant",
-                       "content": [part]})  # fmt: skip
+                       "content": [part], "text": text})  # fmt: skip
     body: dict[str, Any] = {
         "id": response_id,
         "object": "response",
@@ -125,6 +160,9 @@ def response_object(
                          "output_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
     if done:
         body["timings"] = timings(generation)
+        # llm-pool's shape: the text at the top level, and its metrics.
+        body["output_text"] = text
+        body["metrics"] = pool_metrics(generation, usage)
     return body
 
 
@@ -173,6 +211,8 @@ async def response_events(plan: StreamPlan, generation: Generation, request: Res
     done_part = {"type": "output_text", "text": text, "annotations": []}
     yield event("response.content_part.done", item_id=message_id, output_index=0, content_index=0, part=done_part)
     yield event("response.output_item.done", output_index=0, item=final["output"][0])
+    # llm-pool's clients read the metrics from their own event, before the response completes.
+    yield event("response.metrics", metrics=final["metrics"])
     yield event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
 
 

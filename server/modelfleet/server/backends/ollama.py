@@ -35,6 +35,9 @@ OPTION_NAMES = {
     "seed": "seed",
     "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty",
+    # Not OpenAI's, but vLLM's and llm-pool's names for what Ollama calls top_k and repeat_penalty.
+    "top_k": "top_k",
+    "repetition_penalty": "repeat_penalty",
 }
 
 
