@@ -135,7 +135,7 @@ def test_generate_and_infer(keyed_router: RouterServer) -> None:
     assert first.status_code == 200, first.text
     answer = first.json()
     assert set(answer) == {"text", "model", "cached", "latency_ms", "prompt_tokens", "completion_tokens",
-                           "total_tokens"}  # fmt: skip
+                           "total_tokens", "prompt_tokens_approx", "completion_tokens_approx"}  # fmt: skip
     assert answer["text"]
     assert answer["model"] == "gemma"
     assert answer["cached"] is False
@@ -293,3 +293,75 @@ def test_the_sdks_responses_stream_helper(keyed_router: RouterServer) -> None:
     assert final.output_text == "".join(deltas)
     assert final.usage is not None
     assert final.usage.output_tokens > 0
+
+
+# The seed systems' documented examples, field by field ------------------------------------------
+
+
+def test_llm_inference_server_generate_example_and_its_cache(keyed_router: RouterServer) -> None:
+    """Its README's request, as sent (but a smaller max_tokens): sampled at 0.7, and still served from
+    the cache the second time, as that system did (MODELFLEET_SAMPLED_CACHE_ROUTES)."""
+    body = {"prompt": "Explain the attention mechanism in transformers.", "max_tokens": 24, "temperature": 0.7,
+            "system": "You are a concise technical assistant.", "use_cache": True}  # fmt: skip
+    first = httpx.post(f"{keyed_router.base_url}/v1/generate", json=body, headers=user(), timeout=120)
+    assert first.status_code == 200, first.text
+    answer = first.json()
+    documented = {"text": str, "model": str, "cached": bool, "latency_ms": float, "prompt_tokens_approx": int,
+                  "completion_tokens_approx": int}  # fmt: skip
+    assert {key: type(answer[key]) for key in documented} == documented
+    assert (answer["cached"], answer["model"]) == (False, "gemma")
+    assert answer["completion_tokens_approx"] > 0
+    again = httpx.post(f"{keyed_router.base_url}/v1/generate", json=body, headers=user(), timeout=120).json()
+    assert (again["cached"], again["text"]) == (True, answer["text"])
+    # The OpenAI API keeps the deterministic-only default: the same request, sampled, is never cached there.
+    chat = {"model": "gemma", "messages": [{"role": "system", "content": body["system"]},
+                                           {"role": "user", "content": body["prompt"]}],
+            "max_tokens": 24, "temperature": 0.7}  # fmt: skip
+    for _ in range(2):
+        response = httpx.post(f"{keyed_router.openai_base_url}/chat/completions", json=chat, headers=user(),
+                              timeout=120)  # fmt: skip
+        assert response.headers["x-modelfleet-cache"] == "bypass"
+
+
+def test_llm_inference_server_stream_example(keyed_router: RouterServer) -> None:
+    body = {"prompt": "Explain the attention mechanism in transformers.", "max_tokens": 12, "temperature": 0.7,
+            "system": "You are a concise technical assistant.", "use_cache": False}  # fmt: skip
+    response = httpx.post(f"{keyed_router.base_url}/v1/generate/stream", json=body, headers=user(), timeout=120)
+    assert response.status_code == 200
+    *tokens, final = [json.loads(line.removeprefix("data: ")) for line in sse_lines(response)]
+    assert tokens
+    for event in tokens:  # data: {"token": "The", "done": false, "cached": false}
+        assert (type(event["token"]), event["done"], event["cached"]) == (str, False, False)
+    # data: {"token": "", "done": true, "latency_ms": 1923.1}
+    assert (final["token"], final["done"], type(final["latency_ms"])) == ("", True, float)
+
+
+def test_llm_inference_server_health_example(keyed_router: RouterServer) -> None:
+    health = httpx.get(f"{keyed_router.base_url}/health", timeout=10).json()
+    assert (health["status"], health["model"], health["ollama_reachable"]) == ("ok", "gemma", True)
+    stats = health["cache_stats"]
+    assert set(stats) >= {"size", "max_size", "hits", "misses", "hit_rate", "ttl_seconds"}
+    assert 0 <= stats["hit_rate"] <= 1
+
+
+def test_llm_inference_service_infer_example_and_its_cache(keyed_router: RouterServer) -> None:
+    """Its README's curl, as sent (but a smaller max_tokens): X-API-Key, no temperature, and a repeat is
+    a cache hit, as that system's Redis cache gave."""
+    body = {"prompt": "Explain microservices in one paragraph", "max_tokens": 16}
+    first = httpx.post(f"{keyed_router.base_url}/infer", json=body, headers={"X-API-Key": USER_KEY}, timeout=120)
+    assert first.status_code == 200, first.text
+    answer = first.json()
+    documented = {"response": str, "latency_ms": float, "cached": bool, "model": str}
+    assert {key: type(answer[key]) for key in documented} == documented
+    again = httpx.post(f"{keyed_router.base_url}/infer", json=body, headers={"X-API-Key": USER_KEY}, timeout=120)
+    assert (again.json()["cached"], again.json()["response"]) == (True, answer["response"])
+
+
+def test_llm_pool_models_and_admin_models(keyed_router: RouterServer) -> None:
+    """llm-pool's GET /v1/models lists model ids (never replicas) and /v1/admin/models one row per id."""
+    listed = httpx.get(f"{keyed_router.openai_base_url}/models", headers=user(), timeout=10).json()
+    assert sorted(model["id"] for model in listed["data"]) == ["gemma", "gemma-native"]
+    admin = httpx.get(f"{keyed_router.openai_base_url}/admin/models", headers=user(ADMIN_KEY), timeout=10)
+    assert admin.status_code == 200
+    names = [row["name"] for row in admin.json()["data"]]
+    assert sorted(names) == ["gemma", "gemma-native"], "one row per model id"

@@ -114,7 +114,7 @@ def prompt_chars(value: Any) -> int:
 
 
 def wants_cache(http_request: Request, services: Services, model: ServedModel, body: dict[str, Any],
-                use_cache: bool) -> bool:  # fmt: skip
+                use_cache: bool, route: str) -> bool:  # fmt: skip
     directives = http_request.headers.get("cache-control", "").lower()
     return (
         use_cache
@@ -122,7 +122,7 @@ def wants_cache(http_request: Request, services: Services, model: ServedModel, b
         and model.spec.cache_enabled
         and "no-cache" not in directives
         and "no-store" not in directives
-        and cacheable(body)
+        and (route in services.settings.sampled_cache_routes or cacheable(body))
     )
 
 
@@ -152,7 +152,7 @@ async def prepare(
     )  # fmt: skip
     namespace = principal.subject if settings.cache_per_key else ""
     key = cache_key(model.name, kind, body, namespace) if wants_cache(http_request, services, model, body,
-                                                                      use_cache) else None  # fmt: skip
+                                                                      use_cache, route) else None  # fmt: skip
     generation = Generation(services, model, kind, route, body, principal, limits, key)
     await admit_rate(generation)
     return generation

@@ -295,6 +295,8 @@ class GenerateAnswer(Answer):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_approx: int
+    completion_tokens_approx: int
 
 
 class InferAnswer(Answer):

@@ -87,6 +87,14 @@ class RouterSettings(BaseSettings):
     cache_size: int = Field(512, ge=0, description="Responses kept in the in-process cache; 0 turns caching off.")
     cache_ttl_seconds: float = Field(3600.0, gt=0, description="How long a cached response is served.")
     cache_per_key: bool = Field(False, description="Give each API key its own cache namespace.")
+    sampled_cache_routes: list[str] = Field(
+        default_factory=lambda: ["/v1/generate", "/v1/generate/stream", "/infer"],
+        description=(
+            "Routes whose answers are cached whatever their temperature, as the systems these APIs come from "
+            "did (a repeated prompt is answered from the cache); the others cache only deterministic requests "
+            "(temperature 0, or a seed). A JSON list; [] makes every route deterministic-only."
+        ),
+    )
     redis_url: str | None = Field(None, description="Redis for a shared cache and rate limits (default: in-process).")
     # Rate limits
     rate_limit_requests_per_minute: int = Field(100, ge=0, description="Requests per key (or client IP) per model "

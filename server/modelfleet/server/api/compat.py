@@ -104,6 +104,9 @@ async def generate(request: GenerateRequest, http_request: Request) -> OrjsonRes
         "prompt_tokens": usage.get("prompt_tokens", 0),
         "completion_tokens": usage.get("completion_tokens", 0),
         "total_tokens": usage.get("total_tokens", 0),
+        # llm-inference-server's names: it estimated them; these are the backend's own counts.
+        "prompt_tokens_approx": usage.get("prompt_tokens", 0),
+        "completion_tokens_approx": usage.get("completion_tokens", 0),
     }
     return OrjsonResponse(body, headers=generation.response_headers())
 

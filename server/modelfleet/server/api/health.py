@@ -52,9 +52,17 @@ async def health(request: Request) -> OrjsonResponse:
         model.name: {"replicas": len(model.spec.endpoints), **services.reachability.get(model.name, {})}
         for model in services.registry.models()
     }
+    names = services.registry.names()
+    # llm-inference-server's fields: its one model (here the default model, or the only one) and
+    # whether its Ollama is reachable (here that model's backends, or every model's).
+    model = services.settings.default_model or (names[0] if len(names) == 1 else None)
+    watched = [model] if model is not None else names
     body = {
         "status": "ok",
-        "models": services.registry.names(),
+        "model": model,
+        "ollama_reachable": all(backends.get(name, {}).get("reachable") is not False for name in watched),
+        "cache_stats": cache,
+        "models": names,
         "cache": cache,
         "backends": backends,
         "redis": None if services.redis_circuit is None else {"available": services.redis_circuit.available},
