@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -122,3 +123,37 @@ def test_unreachable_backend_is_a_502_in_the_same_format(tmp_path: Path) -> None
     for answer in (response, streamed):
         assert answer.status_code == 502
         assert answer.json()["error"]["code"] == "upstream_unavailable"
+
+
+# langchain-openai, as agent frameworks use it ------------------------------------------------------
+
+
+@pytest.fixture
+def langchain_chat(router_server: RouterServer, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from langchain_openai import ChatOpenAI
+
+    monkeypatch.delenv("LANGSMITH_TRACING", raising=False)  # no tracing calls out of this machine
+    return ChatOpenAI(base_url=router_server.openai_base_url, api_key="unused", model="gemma", max_tokens=12,
+                      temperature=0, max_retries=0, timeout=120)  # fmt: skip
+
+
+def test_langchain_openai_invokes_and_streams(langchain_chat: Any) -> None:
+    message = langchain_chat.invoke("Name three colours of the rainbow.")
+    assert isinstance(message.content, str)
+    assert message.content.strip()
+    assert message.usage_metadata["output_tokens"] > 0
+    chunks = list(langchain_chat.stream("Name three colours of the rainbow."))
+    assert len(chunks) > 1
+    assert "".join(chunk.content for chunk in chunks).strip()
+
+
+def test_langchain_openai_tools_get_the_backends_answer(langchain_chat: Any) -> None:
+    """bind_tools sends OpenAI's `tools`; this model's Ollama template has none, and Ollama says so. The
+    router passes that on: the framework sees the backend's refusal, not a plain text answer."""
+
+    def weather(city: str) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    with pytest.raises(openai.BadRequestError, match="does not support tools"):
+        langchain_chat.bind_tools([weather]).invoke("What is the weather in Paris?")
