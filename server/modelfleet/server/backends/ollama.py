@@ -125,8 +125,9 @@ def native_format(body: dict[str, Any]) -> Any:
 
 def native_request(kind: Kind, body: dict[str, Any], stream: bool) -> tuple[str, dict[str, Any]]:
     """The OpenAI request as Ollama's native one; what it cannot express is refused, never dropped."""
-    for field in body.keys() - MAPPED - NATIVE_IGNORED - NATIVE_EXTENSIONS:
-        raise unsupported(field, "send it to a model served through an OpenAI-compatible API instead")
+    unknown = sorted(body.keys() - MAPPED - NATIVE_IGNORED - NATIVE_EXTENSIONS)
+    if unknown:  # named in order, so the same request always gets the same error
+        raise unsupported(unknown[0], "send it to a model served through an OpenAI-compatible API instead")
     if body.get("logit_bias"):
         raise unsupported("logit_bias", "Ollama has no logit bias")
     if body.get("parallel_tool_calls") is False:
