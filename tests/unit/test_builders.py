@@ -483,3 +483,43 @@ def test_a_terminating_namespace_is_recognised_by_the_cause_not_the_status() -> 
     assert namespace_terminating(terminating)
     assert not namespace_terminating(rbac)
     assert not namespace_terminating(ApiException(status=500, reason="boom"))
+
+
+def test_replicas_zero_unloads_even_an_autoscaled_model(context: ModelContext) -> None:
+    unloaded = dataclasses.replace(context, spec=context.spec.model_copy(update={"replicas": 0}))
+    deployment = workload.build_deployment(unloaded)
+    # Explicitly 0, not left to an HPA: the HPA is gone, so nothing would bring pods back.
+    assert deployment["spec"]["replicas"] == 0
+    assert autoscaling.build_hpa(unloaded) is None
+    assert autoscaling.build_pdb(unloaded) is None
+    # The pod template does not change, so a load starts the same pods (no new rollout).
+    assert deployment["spec"]["template"] == workload.build_deployment(context)["spec"]["template"]
+
+
+def test_unload_and_load_through_spec_replicas() -> None:
+    """Unload sets spec.replicas to 0 (the scale subresource); load restores status.loadReplicas."""
+    body = {**MODEL_BODY, "spec": {"runtime": "ollama", "model": "phi3:mini", "replicas": 3}}
+    kube = NoScaleToZeroKube()
+    loaded = reconcile(cast(Kube, kube), body, RuntimeImages())
+    assert loaded.status["loadReplicas"] == 3
+
+    unloaded_body = {**body, "spec": {**body["spec"], "replicas": 0}, "status": loaded.status}
+    unloaded = reconcile(cast(Kube, kube), unloaded_body, RuntimeImages())
+    assert unloaded.status["loadReplicas"] == 3, "an unload must not forget what to restore"
+    conditions = {c["type"]: c for c in unloaded.status["conditions"]}
+    assert conditions["Ready"]["reason"] == "Unloaded"
+    assert "/v1/admin/models/<name>/load" in conditions["Ready"]["message"]
+    assert unloaded.status["phase"] == "Idle"
+    deployments = [m for m in kube.applied if m["kind"] == "Deployment"]
+    assert (deployments[0]["spec"]["replicas"], deployments[-1]["spec"]["replicas"]) == (3, 0)
+
+    fresh = reconcile(cast(Kube, kube), {**unloaded_body, "status": {}}, RuntimeImages())
+    assert fresh.status["loadReplicas"] == 1, "with nothing seen above 0, a load brings up one replica"
+
+
+def test_an_unloaded_autoscaled_model_has_no_hpa_and_says_unloaded() -> None:
+    spec = {"runtime": "ollama", "model": "phi3:mini", "replicas": 0, "autoscaling": {"enabled": True}}
+    kube = NoScaleToZeroKube()
+    outcome = reconcile(cast(Kube, kube), {**MODEL_BODY, "spec": spec}, RuntimeImages())
+    assert not [m for m in kube.applied if m["kind"] == "HorizontalPodAutoscaler"]
+    assert {c["type"]: c for c in outcome.status["conditions"]}["Ready"]["reason"] == "Unloaded"

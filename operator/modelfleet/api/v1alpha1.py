@@ -359,7 +359,10 @@ class Engine(Model):
 
 
 class Autoscaling(Model):
-    """Horizontal autoscaling on request-queue depth.  When enabled, the HPA owns spec.replicas."""
+    """Horizontal autoscaling on request-queue depth.
+
+    When enabled, the HPA sets the pods' count, and spec.replicas only says whether the model is loaded.
+    """
 
     enabled: bool = Field(False, description="Create a HorizontalPodAutoscaler for the model.")
     min_replicas: int = Field(
@@ -540,7 +543,14 @@ class InferenceModelSpec(Model):
         json_schema_extra=matches(NO_WHITESPACE, "must be an image reference such as docker.io/ollama/ollama:0.17.4"),
     )
     replicas: int = Field(
-        1, ge=0, le=1000, description="Number of replicas. Ignored while autoscaling is enabled (the HPA owns it)."
+        1,
+        ge=0,
+        le=1000,
+        description=(
+            "Number of replicas; 0 unloads the model (no pods, and requests for it fail at once). While "
+            "autoscaling is enabled the HPA sets the count, and only 0 has an effect: it removes the HPA "
+            "until replicas is above 0 again. The scale subresource sets this field."
+        ),
     )
     resources: Resources | None = Field(None, description="GPUs, CPU and memory per replica.")
     scheduling: Scheduling | None = Field(None, description="Node selection, tolerations and priority.")
@@ -582,12 +592,20 @@ class InferenceModelStatus(Model):
     phase: Literal["Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed", "Idle"] | None = Field(
         None,
         description=(
-            "Summary of the conditions, for humans. Idle: scaled to zero; the router holds requests "
-            "until a replica is up."
+            "Summary of the conditions, for humans. Idle: no replicas; scaled to zero by the autoscaler "
+            "(the router holds requests until a replica is up), or unloaded (spec.replicas 0)."
         ),
     )
     replicas: int | None = Field(None, description="Replicas that exist.")
     ready_replicas: int | None = Field(None, description="Replicas whose model answers.")
+    load_replicas: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "The replicas a load restores (the router's POST /v1/admin/models/<name>/load): the last "
+            "spec.replicas above 0 the operator saw."
+        ),
+    )
     selector: str | None = Field(None, description="Label selector of the model's pods (for the scale subresource).")
     endpoint: str | None = Field(None, description="Where the router sends this model's requests.")
     served_model: str | None = Field(

@@ -254,6 +254,7 @@ def reconcile_managed(kube: Kube, context: ModelContext) -> Observed:
         if observed_job is not None and job_failed(observed_job)
         else "",
         scale_to_zero_refused=scale_to_zero_refused,
+        unloaded=context.unloaded,
     )
 
 
@@ -274,6 +275,8 @@ def apply_and_observe(
         "replicas": deployment_status.get("replicas") or 0,
         "readyReplicas": deployment_status.get("readyReplicas") or 0,
         "selector": selector_string(context),
+        # What a load restores after an unload has set spec.replicas to 0.
+        "loadReplicas": context.spec.replicas or previous_status.get("loadReplicas") or 1,
     }
     served = served_model(observed.deployment, previous_status.get("servedModel"))
     if served is not None:

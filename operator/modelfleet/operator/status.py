@@ -32,6 +32,8 @@ class Observed:
     rejected: str = ""
     # The API server refused the HPA's minReplicas 0 (no HPAScaleToZero): the model keeps one replica.
     scale_to_zero_refused: str = ""
+    # spec.replicas is 0: unloaded on purpose, not scaled to zero by the autoscaler.
+    unloaded: bool = False
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,16 @@ def conditions_for(
         states.append(ConditionState("Ready", "False", "ContainersFailing", "; ".join(crashes)))
     elif job != "Complete":
         states.append(ConditionState("Ready", "False", "Downloading", job_message))
+    elif observed.unloaded:
+        states.append(
+            ConditionState(
+                "Ready",
+                "False",
+                "Unloaded",
+                "spec.replicas is 0: the model is unloaded and its requests fail; load it with `kubectl scale "
+                "inferencemodel <name> --replicas=N` or the router's POST /v1/admin/models/<name>/load",
+            )
+        )
     elif observed.deployment is not None and desired == 0:
         states.append(
             ConditionState("Ready", "False", "ScaledToZero", "0 replicas are wanted; scale up to serve the model")
@@ -342,7 +354,7 @@ def phase_for(states: list[ConditionState]) -> str:
         return "Downloading"
     if reason == "Loading":
         return "Loading"
-    if reason == "ScaledToZero":
+    if reason in {"ScaledToZero", "Unloaded"}:
         return "Idle"
     return "Pending"
 

@@ -38,9 +38,12 @@ def lowest_replicas(context: ModelContext, scale_to_zero: bool) -> int:
 
 
 def build_hpa(context: ModelContext, scale_to_zero: bool = True) -> Manifest | None:
-    """The model's HPA; scale_to_zero=False floors minReplicas at 1 (for API servers that refuse 0)."""
+    """The model's HPA; scale_to_zero=False floors minReplicas at 1 (for API servers that refuse 0).
+
+    None while the model is unloaded (spec.replicas 0): an HPA would bring pods back.
+    """
     autoscaling = context.autoscaling
-    if not autoscaling.enabled:
+    if not context.autoscaled:
         return None
     return {
         "apiVersion": "autoscaling/v2",

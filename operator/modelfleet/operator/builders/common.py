@@ -75,6 +75,17 @@ class ModelContext:
         return self.spec.autoscaling or v1alpha1.Autoscaling()
 
     @property
+    def unloaded(self) -> bool:
+        """spec.replicas 0: no pods, whatever autoscaling says (what an unload through the scale subresource sets)."""
+        return self.spec.replicas == 0
+
+    @property
+    def autoscaled(self) -> bool:
+        """The HPA owns the replica count.  Not while unloaded: as a Deployment scaled to 0 by hand
+        pauses its HPA in Kubernetes itself, spec.replicas 0 pauses the model's autoscaling."""
+        return self.autoscaling.enabled and not self.unloaded
+
+    @property
     def runtime(self) -> str:
         if self.spec.runtime is None:
             raise ValueError(f"{self.namespace}/{self.name} has no runtime: it is an endpoint model, with no pods")

@@ -137,7 +137,7 @@ def scheduling(context: ModelContext) -> Manifest:
 
 
 def max_replicas(context: ModelContext) -> int:
-    return context.autoscaling.max_replicas if context.autoscaling.enabled else context.spec.replicas
+    return context.autoscaling.max_replicas if context.autoscaled else context.spec.replicas
 
 
 def needs_colocation(context: ModelContext) -> bool:
@@ -234,8 +234,10 @@ def build_deployment(context: ModelContext) -> Manifest:
             "spec": pod_spec,
         },
     }
-    if not context.autoscaling.enabled:
+    if not context.autoscaled:
         # Left out entirely under autoscaling, so server-side apply never takes replicas from the HPA.
+        # When a load ends an unload, leaving it out again gives up the operator's ownership of the
+        # field, which then returns to the Deployment's default of 1, and the HPA takes it from there.
         spec["replicas"] = context.spec.replicas
     return {
         "apiVersion": "apps/v1",
