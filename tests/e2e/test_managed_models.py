@@ -12,7 +12,10 @@ left, as a user's cluster would.
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +61,7 @@ from tests.support.realnode import (
     Release,
     api_key,
     installed_release,
+    node_port_url,
 )
 
 # Each test waits on pods that start for real (the first also on the images and the chart install).
@@ -341,6 +345,73 @@ def test_a_restart_a_second_replica_and_an_operator_restart_download_nothing(
     assert {j.metadata.name for j in prefetch_jobs(stack, "gemma")} == jobs_before
     assert downloaded_since(before) == {}, "an operator restart downloaded weights again"
     REPORT["bytes downloaded: pod restart, second replica, operator restart"] = 0
+
+
+def admin_call(
+    stack: Release, method: str, path: str, key: str = "admin-key", **query: str
+) -> tuple[int, dict[str, str], Any]:
+    """(status, headers, JSON body) of an admin API call through the router's NodePort."""
+    url = f"{node_port_url(stack)}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    headers = {"Authorization": f"Bearer {api_key(stack, key)}"}
+    request = urllib.request.Request(url, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=700) as response:
+            return response.status, dict(response.headers), json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read() or b"null")
+
+
+def test_unload_and_load_through_the_admin_api_with_the_routers_own_account(stack: Release) -> None:
+    """The router's ServiceAccount may patch inferencemodels/scale and nothing more; an unload takes the pod
+    away and fails requests at once, a load brings it back from the cached weights and answers once Ready."""
+    before = blob_bytes()
+    (pod,) = serving_pods(stack, "gemma")
+
+    status, _, unloaded = admin_call(stack, "POST", "/v1/admin/models/gemma/unload", wait="300")
+    assert status == 200, unloaded
+    assert (unloaded["state"], unloaded["replicas"], unloaded["previous_replicas"]) == ("unloaded", 0, 1), unloaded
+    assert get_model(stack, "gemma")["spec"]["replicas"] == 0
+    wait_for(lambda: serving_pods(stack, "gemma") == [], "the serving pod to go", timeout=ROLLOUT)
+    wait_for(lambda: condition(get_model(stack, "gemma"), "Ready").get("reason") == "Unloaded",
+             "the model to say it is unloaded", timeout=60)  # fmt: skip
+    assert get_model(stack, "gemma")["status"]["loadReplicas"] == 1
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as refused:
+        openai_client(stack).chat.completions.create(model="gemma", messages=[{"role": "user", "content": "Hi"}],
+                                                     max_tokens=4)  # fmt: skip
+    assert (refused.value.status_code, refused.value.code) == (503, "model_unloaded"), refused.value
+    REPORT["request to an unloaded model refused after (s)"] = round(time.monotonic() - started, 3)
+
+    # A load that does not wait answers 202 and says where to poll; the poll sees the model come back.
+    status, headers, loading = admin_call(stack, "POST", "/v1/admin/models/gemma/load", wait="0")
+    assert status == 202, loading
+    assert (loading["state"], loading["replicas"]) == ("loading", 1), loading
+    assert headers.get("Location") == "/v1/admin/models/gemma" == loading["poll"]
+    started = time.monotonic()
+    status, _, loaded = admin_call(stack, "POST", "/v1/admin/models/gemma/load", wait="600")
+    assert status == 200, loaded
+    assert (loaded["state"], loaded["model"]["replicas"]) == ("ready", 1), loaded
+    REPORT["load to Ready through the admin API (s)"] = round(time.monotonic() - started, 1)
+    status, _, polled = admin_call(stack, "GET", loading["poll"])
+    assert (status, polled["state"], polled["managed"]["replicas"]) == (200, "ready", 1), polled
+    (back,) = serving_pods(stack, "gemma")
+    assert back.metadata.name != pod.metadata.name
+    assert streamed_chat(stack, "The capital of France is").strip()
+    assert downloaded_since(before) == {}, "a load downloaded the weights again"
+
+    # The GPUs and memory of each model: this pod asks for no GPU; Ollama says what the model holds.
+    status, _, report = admin_call(stack, "GET", "/v1/admin/gpu-memory")
+    assert status == 200, report
+    (gemma,) = [entry for entry in report["models"] if entry["model"] == "gemma"]
+    assert (gemma["gpus"], gemma["pods"]) == (0, 1), gemma
+    (loaded_here,) = gemma["loaded"]
+    assert loaded_here["size_bytes"] > gemma["estimate"]["weights_bytes"] > 0, gemma
+    REPORT["gpu-memory for gemma"] = {"estimate": gemma["estimate"], "loaded": loaded_here}
+
+    # Only an admin key may load or unload.
+    status, _, denied = admin_call(stack, "POST", "/v1/admin/models/gemma/unload", key="user-key")
+    assert (status, denied["error"]["code"]) == (403, "admin_required"), denied
+    assert get_model(stack, "gemma")["spec"]["replicas"] == 1
 
 
 def test_a_new_volume_is_filled_again_and_a_filled_one_is_not(stack: Release, registry_model: RegistryModel) -> None:

@@ -33,9 +33,13 @@ def grant(resources: list[str], verbs: tuple[str, ...]) -> set[Permission]:
     return {(resource, verb) for resource in resources for verb in verbs}
 
 
-# The router only learns which models exist (InferenceModels) and where their ready pods are
-# (EndpointSlices of the im-<name> Services): server/modelfleet/server/discovery.py.
-ROUTER_ALLOWED = grant(["inferencemodels.modelfleet.io", "endpointslices.discovery.k8s.io"], READ)
+# The router learns which models exist (InferenceModels) and where their ready pods are (EndpointSlices
+# of the im-<name> Services): server/modelfleet/server/discovery.py.  Load and unload set a model's
+# spec.replicas through the scale subresource, and may neither read nor change anything else of it:
+# server/modelfleet/server/scaling.py.
+ROUTER_ALLOWED = grant(["inferencemodels.modelfleet.io", "endpointslices.discovery.k8s.io"], READ) | grant(
+    ["inferencemodels.modelfleet.io/scale"], ("patch",)
+)
 
 # The operator (operator/modelfleet/operator): handlers.py, reconcile.py, apply.py and Kopf.
 OPERATOR_ALLOWED = (
@@ -301,6 +305,13 @@ def test_real_tokens_are_refused_too(cluster: Cluster, router_token: str, namesp
             lambda: core.list_namespaced_config_map(namespace),
             lambda: custom.create_namespaced_custom_object(
                 v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, model
+            ),
+            # Only the scale subresource may be patched, and not even read: load and unload need no more.
+            lambda: custom.patch_namespaced_custom_object(
+                v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, "x", {"spec": {"replicas": 0}}
+            ),
+            lambda: custom.get_namespaced_custom_object_scale(
+                v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, "x"
             ),
         ):
             with pytest.raises(ApiException) as refused:

@@ -15,7 +15,7 @@ import openai
 import pytest
 from kubernetes import client
 
-from tests.conftest import OllamaServer, RouterServer, running_router
+from tests.conftest import OllamaServer, RouterServer, hashed_key, running_router, write_keys_file
 from tests.e2e.conftest import Cluster, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -93,3 +93,66 @@ def test_a_managed_model_without_ready_replicas_makes_requests_wait(
     assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "queue_timeout"
     assert lines[-1] == "data: [DONE]"
     assert waited >= 2, "it waited for its deadline rather than failing at once"
+
+
+ADMIN_KEY = "mf-admin-in-cluster"
+
+
+@pytest.fixture
+def admin_router(
+    namespace: str, router_kubeconfig: Path, ollama_server: OllamaServer, tmp_path: Path
+) -> Iterator[RouterServer]:
+    """As cluster_router, with an admin key for the admin API."""
+    keys = write_keys_file(tmp_path, hashed_key("ops", ADMIN_KEY, admin=True))
+    with running_router(tmp_path, [], kubernetes_discovery="true", kubeconfig=str(router_kubeconfig),
+                        kubernetes_namespace=namespace, api_keys_file=str(keys)) as router:  # fmt: skip
+        yield router
+
+
+def admin(router: RouterServer, action: str, name: str, **query: str) -> httpx.Response:
+    return httpx.post(f"{router.base_url}/v1/admin/models/{name}/{action}", params=query,
+                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)  # fmt: skip
+
+
+def test_unload_and_load_patch_only_the_scale_subresource_as_the_routers_own_account(
+    cluster: Cluster, namespace: str, admin_router: RouterServer, ollama_server: OllamaServer
+) -> None:
+    """No operator runs here: what is proved is the router's side.  Its own token patches spec.replicas
+    through the scale subresource, an unloaded model's requests fail at once (where a model merely
+    without replicas waits), a load that is not done yet answers 202 with where to poll, and models
+    that are not the operator's answer 409."""
+    custom = client.CustomObjectsApi(cluster.api)
+    create_model(cluster, namespace, "small", {"runtime": "ollama", "model": "m:1b", "replicas": 2,
+                                               "resources": {"gpu": 0}})  # fmt: skip
+    outside = {"url": ollama_server.base_url, "api": "ollama"}
+    create_model(cluster, namespace, "outside", {"model": ollama_server.model, "endpoint": outside})
+    wait_for(lambda: {"small", "outside"} <= set(served(admin_router)), "the router to list both", timeout=30)
+
+    unloaded = admin(admin_router, "unload", "small", wait="30")
+    assert unloaded.status_code == 200, unloaded.text
+    assert unloaded.json()["state"] == "unloaded"
+    assert (unloaded.json()["replicas"], unloaded.json()["previous_replicas"]) == (0, 2)
+    assert custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "small")["spec"]["replicas"] == 0
+    chat = {"model": "small", "messages": [{"role": "user", "content": "Hi"}]}
+    refused = httpx.post(f"{admin_router.openai_base_url}/chat/completions", json=chat, timeout=30)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "model_unloaded"
+    assert "/v1/admin/models/small/load" in refused.json()["error"]["message"]
+
+    # Nothing brings a pod here, so the load is still in progress when it answers.
+    loading = admin(admin_router, "load", "small", wait="0")
+    assert loading.status_code == 202, loading.text
+    assert loading.headers["location"] == "/v1/admin/models/small" == loading.json()["poll"]
+    assert loading.json()["state"] == "loading"
+    # With no operator, no status.loadReplicas: a load brings one replica.
+    assert custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "small")["spec"]["replicas"] == 1
+    polled = httpx.get(f"{admin_router.base_url}/v1/admin/models/small",
+                       headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)  # fmt: skip
+    assert polled.status_code == 200, polled.text
+    assert polled.json()["state"] == "no_ready_replicas"
+
+    not_managed = admin(admin_router, "unload", "outside")
+    assert not_managed.status_code == 409, not_managed.text
+    assert not_managed.json()["error"]["code"] == "model_not_managed"
+    assert "existing endpoint" in not_managed.json()["error"]["message"]
+    assert admin(admin_router, "load", "nothing-here").status_code == 404

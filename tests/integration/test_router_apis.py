@@ -359,6 +359,56 @@ def test_llm_inference_service_infer_example_and_its_cache(keyed_router: RouterS
     assert (again.json()["cached"], again.json()["response"]) == (True, answer["response"])
 
 
+def test_static_models_cannot_be_loaded_or_unloaded(keyed_router: RouterServer) -> None:
+    """Load and unload scale InferenceModels; a model from the router's own settings is not one."""
+    base = f"{keyed_router.base_url}/v1/admin/models"
+    for action in ("load", "unload"):
+        assert httpx.post(f"{base}/gemma/{action}", headers=user(), timeout=10).status_code == 403
+        refused = httpx.post(f"{base}/gemma/{action}", headers=user(ADMIN_KEY), timeout=10)
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"]["code"] == "model_not_managed"
+        assert "router's own settings" in refused.json()["error"]["message"]
+        assert httpx.post(f"{base}/nothing/{action}", headers=user(ADMIN_KEY), timeout=10).status_code == 404
+    # llm-pool's load takes engine overrides; here the InferenceModel holds them, and saying so beats ignoring them.
+    override = httpx.post(f"{base}/gemma/load", json={"n_gpu_layers": 20}, headers=user(ADMIN_KEY), timeout=10)
+    assert override.status_code == 400, override.text
+    assert override.json()["error"]["param"] == "n_gpu_layers"
+    one = httpx.get(f"{base}/gemma-native", headers=user(ADMIN_KEY), timeout=10)
+    assert (one.status_code, one.json()["name"], one.json()["managed"]) == (200, "gemma-native", None)
+
+
+def test_gpu_memory_reports_what_ollama_holds_and_estimates_weights_and_kv_cache(
+    keyed_router: RouterServer, ollama_server: OllamaServer
+) -> None:
+    # A generation first, so that Ollama has the model loaded and reports the context it runs with.
+    httpx.post(f"{keyed_router.openai_base_url}/completions", headers=user(), timeout=120,
+               json={"model": "gemma", "prompt": "Hi", "max_tokens": 1}).raise_for_status()  # fmt: skip
+    assert httpx.get(f"{keyed_router.base_url}/v1/admin/gpu-memory", headers=user(), timeout=10).status_code == 403
+    report = httpx.get(f"{keyed_router.base_url}/v1/admin/gpu-memory", headers=user(ADMIN_KEY), timeout=30)
+    assert report.status_code == 200, report.text
+    by_model = {entry["model"]: entry for entry in report.json()["models"]}
+    assert set(by_model) == {"gemma", "gemma-native"}
+    gemma = by_model["gemma"]
+    assert gemma["gpus"] is None, "a static model's GPUs are not known to the router"
+
+    # Ollama's own account, asked directly, is what the report passes on.
+    running = httpx.get(f"{ollama_server.base_url}/api/ps", timeout=10).json()["models"]
+    (direct,) = [entry for entry in running if entry["name"] == ollama_server.model]
+    (loaded,) = gemma["loaded"]
+    assert (loaded["size_bytes"], loaded["vram_bytes"], loaded["context_length"]) == (
+        direct["size"], direct["size_vram"], direct["context_length"])  # fmt: skip
+    tags = httpx.get(f"{ollama_server.base_url}/api/tags", timeout=10).json()["models"]
+    (file_size,) = [entry["size"] for entry in tags if entry["name"] == ollama_server.model]
+
+    estimate, architecture = gemma["estimate"], gemma["architecture"]
+    assert architecture["name"] == "gemma3"
+    assert estimate["weights_bytes"] == file_size
+    assert (estimate["context_length"], estimate["concurrency"]) == (direct["context_length"], 4)
+    assert estimate["kv_cache_bytes"] == estimate["kv_bytes_per_token"] * direct["context_length"] * 4
+    # What Ollama holds also counts its compute buffers: more than the weights, which it holds in full.
+    assert direct["size"] > estimate["weights_bytes"]
+
+
 def test_llm_pool_models_and_admin_models(keyed_router: RouterServer) -> None:
     """llm-pool's GET /v1/models lists model ids (never replicas) and /v1/admin/models one row per id."""
     listed = httpx.get(f"{keyed_router.openai_base_url}/models", headers=user(), timeout=10).json()

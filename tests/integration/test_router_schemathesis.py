@@ -32,7 +32,7 @@ from tests.conftest import OllamaServer, RouterServer, hashed_key, running_route
 
 pytestmark = pytest.mark.integration
 
-SEED = 8  # the number: any fixed value makes CI reproducible
+SEED = 8  # any fixed value makes CI reproducible
 # Examples per operation (fuzzing phase); raise them locally for a longer hunt, e.g. MODELFLEET_FUZZ_EXAMPLES=200.
 MAX_EXAMPLES = int(os.environ.get("MODELFLEET_FUZZ_EXAMPLES", "20"))
 KEYED_MAX_EXAMPLES = max(1, MAX_EXAMPLES // 4)

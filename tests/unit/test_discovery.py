@@ -416,3 +416,19 @@ def test_a_router_counts_only_ready_peers_and_always_itself() -> None:
     assert peers.place([]) == (1, 0)
     # Another Service's slice in the same namespace says nothing about the routers.
     assert peers.place([slice_("other", [endpoint("10.0.0.1")], namespace="modelfleet")]) == (1, 0)
+
+
+def test_managed_models_carry_what_load_and_unload_need() -> None:
+    body = model("g", {"runtime": "vllm", "model": "org/m", "replicas": 0, "autoscaling": {"enabled": True},
+                       "resources": {"gpu": 2, "gpuResource": "amd.com/gpu"}})  # fmt: skip
+    body["status"] = {"loadReplicas": 3, "replicas": 1, "phase": "Idle"}
+    managed_spec = only(models_from_cluster([body], [])).managed
+    assert managed_spec is not None
+    assert (managed_spec.replicas, managed_spec.unloaded, managed_spec.autoscaled) == (0, True, True)
+    assert (managed_spec.load_replicas, managed_spec.pods, managed_spec.phase) == (3, 1, "Idle")
+    assert (managed_spec.gpus_per_replica, managed_spec.gpu_resource) == (2, "amd.com/gpu")
+    # The CRD's defaults where the spec and status say nothing.
+    defaults = only(models_from_cluster([managed("d")], [])).managed
+    assert defaults is not None
+    assert (defaults.replicas, defaults.load_replicas, defaults.gpus_per_replica) == (1, 1, 1)
+    assert only(models_from_cluster([endpoint_model("e", "http://ollama.ai.svc:11434")], [])).managed is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +22,7 @@ from modelfleet.server.errors import RouterError
 from modelfleet.server.lifecycle import Drain
 from modelfleet.server.metrics import RouterMetrics
 from modelfleet.server.pipeline import first_set, prompt_chars, upstream_body
-from modelfleet.server.registry import ModelRegistry, ModelSpec
+from modelfleet.server.registry import Management, ModelRegistry, ModelSpec
 from modelfleet.server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, ResponsesRequest
 from modelfleet.server.services import Services
 from modelfleet.server.settings import RouterSettings, StaticModel
@@ -68,7 +70,7 @@ def test_a_source_replaces_its_models_and_capacity_follows_replicas() -> None:
     registry.replace_source("cluster", [spec("a", "http://10.0.0.1:8000", "http://10.0.0.2:8000")])
     assert registry.resolve("a") is a, "an updated model keeps its queue and load counters"
     assert a.queue.capacity == 4
-    assert b.queue.closed_reason is not None
+    assert b.queue.refusal is not None
     assert registry.names() == ["llama", "a"]
     with pytest.raises(RouterError):
         registry.resolve("b")
@@ -364,3 +366,36 @@ def test_llm_pools_decoding_fills_what_the_top_level_fields_leave_unset() -> Non
     assert (native["top_k"], native["repeat_penalty"], native["num_predict"]) == (1, 1.1, 5)
     with pytest.raises(ValueError, match="decoding"):
         ResponsesRequest.model_validate({"model": "gemma", "input": "Hi", "decoding": {"temprature": 0}})
+
+
+def test_an_unloaded_model_refuses_at_once_and_a_load_admits_again() -> None:
+    """Waiting requests fail when the model is unloaded (nothing will bring a replica), not at their deadline."""
+    asyncio.run(unload_and_load())
+
+
+async def unload_and_load() -> None:
+    registry = registry_with(LLAMA)
+    management = Management(replicas=1, autoscaled=False, load_replicas=1, pods=0, gpus_per_replica=1,
+                            gpu_resource="nvidia.com/gpu", phase="Loading")  # fmt: skip
+    served = ModelSpec(name="m", api="ollama", upstream_model="m", endpoints=(), source="cluster", managed=management)
+    registry.replace_source("cluster", [served])
+    queue = registry.resolve("m").queue
+    ticket = queue.admit()
+    assert not ticket.granted, "no replica: the request waits"
+
+    unloaded = dataclasses.replace(served, managed=dataclasses.replace(management, replicas=0))
+    seen = asyncio.ensure_future(registry.wait_until(lambda: registry.resolve("m").spec == unloaded, seconds=10))
+    registry.replace_source("cluster", [unloaded])
+    assert await seen, "a waiter sees the change"
+    with pytest.raises(RouterError) as waiting:
+        await ticket.wait(5)
+    assert (waiting.value.status, waiting.value.code) == (503, "model_unloaded")
+    assert "POST /v1/admin/models/m/load" in waiting.value.message
+    with pytest.raises(RouterError) as refused:
+        queue.admit()
+    assert refused.value.code == "model_unloaded"
+    assert refused.value is not queue.refusal, "each request gets its own exception"
+
+    registry.replace_source("cluster", [served])
+    assert queue.refusal is None
+    assert not queue.admit().granted, "loaded again, a request waits for a replica as before"

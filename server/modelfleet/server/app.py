@@ -28,6 +28,7 @@ from modelfleet.server.metrics import RouterMetrics
 from modelfleet.server.probe import probe_forever
 from modelfleet.server.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from modelfleet.server.registry import ModelRegistry
+from modelfleet.server.scaling import ModelScaler
 from modelfleet.server.services import Services
 from modelfleet.server.settings import RouterSettings
 
@@ -90,12 +91,14 @@ def create_app(settings: RouterSettings, drain: Drain | None = None) -> FastAPI:
                 redis_circuit=circuit,
             )
             if settings.kubernetes_discovery:
+                kubeconfig = str(settings.kubeconfig) if settings.kubeconfig else None
                 services.watcher = ClusterWatcher(
                     on_change=lambda specs: registry.replace_source("cluster", specs),
                     namespace=settings.kubernetes_namespace,
-                    kubeconfig=str(settings.kubeconfig) if settings.kubeconfig else None,
+                    kubeconfig=kubeconfig,
                     peers=router_peers(settings),
                 )
+                services.scaler = ModelScaler(kubeconfig)
                 background(services.watcher.run())
             background(probe_forever(services, PROBE_INTERVAL_SECONDS))
             app.state.services = services
@@ -108,6 +111,8 @@ def create_app(settings: RouterSettings, drain: Drain | None = None) -> FastAPI:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
                 await limiter.aclose()
+                if services.scaler is not None:
+                    await services.scaler.aclose()
                 if redis is not None:
                     await redis.aclose()
 

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from modelfleet.server.registry import Api, ModelSpec
+from modelfleet.server.registry import Api, Management, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ def _spec_for(
 
     api: Api
     remote = False
+    managed: Management | None = None
     upstream = str(spec["model"])
     if endpoint.get("url"):
         url = str(endpoint["url"])
@@ -188,7 +189,18 @@ def _spec_for(
         endpoints = ready.get((candidate.namespace, SERVICE_PREFIX + candidate.name), ())
         # The operator names the model its pods answer to: while spec.model changes, the old pods keep
         # serving (under the old name) until the new ones are all Ready.
-        upstream = str((candidate.body.get("status") or {}).get("servedModel") or upstream)
+        status: Mapping[str, Any] = candidate.body.get("status") or {}
+        upstream = str(status.get("servedModel") or upstream)
+        resources: Mapping[str, Any] = spec.get("resources") or {}
+        managed = Management(
+            replicas=int(spec.get("replicas", 1)),
+            autoscaled=bool((spec.get("autoscaling") or {}).get("enabled", False)),
+            load_replicas=int(status.get("loadReplicas") or 1),
+            pods=int(status.get("replicas") or 0),
+            gpus_per_replica=int(resources.get("gpu", 1)),
+            gpu_resource=str(resources.get("gpuResource", "nvidia.com/gpu")),
+            phase=str(status.get("phase") or ""),
+        )
     else:
         notes[("invalid", candidate.namespace, candidate.name, generation)] = (
             f"InferenceModel {where} is not served: it has neither spec.endpoint.url nor a known spec.runtime"
@@ -213,6 +225,7 @@ def _spec_for(
         requests_per_minute=None if rpm is None else int(rpm),
         tokens_per_minute=None if tpm is None else int(tpm),
         source=SOURCE,
+        managed=managed,
         namespace=candidate.namespace,
     )
 
@@ -304,7 +317,7 @@ class _ApiError(Exception):
 
 
 @dataclass
-class _ApiServer:
+class ApiServer:
     """How to reach the API server; the token is asked for on every request, so rotation is picked up."""
 
     base_url: str
@@ -319,8 +332,17 @@ class _ApiServer:
             base_url=self.base_url, verify=self.tls, proxy=self.proxy, trust_env=False, timeout=httpx.Timeout(30.0)
         )
 
+    def request_options(self) -> dict[str, Any]:
+        """Headers (with a current token) and TLS server name for one request."""
+        headers = {"Accept": "application/json"}
+        token = self.authorization()
+        if token:
+            headers["Authorization"] = token
+        extensions = {"sni_hostname": self.sni_hostname} if self.sni_hostname else None
+        return {"headers": headers, "extensions": extensions}
 
-def _load_api_server(kubeconfig: str | None) -> _ApiServer:
+
+def load_api_server(kubeconfig: str | None) -> ApiServer:
     """Credentials from the pod's ServiceAccount in cluster, else from a kubeconfig file (blocking)."""
     # Imported here: a router that serves only static models never needs the kubernetes package.
     from kubernetes import client, config
@@ -344,7 +366,7 @@ def _load_api_server(kubeconfig: str | None) -> _ApiServer:
         value: str | None = cfg.get_api_key_with_prefix("BearerToken", alias="authorization")
         return value
 
-    return _ApiServer(
+    return ApiServer(
         base_url=str(cfg.host),
         tls=tls,
         proxy=cfg.proxy or None,
@@ -356,7 +378,7 @@ def _load_api_server(kubeconfig: str | None) -> _ApiServer:
 @dataclass
 class _Connection:
     http: httpx.AsyncClient
-    server: _ApiServer
+    server: ApiServer
 
 
 class ClusterWatcher:
@@ -416,7 +438,7 @@ class ClusterWatcher:
         Raises only if no credentials can be loaded (no kubeconfig, and not in a pod).
         """
         # Loading a kubeconfig may run an exec credential plugin, which blocks.
-        server = await asyncio.to_thread(_load_api_server, self.kubeconfig)
+        server = await asyncio.to_thread(load_api_server, self.kubeconfig)
         async with server.client() as http:
             connection = _Connection(http, server)
             async with asyncio.TaskGroup() as tasks:
@@ -482,13 +504,7 @@ class ClusterWatcher:
     def _request_args(self, connection: _Connection, kind: _Kind, **params: str | int) -> dict[str, Any]:
         if kind.label_selector is not None:
             params["labelSelector"] = kind.label_selector
-        headers = {"Accept": "application/json"}
-        token = connection.server.authorization()
-        if token:
-            headers["Authorization"] = token
-        sni = connection.server.sni_hostname
-        extensions = {"sni_hostname": sni} if sni else None
-        return {"params": params, "headers": headers, "extensions": extensions}
+        return {"params": params, **connection.server.request_options()}
 
     async def _list(self, connection: _Connection, kind: _Kind) -> str:
         """Replace the store with a full, paginated list; return the list's resourceVersion."""

@@ -42,6 +42,10 @@ class RouterError(Exception):
         self.param = param
         self.headers = headers or {}
 
+    def fresh(self) -> RouterError:
+        """The same error as a new instance, for another request: a raised exception keeps its traceback."""
+        return RouterError(self.status, self.message, self.type, self.code, self.param, dict(self.headers))
+
 
 class BackendUnreachable(RouterError):
     """The connection to one replica failed, so it never saw the request: another replica may take it."""
@@ -70,10 +74,13 @@ ERROR_STATUSES: dict[int | str, str] = {
     401: "No API key, or an unknown one.",
     403: "Not allowed: an admin endpoint without an admin key, or a remote model without `allow_remote: true`.",
     404: "The model does not exist (or was removed while the request waited for it).",
+    409: "The model's replicas are not the operator's to change: it is static (from the router's settings) or an "
+    "existing endpoint, or the Kubernetes API server refused the change.",
     413: "The request body is larger than the router accepts.",
     429: "A rate limit is reached or the model's queue is full; `retry-after` says when to retry.",
-    502: "The model server failed, or cannot be reached.",
-    503: "The model has no ready replica, or the rate limiter is unavailable and the router fails closed.",
+    502: "The model server failed, or cannot be reached; for load and unload, the Kubernetes API server refused.",
+    503: "The model has no ready replica or is unloaded, the rate limiter is unavailable and the router fails "
+    "closed, or (load and unload) the Kubernetes API server cannot be reached.",
     504: "No free replica within the queue deadline, or the model server did not answer in time.",
     "4XX": "The model server refused the request: its status and message are passed on (code `upstream_rejected`).",
 }

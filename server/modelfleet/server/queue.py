@@ -2,8 +2,9 @@
 
 Capacity is maxInFlightPerReplica x ready replicas, and follows discovery: with zero ready
 replicas requests wait (up to their deadline) instead of failing, and they start as soon as a
-replica appears.  The queue depth is the HPA's signal (modelfleet_queue_depth), so it counts
-exactly the requests that wait for a slot.
+replica appears; an unloaded model, which nothing will bring a replica, refuses them at once.  The
+queue depth is the HPA's signal (modelfleet_queue_depth), so it counts exactly the requests that
+wait for a slot.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class ModelQueue:
         self.max_queue = max_queue
         self.metrics = metrics
         self.in_flight = 0
-        self.closed_reason: str | None = None
+        # While set, every request fails with a copy of it at once: the model is gone, or unloaded.
+        self.refusal: RouterError | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._recent_durations: deque[float] = deque(maxlen=32)
         self._publish()
@@ -86,8 +88,8 @@ class ModelQueue:
 
     def admit(self) -> Ticket:
         """A slot now, a place in line, or 429 when the line is full."""
-        if self.closed_reason is not None:
-            raise RouterError(404, self.closed_reason, type="not_found_error", code="model_not_found")
+        if self.refusal is not None:
+            raise self.refusal.fresh()
         if self.in_flight < self.capacity and not self._waiters:
             self.in_flight += 1
             self._publish()
@@ -119,11 +121,15 @@ class ModelQueue:
 
     def close(self, reason: str) -> None:
         """The model is gone: every waiting request fails now rather than at its deadline."""
-        self.closed_reason = reason
-        while self._waiters:
+        self.refuse(RouterError(404, reason, type="not_found_error", code="model_not_found"))
+
+    def refuse(self, error: RouterError | None) -> None:
+        """Fail every request with `error` from now on, those waiting included; None admits them again."""
+        self.refusal = error
+        while error is not None and self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(RouterError(404, reason, type="not_found_error", code="model_not_found"))
+                waiter.set_exception(error.fresh())
         self._publish()
 
     def started(self) -> None:

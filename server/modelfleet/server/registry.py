@@ -8,8 +8,9 @@ changed or vanished, so models come and go without a restart.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,6 +21,23 @@ from modelfleet.server.queue import ModelQueue
 logger = logging.getLogger(__name__)
 
 Api = Literal["openai", "ollama"]
+
+
+@dataclass(frozen=True)
+class Management:
+    """What the operator runs for an InferenceModel with pods, as its spec and status say."""
+
+    replicas: int  # spec.replicas; 0 is unloaded
+    autoscaled: bool  # the HPA sets the pods' count while the model is loaded
+    load_replicas: int  # status.loadReplicas: what a load restores
+    pods: int  # status.replicas: the pods that exist now
+    gpus_per_replica: int
+    gpu_resource: str
+    phase: str  # status.phase, for people
+
+    @property
+    def unloaded(self) -> bool:
+        return self.replicas == 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,8 @@ class ModelSpec:
     # endpoints), and this replica's place among them.
     routers: int = 1
     router_index: int = 0
+    # Set for InferenceModels whose pods the operator runs (None: static, or an existing endpoint).
+    managed: Management | None = None
 
     @property
     def capacity(self) -> int:
@@ -73,6 +93,7 @@ class ServedModel:
         self.queue = ModelQueue(spec.name, spec.capacity, spec.max_queue, metrics, spec.namespace)
         self.outstanding: dict[str, int] = dict.fromkeys(spec.endpoints, 0)
         self._picks = 0
+        self._refuse_if_unloaded()
 
     @property
     def name(self) -> str:
@@ -83,6 +104,17 @@ class ServedModel:
         self.outstanding = {endpoint: self.outstanding.get(endpoint, 0) for endpoint in spec.endpoints}
         self.queue.max_queue = spec.max_queue
         self.queue.set_capacity(spec.capacity)
+        self._refuse_if_unloaded()
+
+    def _refuse_if_unloaded(self) -> None:
+        """An unloaded model's requests fail at once: unlike a model scaled to zero, nothing brings a replica."""
+        if self.spec.managed is not None and self.spec.managed.unloaded:
+            self.queue.refuse(RouterError(
+                503, f"`{self.name}` is unloaded (its InferenceModel has spec.replicas 0); an admin can load it "
+                f"with POST /v1/admin/models/{self.name}/load.", type="server_error", code="model_unloaded",
+            ))  # fmt: skip
+        elif self.queue.refusal is not None and self.queue.refusal.code == "model_unloaded":
+            self.queue.refuse(None)
 
     def pick_endpoint(self, exclude: Collection[str] = ()) -> str:
         """The ready replica with the fewest outstanding requests; ties take turns.
@@ -115,6 +147,8 @@ class ModelRegistry:
         self.metrics = metrics
         self._models: dict[str, ServedModel] = {}
         self._names: dict[str, str] = {}  # name or alias -> model name
+        # Set and replaced on every change, so that waiters wake up and look again.
+        self._changed = asyncio.Event()
 
     def replace_source(self, source: str, specs: Iterable[ModelSpec]) -> None:
         """Make the models of `source` exactly `specs`: add the new, update the changed, drop the gone.
@@ -148,6 +182,22 @@ class ModelRegistry:
         for model in self._models.values():
             for name in (model.name, *model.spec.aliases):
                 self._names.setdefault(name, model.name)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_until(self, holds: Callable[[], bool], seconds: float) -> bool:
+        """Whether `holds()` became true within `seconds`; it is checked after every change."""
+        try:
+            async with asyncio.timeout(seconds):
+                while not holds():
+                    await self._changed.wait()
+        except TimeoutError:
+            return holds()
+        return True
+
+    def find(self, name: str) -> ServedModel | None:
+        model_name = self._names.get(name)
+        return None if model_name is None else self._models[model_name]
 
     def resolve(self, name: str) -> ServedModel:
         model_name = self._names.get(name)

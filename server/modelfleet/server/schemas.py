@@ -309,11 +309,51 @@ class InferAnswer(Answer):
 class AdminModel(Answer):
     name: str
     aliases: list[str]
-    state: Literal["ready", "no_ready_replicas", "unreachable"]
+    state: Literal["ready", "no_ready_replicas", "unreachable", "unloaded"]
     replicas: int
     endpoints: list[dict[str, Any]]
     queue_depth: int
     in_flight: int
+    managed: dict[str, Any] | None
+
+
+class LoadRequest(BaseModel):
+    """Optional body of a load.  Engine settings are not overrides here: they live in the InferenceModel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Replicas to run; by default the count before the last unload. Not for autoscaled models.",
+    )
+
+
+class GpuMemoryModel(Answer):
+    model: str
+    source: str
+    gpus: int | None
+    estimate: dict[str, Any] | None = None
+    loaded: list[dict[str, Any]] = []
+
+
+class GpuMemoryReport(Answer):
+    object: Literal["gpu_memory"]
+    models: list[GpuMemoryModel]
+    gpus: dict[str, int]
+
+
+class AdminModelAction(Answer):
+    """The answer to a load or unload: done (200), or still in progress (202, poll `poll`)."""
+
+    id: str
+    action: Literal["load", "unload"]
+    state: Literal["ready", "loading", "unloaded", "unloading"]
+    replicas: int
+    previous_replicas: int
+    poll: str
+    model: AdminModel | None
 
 
 class AdminModelList(Answer):

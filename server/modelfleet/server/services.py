@@ -15,6 +15,7 @@ from modelfleet.server.discovery import ClusterWatcher
 from modelfleet.server.metrics import RouterMetrics
 from modelfleet.server.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from modelfleet.server.registry import ModelRegistry
+from modelfleet.server.scaling import ModelScaler
 from modelfleet.server.settings import RouterSettings
 
 
@@ -31,6 +32,7 @@ class Services:
     redis: Redis | None = None
     redis_circuit: RedisCircuit | None = None
     watcher: ClusterWatcher | None = None
+    scaler: ModelScaler | None = None  # load and unload, with discovery
     reachability: dict[str, dict[str, object]] = field(default_factory=dict)  # model -> last probe result
 
 

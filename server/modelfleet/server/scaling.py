@@ -1,0 +1,80 @@
+"""Load and unload: an InferenceModel's spec.replicas, set through its scale subresource.
+
+This is what `kubectl scale inferencemodel <name> --replicas=N` does, and all the router may do to a
+model: its ServiceAccount holds `patch` on `inferencemodels/scale` and nothing more.  The operator
+turns spec.replicas 0 into no pods (and no HPA), and a value above 0 back into the model's pods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import orjson
+
+from modelfleet.server.discovery import ApiServer, load_api_server
+from modelfleet.server.errors import RouterError
+
+SCALE_PATH = "/apis/modelfleet.io/v1alpha1/namespaces/{namespace}/inferencemodels/{name}/scale"
+
+
+class ModelScaler:
+    """Patches the scale subresource; the API server's credentials are loaded on first use."""
+
+    def __init__(self, kubeconfig: str | None) -> None:
+        self.kubeconfig = kubeconfig
+        self._server: ApiServer | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._connecting = asyncio.Lock()
+
+    async def _connection(self) -> tuple[ApiServer, httpx.AsyncClient]:
+        async with self._connecting:
+            if self._server is None or self._http is None:
+                # Loading a kubeconfig may run an exec credential plugin, which blocks.
+                self._server = await asyncio.to_thread(load_api_server, self.kubeconfig)
+                self._http = self._server.client()
+            return self._server, self._http
+
+    async def scale(self, namespace: str, name: str, replicas: int) -> None:
+        """Set spec.replicas; the API server's refusal becomes an error that says what to fix."""
+        try:
+            server, http = await self._connection()
+            options = server.request_options()
+            options["headers"]["Content-Type"] = "application/merge-patch+json"
+            response = await http.patch(
+                SCALE_PATH.format(namespace=namespace, name=name),
+                content=orjson.dumps({"spec": {"replicas": replicas}}),
+                **options,
+            )
+        except httpx.HTTPError as exc:
+            raise RouterError(503, f"The Kubernetes API server cannot be reached to scale `{name}`: {exc!r}.",
+                              type="server_error", code="kubernetes_unavailable") from exc  # fmt: skip
+        if response.status_code == 200:
+            return
+        raise refusal(name, response)
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+
+
+def refusal(name: str, response: httpx.Response) -> RouterError:
+    """The API server's answer to a failed patch, as the router's error."""
+    try:
+        message = str(response.json().get("message", ""))
+    except ValueError:
+        message = response.text[:300] or response.reason_phrase
+    status = response.status_code
+    if status == 404:
+        return RouterError(404, f"The InferenceModel `{name}` no longer exists: {message}", type="not_found_error",
+                           code="model_not_found")  # fmt: skip
+    if status in (401, 403):
+        return RouterError(502, f"The Kubernetes API server refused to scale `{name}` ({status}): {message}. The "
+                           "router's ServiceAccount needs `patch` on `inferencemodels/scale` (the Helm chart grants "
+                           "it when router.discovery is true).", type="server_error",
+                           code="kubernetes_forbidden")  # fmt: skip
+    if status in (409, 422):
+        return RouterError(409, f"The Kubernetes API server refused to scale `{name}`: {message}",
+                           code="scale_refused")  # fmt: skip
+    return RouterError(502, f"The Kubernetes API server failed to scale `{name}` ({status}): {message}",
+                       type="server_error", code="kubernetes_error")  # fmt: skip
