@@ -40,6 +40,21 @@ $(VENV_STAMP): pyproject.toml | $(VENV_BIN)/python
 	$(VENV_BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# litellm is tested as a client of the router, from its own venv: it needs python-dateutil<3 (through
+# boto3 and botocore) and the kubernetes client in $(VENV) needs >=3.  The stamp is newer than the pin.
+LITELLM_VENV := .venv-litellm
+LITELLM_REQUIREMENTS := tests/clients/litellm-requirements.txt
+LITELLM_STAMP := $(LITELLM_VENV)/.modelfleet-installed
+
+.PHONY: install-litellm
+install-litellm: $(LITELLM_STAMP) ## A separate venv with the pinned litellm, the client library the integration tests use
+
+$(LITELLM_STAMP): $(LITELLM_REQUIREMENTS)
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(LITELLM_VENV)/bin/pip install --quiet -r $(LITELLM_REQUIREMENTS)
+	touch $@
+
 .PHONY: tools
 tools: ## Build (or reuse) the pinned kube-*, kubectl, etcd, kwok, kwokctl and helm
 	$(PYTHON) hack/build_tools.py
@@ -107,7 +122,7 @@ test-unit: ## Pure-logic tests
 	$(PYTEST) -m unit tests/unit
 
 .PHONY: test-integration
-test-integration: ## Tests against real local services (Redis, Prometheus) on 127.0.0.1
+test-integration: install-litellm ## Tests against real local services (Redis, Prometheus) on 127.0.0.1
 	$(PYTEST) -m integration tests/integration
 
 .PHONY: test-e2e
