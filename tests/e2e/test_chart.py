@@ -210,10 +210,13 @@ def test_rbac_equals_the_plain_manifests_the_e2e_tests_run_with() -> None:
 
 
 def test_the_router_may_not_read_secrets() -> None:
+    """It reads models and their endpoints; the one thing it may write is a model's replica count."""
     router_rules = rules_of(render())["modelfleet-router"]
-    assert {resource for rule in router_rules for resource in rule["resources"]} == {"inferencemodels",
-                                                                                     "endpointslices"}  # fmt: skip
-    assert {verb for rule in router_rules for verb in rule["verbs"]} == {"get", "list", "watch"}
+    granted = {(resource, verb) for rule in router_rules for resource in rule["resources"] for verb in rule["verbs"]}
+    reads = {
+        (resource, verb) for resource in ("inferencemodels", "endpointslices") for verb in ("get", "list", "watch")
+    }
+    assert granted == reads | {("inferencemodels/scale", "patch")}
 
 
 # Against the API server ------------------------------------------------------------------------

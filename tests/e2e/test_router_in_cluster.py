@@ -146,10 +146,15 @@ def test_unload_and_load_patch_only_the_scale_subresource_as_the_routers_own_acc
     assert loading.json()["state"] == "loading"
     # With no operator, no status.loadReplicas: a load brings one replica.
     assert custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "small")["spec"]["replicas"] == 1
-    polled = httpx.get(f"{admin_router.base_url}/v1/admin/models/small",
-                       headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)  # fmt: skip
-    assert polled.status_code == 200, polled.text
-    assert polled.json()["state"] == "no_ready_replicas"
+
+    def polled_state() -> str:
+        polled = httpx.get(f"{admin_router.base_url}/v1/admin/models/small",
+                           headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)  # fmt: skip
+        assert polled.status_code == 200, polled.text
+        return str(polled.json()["state"])
+
+    # The poll follows the watch: unloaded until the router sees spec.replicas 1, then waiting for a replica.
+    wait_for(lambda: polled_state() == "no_ready_replicas", "the poll to see the load", timeout=30)
 
     not_managed = admin(admin_router, "unload", "outside")
     assert not_managed.status_code == 409, not_managed.text
