@@ -350,15 +350,15 @@ def test_a_restart_a_second_replica_and_an_operator_restart_download_nothing(
 def admin_call(
     stack: Release, method: str, path: str, key: str = "admin-key", **query: str
 ) -> tuple[int, dict[str, str], Any]:
-    """(status, headers, JSON body) of an admin API call through the router's NodePort."""
+    """(status, headers with lower-case names, JSON body) of an admin API call through the router's NodePort."""
     url = f"{node_port_url(stack)}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
     headers = {"Authorization": f"Bearer {api_key(stack, key)}"}
     request = urllib.request.Request(url, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=700) as response:
-            return response.status, dict(response.headers), json.load(response)
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, json.load(response)
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), json.loads(exc.read() or b"null")
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, json.loads(exc.read() or b"null")
 
 
 def test_unload_and_load_through_the_admin_api_with_the_routers_own_account(stack: Release) -> None:
@@ -386,7 +386,7 @@ def test_unload_and_load_through_the_admin_api_with_the_routers_own_account(stac
     status, headers, loading = admin_call(stack, "POST", "/v1/admin/models/gemma/load", wait="0")
     assert status == 202, loading
     assert (loading["state"], loading["replicas"]) == ("loading", 1), loading
-    assert headers.get("Location") == "/v1/admin/models/gemma" == loading["poll"]
+    assert headers.get("location") == "/v1/admin/models/gemma" == loading["poll"]
     started = time.monotonic()
     status, _, loaded = admin_call(stack, "POST", "/v1/admin/models/gemma/load", wait="600")
     assert status == 200, loaded

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from starlette.requests import Request
 
+from modelfleet.server.api.admin import model_state
 from modelfleet.server.api.compat import as_chat_request as generate_as_chat
 from modelfleet.server.api.responses import as_chat_request as responses_as_chat
 from modelfleet.server.auth import KeyRing
@@ -399,3 +400,17 @@ async def unload_and_load() -> None:
     registry.replace_source("cluster", [served])
     assert queue.refusal is None
     assert not queue.admit().granted, "loaded again, a request waits for a replica as before"
+
+
+def test_a_probe_of_other_replicas_does_not_make_a_model_unreachable() -> None:
+    """Probed while it had no replica (unreachable then); once a replica is ready, that probe is stale."""
+    registry = registry_with(LLAMA)
+    registry.replace_source("cluster", [spec("m")])
+    services = cast(Services, SimpleNamespace(reachability={}))
+    services.reachability["m"] = {"reachable": False, "failing": [], "endpoints": []}
+    model = registry.resolve("m")
+    assert model_state(model, services) == "no_ready_replicas"
+    registry.replace_source("cluster", [spec("m", "http://10.0.0.1:8000")])
+    assert model_state(model, services) == "ready"
+    services.reachability["m"] = {"reachable": False, "failing": ["x"], "endpoints": ["http://10.0.0.1:8000"]}
+    assert model_state(model, services) == "unreachable"

@@ -38,9 +38,19 @@ async def probe_once(services: Services) -> None:
         results[model.name] = {
             "reachable": bool(spec.endpoints) and len(failing) < len(spec.endpoints),
             "failing": failing,
+            "endpoints": list(spec.endpoints),
             "checked_at": round(time.time(), 3),
         }
     services.reachability = results
+
+
+def current_probe(services: Services, spec: ModelSpec) -> dict[str, object] | None:
+    """The last probe of exactly the model's current replicas: None before the first probe, and after its
+    replicas changed (a model that just came back from zero replicas is not unreachable)."""
+    probe = services.reachability.get(spec.name)
+    if probe is None or probe.get("endpoints") != list(spec.endpoints):
+        return None
+    return probe
 
 
 async def probe_forever(services: Services, interval_seconds: float) -> None:

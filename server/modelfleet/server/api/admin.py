@@ -16,6 +16,7 @@ from fastapi import APIRouter, Body, Query, Request
 
 from modelfleet.server.errors import ErrorBody, OrjsonResponse, RouterError, error_responses
 from modelfleet.server.gpu_memory import gpu_memory_report
+from modelfleet.server.probe import current_probe
 from modelfleet.server.registry import ServedModel
 from modelfleet.server.schemas import AdminModel, AdminModelAction, AdminModelList, GpuMemoryReport, LoadRequest
 from modelfleet.server.services import Services, services_of
@@ -35,7 +36,7 @@ def model_state(model: ServedModel, services: Services) -> str:
         return "unloaded"
     if not model.spec.endpoints:
         return "no_ready_replicas"
-    probe = services.reachability.get(model.name)
+    probe = current_probe(services, model.spec)
     if probe is not None and not probe.get("reachable"):
         return "unreachable"
     return "ready"

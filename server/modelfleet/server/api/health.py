@@ -9,7 +9,8 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from modelfleet.server.errors import OrjsonResponse
-from modelfleet.server.services import services_of
+from modelfleet.server.probe import current_probe
+from modelfleet.server.services import Services, services_of
 
 router = APIRouter(tags=["health"])
 
@@ -44,6 +45,13 @@ async def readyz(request: Request) -> OrjsonResponse:
     return OrjsonResponse({"status": "ok", "models": len(services.registry.names())})
 
 
+def reachable_now(services: Services, name: str) -> bool:
+    """False only when the last probe of the model's current replicas found none answering."""
+    model = services.registry.find(name)
+    probe = current_probe(services, model.spec) if model is not None else None
+    return probe is None or probe.get("reachable") is not False
+
+
 @router.get("/health")
 async def health(request: Request) -> OrjsonResponse:
     services = services_of(request)
@@ -60,7 +68,7 @@ async def health(request: Request) -> OrjsonResponse:
     body = {
         "status": "ok",
         "model": model,
-        "ollama_reachable": all(backends.get(name, {}).get("reachable") is not False for name in watched),
+        "ollama_reachable": all(reachable_now(services, name) for name in watched),
         "cache_stats": cache,
         "models": names,
         "cache": cache,
