@@ -263,6 +263,42 @@ def test_scale_subresource_and_deletion_of_all_children(
     wait_for(lambda: children_left() == 0, what="every child to be garbage-collected", timeout=60)
 
 
+def test_an_autoscaled_model_unloads_and_loads_through_the_scale_subresource(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    namespace: str,
+) -> None:
+    """spec.replicas 0 pauses autoscaling: no HPA, no pods.  Above 0 again, the operator gives the replica
+    count back (server-side apply drops its field, which returns to the Deployment's default of 1) and the
+    HPA, recreated, takes it from there.  What the router's load and unload set is exactly this."""
+    apply_sample_and_wait_ready(cluster, namespace, "autoscaled.yaml", "phi3-mini-autoscaled")
+    apps = client.AppsV1Api(cluster.api)
+    hpas = client.AutoscalingV2Api(cluster.api)
+
+    def hpa_exists() -> bool:
+        return any(h.metadata.name == "im-phi3-mini-autoscaled"
+                   for h in hpas.list_namespaced_horizontal_pod_autoscaler(namespace).items)  # fmt: skip
+
+    def deployment_replicas() -> int | None:
+        replicas: int | None = apps.read_namespaced_deployment("im-phi3-mini-autoscaled", namespace).spec.replicas
+        return replicas
+
+    assert hpa_exists()
+    cluster.kubectl("scale", "inferencemodels.modelfleet.io/phi3-mini-autoscaled", "--replicas=0", "-n", namespace)
+    wait_for(lambda: not hpa_exists() and deployment_replicas() == 0, what="the HPA gone and 0 replicas", timeout=60)
+    wait_for(lambda: condition(cluster, namespace, "phi3-mini-autoscaled", "Ready").get("reason") == "Unloaded",
+             what="Ready=False Unloaded", timeout=60)  # fmt: skip
+    assert get_model(cluster, namespace, "phi3-mini-autoscaled")["status"]["phase"] == "Idle"
+
+    cluster.kubectl("scale", "inferencemodels.modelfleet.io/phi3-mini-autoscaled", "--replicas=1", "-n", namespace)
+    wait_for(hpa_exists, what="the HPA back", timeout=60)
+    wait_ready(cluster, namespace, "phi3-mini-autoscaled")
+    assert (deployment_replicas() or 0) >= 1
+    managed = apps.read_namespaced_deployment("im-phi3-mini-autoscaled", namespace).metadata.managed_fields
+    owners = [entry.manager for entry in managed if "f:replicas" in str(entry.fields_v1)]
+    assert "modelfleet-operator" not in owners, f"the operator still owns spec.replicas: {owners}"
+
+
 def test_operator_identity_is_limited_and_it_exports_metrics(
     cluster: Cluster,
     operator: OperatorProcess,
