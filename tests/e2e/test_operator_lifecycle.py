@@ -75,6 +75,10 @@ def all_ready(cluster: Cluster, namespace: str, names: list[str]) -> bool:
     return True
 
 
+def api_requests(metrics_url: str, verb: str) -> float:
+    return operator_metric(metrics_url, "modelfleet_operator_api_requests_total", verb=verb)
+
+
 def test_steady_state_reconciles_and_writes_nothing(
     cluster: Cluster, inferencemodel_crd: str, namespace: str, tmp_path: Path, record_property: pytest.RecordProperty
 ) -> None:
@@ -96,6 +100,8 @@ def test_steady_state_reconciles_and_writes_nothing(
         before = resource_versions(cluster, namespace)
         resyncs_before = reconciles(operator.metrics_url, "resync")
         failures_before = operator_metric(operator.metrics_url, "modelfleet_operator_reconcile_errors_total")
+        patches_before = api_requests(operator.metrics_url, "patch")
+        reads_before = api_requests(operator.metrics_url, "get") + api_requests(operator.metrics_url, "list")
         # Quiet must mean "reconciled and found nothing to change", not "did nothing": wait for
         # ten more resyncs of each model (the counter is read from the live operator, so a dead or
         # stuck operator fails here rather than passing as quiet).
@@ -105,16 +111,23 @@ def test_steady_state_reconciles_and_writes_nothing(
         after = resource_versions(cluster, namespace)
         resyncs = reconciles(operator.metrics_url, "resync") - resyncs_before
         failures = operator_metric(operator.metrics_url, "modelfleet_operator_reconcile_errors_total") - failures_before
+        patches = api_requests(operator.metrics_url, "patch") - patches_before
+        reads = api_requests(operator.metrics_url, "get") + api_requests(operator.metrics_url, "list") - reads_before
         assert operator.process.process.poll() is None, "the operator exited"
     finally:
         servers.close()
     changed = sorted(key for key in before if after.get(key) != before[key])
     record_property("steady_state_resync_reconciles", resyncs)
     record_property("steady_state_writes", len(changed))
+    record_property("steady_state_patch_requests", patches)
+    record_property("steady_state_reads_per_resync", round(reads / resyncs, 1))
+    print(f"steady state: {resyncs:.0f} resyncs, {patches:.0f} PATCH requests, {reads / resyncs:.1f} reads per resync")
     assert resyncs >= 10 * len(names)
     assert failures == 0, "a reconcile that fails writes nothing, but is not quiet"
     assert len(before) == 4 * len(names) + len(names)
     assert changed == [], f"objects written in steady state: {changed}"
+    # Not only nothing stored: nothing sent.  An apply that would change nothing is skipped.
+    assert patches == 0, f"{patches:.0f} PATCH requests in steady state"
 
 
 def test_killed_mid_reconcile_the_operator_converges_without_duplicates(

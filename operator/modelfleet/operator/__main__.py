@@ -9,7 +9,7 @@ from kubernetes import client, config
 from prometheus_client import start_http_server
 
 from modelfleet.operator import handlers
-from modelfleet.operator.apply import Kube
+from modelfleet.operator.apply import AppliedChildren, Kube
 from modelfleet.operator.settings import OperatorSettings
 from modelfleet.operator.warmup import WarmUps
 
@@ -29,12 +29,13 @@ def main() -> None:
     kopf.configure(log_format=kopf.LogFormat.FULL, log_prefix=True)
     settings = OperatorSettings()
     api_client = load_api_client()
-    kube = Kube(api_client)
+    metrics = handlers.ReconcileMetrics.create()
+    kube = Kube(api_client, count_request=metrics.count_request, applied=AppliedChildren())
     runtime = handlers.Runtime(
         settings=settings,
         kube=kube,
         custom=client.CustomObjectsApi(api_client),
-        metrics=handlers.ReconcileMetrics.create(),
+        metrics=metrics,
         warmups=WarmUps(
             set_condition=kube.set_pod_condition,
             timeout_seconds=settings.warmup_timeout_seconds,

@@ -2,13 +2,17 @@
 
 Every write is a server-side apply with one field manager, so the API server merges what we own
 and leaves alone what others own (the HPA's replicas, defaults, other controllers' fields).
+An apply that would change nothing is not sent at all (`AppliedChildren`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from kubernetes import client
@@ -58,23 +62,115 @@ def apply_body(manifest: Manifest) -> bytes:
     return YAML_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text).encode()
 
 
+ChildKey = tuple[str, str, str]  # (kind, namespace, name)
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def holds(live: Any, desired: Any) -> bool:
+    """Whether every field of `desired` is in `live` with the same value (lists item by item).
+
+    Fields only `live` has (defaults, status, other managers' fields) do not matter: an apply would
+    leave them as they are.
+    """
+    if isinstance(desired, dict):
+        return isinstance(live, dict) and all(key in live and holds(live[key], value) for key, value in desired.items())
+    if isinstance(desired, list):
+        return (isinstance(live, list) and len(live) == len(desired)
+                and all(holds(item, wanted) for item, wanted in zip(live, desired, strict=True)))  # fmt: skip
+    return bool(live == desired)
+
+
+@dataclass
+class AppliedChildren:
+    """What the operator last applied to each child, and the newest version of it that the watch has seen.
+
+    An apply is skipped when the desired manifest is the one applied last time and the object still
+    matches it: either nothing changed it since (the watch's newest resourceVersion is the one that
+    apply returned), or only fields the operator does not set changed (status, most often).  The API
+    server would merge such an apply into the same object.  Any doubt (an unknown child, an event not
+    seen yet, an operator restart, a value the API server stores in another form) sends the apply.
+    Drift still comes back within a second: the change that causes it is a watch event, which both
+    shows the difference and triggers the reconcile.
+    """
+
+    _applied: dict[ChildKey, tuple[str, str]] = field(default_factory=dict)  # digest, resourceVersion
+    _seen: dict[ChildKey, Manifest] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @staticmethod
+    def key(body: Manifest) -> ChildKey:
+        meta = body.get("metadata") or {}
+        return (str(body.get("kind", "")), str(meta.get("namespace", "")), str(meta.get("name", "")))
+
+    def observe(self, body: Manifest, deleted: bool = False) -> None:
+        """A watch event of a child."""
+        key = self.key(body)
+        with self._lock:
+            if deleted:
+                self._seen.pop(key, None)
+                self._applied.pop(key, None)
+            else:
+                self._seen[key] = body
+
+    def unchanged(self, manifest: Manifest) -> Manifest | None:
+        """The live object, if applying `manifest` now would change nothing; else None."""
+        key = self.key(manifest)
+        with self._lock:
+            applied, seen = self._applied.get(key), self._seen.get(key)
+        if applied is None or seen is None:
+            return None
+        digest, applied_version = applied
+        if digest != manifest_digest(manifest):
+            return None
+        if (seen.get("metadata") or {}).get("resourceVersion") == applied_version or holds(seen, manifest):
+            return seen
+        return None
+
+    def record(self, manifest: Manifest, live: Manifest) -> None:
+        """An apply of `manifest` returned `live`."""
+        key = self.key(manifest)
+        version = str((live.get("metadata") or {}).get("resourceVersion", ""))
+        with self._lock:
+            self._applied[key] = (manifest_digest(manifest), version)
+            self._seen[key] = live
+
+
+def count_nothing(verb: str, kind: str) -> None:
+    """The default request counter."""
+
+
 class Kube:
     """A thin typed door to the API server for the operator's own kinds."""
 
-    def __init__(self, api_client: client.ApiClient) -> None:
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        count_request: Callable[[str, str], None] = count_nothing,
+        applied: AppliedChildren | None = None,
+    ) -> None:
         self.api_client = api_client
+        self.count_request = count_request
+        # None: every apply is sent (tests that count applies, one-off tools).
+        self.applied = applied
 
     def _call(
         self,
         method: str,
+        resource: str,
         path: str,
         body: bytes | str | Manifest | None = None,
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
+        verb: str | None = None,
     ) -> Manifest:
+        """One request; `verb` is what it counts as (Kubernetes' verbs: get, list, patch, delete)."""
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
+        self.count_request(verb or method.lower(), resource)
         request = self.api_client.param_serialize(
             method=method,
             resource_path=path,
@@ -90,18 +186,26 @@ class Kube:
         return cast(Manifest, json.loads(response.data or b"{}"))
 
     def apply(self, manifest: Manifest, dry_run: bool = False) -> Manifest:
+        """The object after a server-side apply of `manifest`; not sent if it would change nothing."""
+        if self.applied is not None and not dry_run:
+            live = self.applied.unchanged(manifest)
+            if live is not None:
+                return live
         kind = KINDS[manifest["kind"]]
         meta = manifest["metadata"]
         path = f"{kind.collection(meta['namespace'])}/{meta['name']}"
         query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
         if dry_run:
             query.append(("dryRun", "All"))
-        return self._call("PATCH", path, apply_body(manifest), query, "application/apply-patch+yaml")
+        live = self._call("PATCH", kind.plural, path, apply_body(manifest), query, "application/apply-patch+yaml")
+        if self.applied is not None and not dry_run:
+            self.applied.record(manifest, live)
+        return live
 
     def get(self, kind_name: str, namespace: str, name: str) -> Manifest | None:
         kind = KINDS[kind_name]
         try:
-            return self._call("GET", f"{kind.collection(namespace)}/{name}")
+            return self._call("GET", kind.plural, f"{kind.collection(namespace)}/{name}")
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -109,13 +213,15 @@ class Kube:
 
     def list(self, kind_name: str, namespace: str, label_selector: str) -> list[Manifest]:
         kind = KINDS[kind_name]
-        result = self._call("GET", kind.collection(namespace), query=[("labelSelector", label_selector)])
+        result = self._call("GET", kind.plural, kind.collection(namespace), query=[("labelSelector", label_selector)],
+                            verb="list")  # fmt: skip
         return cast(list[Manifest], result.get("items") or [])
 
     def delete(self, kind_name: str, namespace: str, name: str) -> bool:
         kind = KINDS[kind_name]
         try:
-            self._call("DELETE", f"{kind.collection(namespace)}/{name}", body={"propagationPolicy": "Background"})
+            self._call("DELETE", kind.plural, f"{kind.collection(namespace)}/{name}",
+                       body={"propagationPolicy": "Background"})  # fmt: skip
         except ApiException as exc:
             if exc.status == 404:
                 return False
@@ -129,4 +235,4 @@ class Kube:
         """
         path = f"{KINDS['Pod'].collection(namespace)}/{name}/status"
         patch = {"status": {"conditions": [condition]}}
-        return self._call("PATCH", path, patch, content_type="application/strategic-merge-patch+json")
+        return self._call("PATCH", "pods/status", path, patch, content_type="application/strategic-merge-patch+json")

@@ -6,6 +6,7 @@ reconcile of one model, coalesced so that a burst of child events costs one extr
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -25,6 +26,12 @@ from modelfleet.operator.reconcile import namespace_terminating, reconcile, stat
 from modelfleet.operator.settings import OperatorSettings
 from modelfleet.operator.warmup import WarmUps
 
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+# The kinds the operator applies (pods it only reads, and a Job is only applied when it is missing).
+APPLIED_KINDS = {
+    "Deployment", "Service", "PersistentVolumeClaim", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
+}  # fmt: skip
 # (group, version, plural) of every kind whose changes can change a model's desired or observed state.
 CHILD_RESOURCES = [
     ("apps", "v1", "deployments"),
@@ -44,6 +51,7 @@ class ReconcileMetrics:
     total: Counter
     duration: Histogram
     errors: Counter
+    api_requests: Counter
 
     @classmethod
     def create(cls) -> ReconcileMetrics:
@@ -55,7 +63,16 @@ class ReconcileMetrics:
                 "modelfleet_operator_reconcile_duration_seconds", "Duration of one reconcile", registry=registry
             ),
             errors=Counter("modelfleet_operator_reconcile_errors_total", "Reconciles that failed", registry=registry),
+            api_requests=Counter(
+                "modelfleet_operator_api_requests_total",
+                "Requests of reconciles to the API server (Kopf's own watches are not counted)",
+                ["verb", "resource"],
+                registry=registry,
+            ),
         )
+
+    def count_request(self, verb: str, resource: str) -> None:
+        self.api_requests.labels(verb=verb, resource=resource).inc()
 
 
 @dataclass
@@ -72,6 +89,7 @@ class Runtime:
     _pending: set[tuple[str, str]] = field(default_factory=set)
 
     def read_model(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.metrics.count_request("get", v1alpha1.PLURAL)
         try:
             body = cast(
                 dict[str, Any],
@@ -138,6 +156,7 @@ class Runtime:
             # In the background: a pod's condition change brings the model back here when it is done.
             self.warmups.ensure(outcome.warmup.pods, outcome.warmup.runtime, outcome.warmup.port)
         if status_changed(body.get("status") or {}, outcome.status):
+            self.metrics.count_request("patch", f"{v1alpha1.PLURAL}/status")
             self.custom.patch_namespaced_custom_object_status(
                 v1alpha1.GROUP, v1alpha1.VERSION, namespace, v1alpha1.PLURAL, name, {"status": outcome.status}
             )
@@ -170,6 +189,10 @@ def on_resync(name: str, namespace: str, memo: Any, logger: logging.Logger, **_:
 def on_child_event(
     body: dict[str, Any], namespace: str, memo: Any, logger: logging.Logger, type: str | None = None, **_: Any
 ) -> None:
+    applied = runtime_of(memo).kube.applied
+    if applied is not None and body.get("kind") in APPLIED_KINDS:
+        # Copied: Kopf's body is a view of its own, and the reconcile reads this one later.
+        applied.observe(copy.deepcopy(dict(body)), deleted=type == "DELETED")
     model = (body.get("metadata", {}).get("labels") or {}).get(MODEL_LABEL)
     if model and type is not None:  # type None is the initial listing; resume handlers cover it
         runtime_of(memo).reconcile_model(namespace, model, "child", logger)
@@ -191,6 +214,10 @@ def configure(settings: kopf.OperatorSettings, operator: OperatorSettings) -> No
     )
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
+    # The children are watched by label on the API server's side: a client-side filter (the handlers'
+    # `labels=`) would still stream every pod, Job and Service of the cluster to the operator.
+    for group, version, plural in CHILD_RESOURCES:
+        settings.watching.label_selectors[(f"{group}/{version}" if group else version, plural)] = CHILD_SELECTOR
     settings.execution.max_workers = 8
 
 
@@ -215,6 +242,6 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     for group, version, plural in CHILD_RESOURCES:
         api_version = f"{group}/{version}" if group else version
         kopf.on.event(
-            api_version, plural, id=f"child-{plural}", labels={"app.kubernetes.io/managed-by": MANAGED_BY},
+            api_version, plural, id=f"child-{plural}", labels={MANAGED_BY_LABEL: MANAGED_BY},
             registry=registry,
         )(on_child_event)  # type: ignore[arg-type]  # fmt: skip

@@ -1,0 +1,98 @@
+"""When the operator may skip a server-side apply: the same manifest as last time, and an object that still matches."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, cast
+
+import pytest
+from kubernetes import client
+
+from modelfleet.operator.apply import AppliedChildren, Kube, holds
+
+pytestmark = pytest.mark.unit
+
+DESIRED: dict[str, Any] = {
+    "apiVersion": "apps/v1",
+    "kind": "Deployment",
+    "metadata": {"name": "im-m", "namespace": "ai", "labels": {"app": "m"}},
+    "spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "ollama", "image": "ollama:1"}]}}},
+}
+
+
+def live(version: str, **changes: Any) -> dict[str, Any]:
+    """The object as the API server holds it: defaults, status and metadata added to what was applied."""
+    body = copy.deepcopy(DESIRED)
+    body["metadata"].update(resourceVersion=version, uid="u1", managedFields=[])
+    body["spec"]["strategy"] = {"type": "RollingUpdate"}
+    body["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = "IfNotPresent"
+    body["status"] = {"readyReplicas": 1}
+    for path, value in changes.items():
+        target = body
+        *parents, last = path.split("__")
+        for part in parents:
+            target = target[part]
+        target[last] = value
+    return body
+
+
+class CountingKube(Kube):
+    """A Kube whose requests go nowhere: each apply answers the object at a new resourceVersion."""
+
+    def __init__(self, applied: AppliedChildren) -> None:
+        super().__init__(cast(client.ApiClient, None), applied=applied)
+        self.sent: list[str] = []
+
+    def _call(self, method: str, resource: str, path: str, body: Any = None, *args: Any, **kwargs: Any) -> Any:
+        self.sent.append(f"{method} {path}")
+        return live(str(len(self.sent)))
+
+
+def test_holds_compares_only_what_the_operator_sets() -> None:
+    assert holds(live("7"), DESIRED)
+    assert not holds(live("7", spec__replicas=2), DESIRED), "a field the operator sets was changed"
+    assert not holds(live("7", metadata__labels={"app": "other"}), DESIRED)
+    changed_image = live("7")
+    changed_image["spec"]["template"]["spec"]["containers"][0]["image"] = "ollama:2"
+    assert not holds(changed_image, DESIRED)
+    extra_container = live("7")
+    extra_container["spec"]["template"]["spec"]["containers"].append({"name": "sidecar"})
+    assert not holds(extra_container, DESIRED), "a list is compared item by item, and its length"
+    assert not holds({"kind": "Deployment"}, DESIRED)
+
+
+def test_an_apply_is_skipped_only_when_it_would_change_nothing() -> None:
+    applied = AppliedChildren()
+    kube = CountingKube(applied)
+    first = kube.apply(DESIRED)
+    assert len(kube.sent) == 1, "never applied: sent"
+    assert kube.apply(DESIRED) is first, "nothing changed since: skipped"
+    assert len(kube.sent) == 1
+
+    applied.observe(live("5"))  # the status changed, which the operator does not set
+    assert kube.apply(DESIRED)["metadata"]["resourceVersion"] == "5", "the watch's newest object is returned"
+    assert len(kube.sent) == 1
+
+    applied.observe(live("6", spec__replicas=3))  # someone scaled it by hand: drift
+    kube.apply(DESIRED)
+    assert len(kube.sent) == 2, "drift: sent"
+
+    wanted = copy.deepcopy(DESIRED)
+    wanted["spec"]["replicas"] = 2
+    kube.apply(wanted)
+    assert len(kube.sent) == 3, "a new desired manifest: sent"
+
+    kube.apply(DESIRED, dry_run=True)
+    assert len(kube.sent) == 4, "a dry run is always sent"
+
+    applied.observe(live("9"), deleted=True)
+    kube.apply(DESIRED)
+    assert len(kube.sent) == 5, "deleted: sent"
+
+
+def test_without_memory_every_apply_is_sent() -> None:
+    kube = CountingKube(AppliedChildren())
+    kube.applied = None
+    kube.apply(DESIRED)
+    kube.apply(DESIRED)
+    assert len(kube.sent) == 2
