@@ -464,7 +464,7 @@ def bench_operator(work: Path, models: int, steady_seconds: float) -> Result:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     namespace = f"bench-{uuid.uuid4().hex[:6]}"
     kubectl("create", "namespace", namespace)
-    health = free_port()
+    health, metrics_port = free_port(), free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(work),
@@ -474,7 +474,7 @@ def bench_operator(work: Path, models: int, steady_seconds: float) -> Result:
         "MODELFLEET_OPERATOR_LIVENESS_HOST": LOOPBACK,
         "MODELFLEET_OPERATOR_LIVENESS_PORT": str(health),
         "MODELFLEET_OPERATOR_METRICS_HOST": LOOPBACK,
-        "MODELFLEET_OPERATOR_METRICS_PORT": str(free_port()),
+        "MODELFLEET_OPERATOR_METRICS_PORT": str(metrics_port),
     }
     documents = [
         {
@@ -538,8 +538,15 @@ def bench_operator(work: Path, models: int, steady_seconds: float) -> Result:
                 time.sleep(0.5)
             result["ready_models"] = ready
             versions_before = resource_versions(namespace)
+            requests_before = operator_requests(metrics_port)
             time.sleep(steady_seconds)
+            requests_after = operator_requests(metrics_port)
             versions_after = resource_versions(namespace)
+            per_minute = 60 / steady_seconds
+            result["steady_state_requests_per_min"] = {
+                verb: round((requests_after.get(verb, 0) - requests_before.get(verb, 0)) * per_minute, 1)
+                for verb in sorted(set(requests_after) | set(requests_before))
+            }
             result["steady_state_seconds"] = steady_seconds
             result["steady_state_writes"] = sum(
                 1 for key, version in versions_after.items() if versions_before.get(key) != version
@@ -550,6 +557,26 @@ def bench_operator(work: Path, models: int, steady_seconds: float) -> Result:
             kubectl("delete", "namespace", namespace, "--wait=false")
     log(f"operator: {result}")
     return result
+
+
+def operator_requests(metrics_port: int) -> dict[str, float]:
+    """The operator's own counts: its reconciles by trigger, their API requests by verb, and those it skipped."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "modelfleet_operator_api_requests_total":
+                counts[sample.labels["verb"]] = counts.get(sample.labels["verb"], 0) + sample.value
+            elif sample.name == "modelfleet_operator_skipped_requests_total":
+                skipped = f"{sample.labels['verb']} skipped"
+                counts[skipped] = counts.get(skipped, 0) + sample.value
+            elif sample.name == "modelfleet_operator_reconciles_total":
+                trigger = f"reconciles ({sample.labels['trigger']})"
+                counts[trigger] = counts.get(trigger, 0) + sample.value
+    return counts
 
 
 def resource_versions(namespace: str) -> dict[str, str]:
@@ -653,6 +680,10 @@ def markdown(results: Result) -> str:
             f"| all Ready | {o.get('ready_s', 'not reached')} s ({o['ready_models']} ready) |",
             f"| operator peak RSS | {o['operator_peak_rss_mb']} MB |",
             f"| objects written in {o['steady_state_seconds']:.0f} s of steady state | {o['steady_state_writes']} |",
+            *(
+                f"| steady state: {verb} requests per minute | {rate} |"
+                for verb, rate in o.get("steady_state_requests_per_min", {}).items()
+            ),
             "",
         ]
     return "\n".join(lines)

@@ -59,6 +59,9 @@ def test_holds_compares_only_what_the_operator_sets() -> None:
     extra_container["spec"]["template"]["spec"]["containers"].append({"name": "sidecar"})
     assert not holds(extra_container, DESIRED), "a list is compared item by item, and its length"
     assert not holds({"kind": "Deployment"}, DESIRED)
+    # The API server stores no zero values (readOnly: false comes back missing); a missing true is a change.
+    assert holds({"volumeMounts": [{"name": "cache"}]}, {"volumeMounts": [{"name": "cache", "readOnly": False}]})
+    assert not holds({"volumeMounts": [{"name": "cache"}]}, {"volumeMounts": [{"name": "cache", "readOnly": True}]})
 
 
 def test_an_apply_is_skipped_only_when_it_would_change_nothing() -> None:
@@ -96,3 +99,16 @@ def test_without_memory_every_apply_is_sent() -> None:
     kube.apply(DESIRED)
     kube.apply(DESIRED)
     assert len(kube.sent) == 2
+
+
+def test_a_child_already_gone_is_not_deleted_again_until_the_watch_sees_it() -> None:
+    applied = AppliedChildren()
+    kube = CountingKube(applied)
+    assert kube.delete("HorizontalPodAutoscaler", "ai", "im-m") is True
+    assert kube.delete("HorizontalPodAutoscaler", "ai", "im-m") is False
+    assert len(kube.sent) == 1, "known to be gone: not asked again"
+    assert kube.delete("PodDisruptionBudget", "ai", "im-m") is True
+    assert len(kube.sent) == 2, "another child: asked"
+    applied.observe({"kind": "HorizontalPodAutoscaler", "metadata": {"namespace": "ai", "name": "im-m"}})
+    kube.delete("HorizontalPodAutoscaler", "ai", "im-m")
+    assert len(kube.sent) == 3, "created again by someone: deleted again"

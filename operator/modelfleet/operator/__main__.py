@@ -30,7 +30,8 @@ def main() -> None:
     settings = OperatorSettings()
     api_client = load_api_client()
     metrics = handlers.ReconcileMetrics.create()
-    kube = Kube(api_client, count_request=metrics.count_request, applied=AppliedChildren())
+    kube = Kube(api_client, count_request=metrics.count_request, applied=AppliedChildren(),
+                count_skipped=metrics.count_skipped)  # fmt: skip
     runtime = handlers.Runtime(
         settings=settings,
         kube=kube,

@@ -73,10 +73,13 @@ def holds(live: Any, desired: Any) -> bool:
     """Whether every field of `desired` is in `live` with the same value (lists item by item).
 
     Fields only `live` has (defaults, status, other managers' fields) do not matter: an apply would
-    leave them as they are.
+    leave them as they are.  A field missing from `live` holds a zero value (false, 0, "", empty):
+    the API server leaves zero values out of what it stores (Go's omitempty).
     """
     if isinstance(desired, dict):
-        return isinstance(live, dict) and all(key in live and holds(live[key], value) for key, value in desired.items())
+        return isinstance(live, dict) and all(
+            holds(live[key], value) if key in live else not value for key, value in desired.items()
+        )
     if isinstance(desired, list):
         return (isinstance(live, list) and len(live) == len(desired)
                 and all(holds(item, wanted) for item, wanted in zip(live, desired, strict=True)))  # fmt: skip
@@ -98,6 +101,9 @@ class AppliedChildren:
 
     _applied: dict[ChildKey, tuple[str, str]] = field(default_factory=dict)  # digest, resourceVersion
     _seen: dict[ChildKey, Manifest] = field(default_factory=dict)
+    # Children deleted (or found missing) by the operator, and not seen again since: deleting them
+    # again would only earn a 404.
+    _absent: set[ChildKey] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @staticmethod
@@ -112,8 +118,21 @@ class AppliedChildren:
             if deleted:
                 self._seen.pop(key, None)
                 self._applied.pop(key, None)
+                self._absent.add(key)
             else:
                 self._seen[key] = body
+                self._absent.discard(key)
+
+    def absent(self, key: ChildKey) -> bool:
+        with self._lock:
+            return key in self._absent
+
+    def gone(self, key: ChildKey) -> None:
+        """The operator deleted the child, or the API server said it does not exist."""
+        with self._lock:
+            self._seen.pop(key, None)
+            self._applied.pop(key, None)
+            self._absent.add(key)
 
     def unchanged(self, manifest: Manifest) -> Manifest | None:
         """The live object, if applying `manifest` now would change nothing; else None."""
@@ -136,10 +155,11 @@ class AppliedChildren:
         with self._lock:
             self._applied[key] = (manifest_digest(manifest), version)
             self._seen[key] = live
+            self._absent.discard(key)
 
 
-def count_nothing(verb: str, kind: str) -> None:
-    """The default request counter."""
+def count_nothing(verb: str, resource: str) -> None:
+    """The default counter of requests and of skipped applies."""
 
 
 class Kube:
@@ -150,9 +170,11 @@ class Kube:
         api_client: client.ApiClient,
         count_request: Callable[[str, str], None] = count_nothing,
         applied: AppliedChildren | None = None,
+        count_skipped: Callable[[str, str], None] = count_nothing,
     ) -> None:
         self.api_client = api_client
         self.count_request = count_request
+        self.count_skipped = count_skipped
         # None: every apply is sent (tests that count applies, one-off tools).
         self.applied = applied
 
@@ -190,6 +212,7 @@ class Kube:
         if self.applied is not None and not dry_run:
             live = self.applied.unchanged(manifest)
             if live is not None:
+                self.count_skipped("patch", KINDS[manifest["kind"]].plural)
                 return live
         kind = KINDS[manifest["kind"]]
         meta = manifest["metadata"]
@@ -218,15 +241,24 @@ class Kube:
         return cast(list[Manifest], result.get("items") or [])
 
     def delete(self, kind_name: str, namespace: str, name: str) -> bool:
+        """Delete the object; False if it did not exist (not asked again while the watch has not seen it)."""
         kind = KINDS[kind_name]
+        key = (kind_name, namespace, name)
+        if self.applied is not None and self.applied.absent(key):
+            self.count_skipped("delete", kind.plural)
+            return False
         try:
             self._call("DELETE", kind.plural, f"{kind.collection(namespace)}/{name}",
                        body={"propagationPolicy": "Background"})  # fmt: skip
         except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
+            if exc.status != 404:
+                raise
+            existed = False
+        else:
+            existed = True
+        if self.applied is not None:
+            self.applied.gone(key)
+        return existed
 
     def set_pod_condition(self, namespace: str, name: str, condition: Manifest) -> Manifest:
         """Add or replace one condition of a pod's status (a readiness gate's), leaving the kubelet's alone.

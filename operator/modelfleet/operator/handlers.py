@@ -52,6 +52,7 @@ class ReconcileMetrics:
     duration: Histogram
     errors: Counter
     api_requests: Counter
+    skipped_requests: Counter
 
     @classmethod
     def create(cls) -> ReconcileMetrics:
@@ -69,7 +70,17 @@ class ReconcileMetrics:
                 ["verb", "resource"],
                 registry=registry,
             ),
+            skipped_requests=Counter(
+                "modelfleet_operator_skipped_requests_total",
+                "Requests not sent because they would have changed nothing (applies of unchanged children, "
+                "deletes of children already gone)",
+                ["verb", "resource"],
+                registry=registry,
+            ),
         )
+
+    def count_skipped(self, verb: str, resource: str) -> None:
+        self.skipped_requests.labels(verb=verb, resource=resource).inc()
 
     def count_request(self, verb: str, resource: str) -> None:
         self.api_requests.labels(verb=verb, resource=resource).inc()
