@@ -229,7 +229,7 @@ def configure(settings: kopf.OperatorSettings, operator: OperatorSettings) -> No
     # `labels=`) would still stream every pod, Job and Service of the cluster to the operator.
     for group, version, plural in CHILD_RESOURCES:
         settings.watching.label_selectors[(f"{group}/{version}" if group else version, plural)] = CHILD_SELECTOR
-    settings.execution.max_workers = 8
+    settings.execution.max_workers = operator.reconcile_workers
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:

@@ -46,6 +46,12 @@ class OperatorSettings(BaseSettings):
         900.0, gt=0, description="How long a warm-up generation may take: loading large weights takes minutes."
     )
     warmup_workers: int = Field(4, ge=1, le=64, description="Warm-ups that may run at the same time.")
+    reconcile_workers: int = Field(
+        8,
+        ge=1,
+        le=128,
+        description="Reconciles that may run at the same time (each waits on the API server most of its time).",
+    )
     monitoring_namespace_labels: dict[str, str] = Field(
         default_factory=lambda: {"kubernetes.io/metadata.name": "monitoring"},
         description="Labels of Prometheus's namespace, admitted to vLLM's /metrics; {} admits no Prometheus.",
