@@ -112,6 +112,32 @@ def test_window_slides_without_a_burst_on_redis_clock(redis_server: RedisServer)
     run(with_limiter(redis_server, scenario))
 
 
+def test_reservations_fit_whole_and_settle_to_the_real_count_through_redis(redis_server: RedisServer) -> None:
+    """As in process: 50 concurrent requests each reserving 30 of a 100-token budget admit exactly 3, and
+    settling refunds what was not used, in the log and in the running sum."""
+    limits = Limits(requests=None, tokens=100, window_seconds=30)
+
+    async def scenario(limiter: RedisRateLimiter, client: redis.asyncio.Redis) -> None:
+        _, token_log, token_sum = limiter.keys("reserve")
+        decisions = await asyncio.gather(*(limiter.acquire("reserve", limits, reserve=30) for _ in range(50)))
+        admitted = [decision for decision in decisions if decision.allowed]
+        assert len(admitted) == 3, "no overshoot: 3 x 30 fit in 100, a fourth would not"
+        assert int(await client.get(token_sum) or 0) == 90
+        for decision in admitted:
+            assert decision.reservation is not None
+            await limiter.settle(decision.reservation, limits, 10)
+        assert int(await client.get(token_sum) or 0) == 30
+        members = cast(list[bytes], await client.zrange(token_log, 0, -1))
+        assert sorted(int(member.split(b":")[0]) for member in members) == [10, 10, 10]
+        # Settling again finds no reservation: nothing changes.
+        await limiter.settle(admitted[0].reservation, limits, 0)  # type: ignore[arg-type]
+        assert int(await client.get(token_sum) or 0) == 30
+        assert (await limiter.acquire("reserve", limits, reserve=70)).allowed, "exactly the rest fits"
+        assert not (await limiter.acquire("reserve", limits, reserve=1)).allowed
+
+    run(with_limiter(redis_server, scenario))
+
+
 def test_token_budget_is_enforced_through_redis(redis_server: RedisServer) -> None:
     limits = Limits(requests=None, tokens=50, window_seconds=1)
 

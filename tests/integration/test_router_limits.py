@@ -23,6 +23,11 @@ def ask(router: RouterServer, key: str | None = None, model: str = "gemma3:270m"
                       headers=headers, timeout=60)  # fmt: skip
 
 
+def in_flight(router: RouterServer) -> float:
+    lines = httpx.get(f"{router.base_url}/metrics", timeout=5).text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("modelfleet_in_flight_requests{"))
+
+
 def test_request_n_plus_one_is_refused_with_retry_after(ollama_server: OllamaServer, tmp_path: Path) -> None:
     models: list[dict[str, object]] = [{"name": ollama_server.model, "url": ollama_server.base_url}]
     with running_router(tmp_path, models, rate_limit_requests_per_minute="3") as router:
@@ -85,6 +90,57 @@ def test_token_budget(ollama_server: OllamaServer, tmp_path: Path) -> None:
         assert refused.json()["error"]["code"] == "rate_limit_tokens"
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+def test_a_request_reserves_its_most_and_is_refunded_what_it_did_not_use(
+    ollama_server: OllamaServer, tmp_path: Path
+) -> None:
+    """Budget 400: each request reserves its prompt's estimate plus max_tokens 150 at admission, and is
+    charged its real count at the end.  Greedy decoding with a stop string ends these answers after a
+    few tokens, so three such requests fit only because each one's unused reservation came back."""
+    models: list[dict[str, object]] = [{"name": ollama_server.model, "url": ollama_server.base_url}]
+    short = {"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 150, "temperature": 0,
+             "stop": ["\n"], "use_cache": False}  # fmt: skip
+    with running_router(tmp_path, models, rate_limit_tokens_per_minute="400") as router:
+        url = f"{router.openai_base_url}/chat/completions"
+        first = httpx.post(url, json={"model": ollama_server.model, **short}, timeout=60)
+        assert first.status_code == 200, first.text
+        # Admission counted the reservation: 400 - (4 for the prompt's 13 characters + 150).
+        assert first.headers["x-ratelimit-remaining-tokens"] == "246"
+        used = first.json()["usage"]["total_tokens"]
+        assert used < 150, "a short answer, for the refund to be visible"
+
+        streaming = {"model": ollama_server.model, **short, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", url, json=streaming, timeout=60) as streamed:
+            assert streamed.status_code == 200
+            assert int(streamed.headers["x-ratelimit-remaining-tokens"]) == 400 - used - 154
+            streamed.read()
+        third = httpx.post(url, json={"model": ollama_server.model, **short}, timeout=60)
+        assert third.status_code == 200, f"the first two's unused reservations were not refunded: {third.text}"
+        assert int(third.headers["x-ratelimit-remaining-tokens"]) < 400 - 154
+
+        too_large = httpx.post(url, json={"model": ollama_server.model, **short, "max_tokens": 500}, timeout=60)
+        assert too_large.status_code == 400, too_large.text
+        assert too_large.json()["error"]["code"] == "tokens_exceed_limit"
+        assert too_large.json()["error"]["param"] == "max_tokens"
+        assert "lower max_tokens" in too_large.json()["error"]["message"]
+
+
+def test_a_stream_the_client_leaves_gives_its_reservation_back(ollama_server: OllamaServer, tmp_path: Path) -> None:
+    """The generation is cancelled when the client leaves; its reservation must not stay charged."""
+    models: list[dict[str, object]] = [{"name": ollama_server.model, "url": ollama_server.base_url}]
+    body = {"model": ollama_server.model, "messages": [{"role": "user", "content": "Count to one hundred."}],
+            "max_tokens": 300, "stream": True, "use_cache": False}  # fmt: skip
+    with running_router(tmp_path, models, rate_limit_tokens_per_minute="400") as router:
+        url = f"{router.openai_base_url}/chat/completions"
+        with httpx.stream("POST", url, json=body, timeout=60) as left:
+            assert left.status_code == 200
+            next(left.iter_lines())  # the first chunk; then the client leaves
+        # Event, not clock: the router has let go of the first stream (its slot is free).
+        wait_until(lambda: in_flight(router) == 0, timeout=30)
+        # 300 + the prompt fits in 400 only if the first stream's reservation came back.
+        again = httpx.post(url, json={**body, "stream": False, "max_tokens": 300}, timeout=120)
+        assert again.status_code == 200, f"the left stream's reservation was kept: {again.text}"
 
 
 def test_keys_have_their_own_budgets_and_overrides(ollama_server: OllamaServer, tmp_path: Path) -> None:

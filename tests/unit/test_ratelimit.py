@@ -372,3 +372,52 @@ def test_redis_keys_of_a_subject_share_one_cluster_slot(subject: str) -> None:
     assert len(set(keys)) == 3
     assert len({key_slot(key.encode()) for key in keys}) == 1
     assert keys != limiter.keys(subject + "x")
+
+
+def test_a_reservation_must_fit_whole_and_settling_refunds_the_rest() -> None:
+    """Budget 100: a request reserving 60 fits, a second reserving 60 does not (no overshoot, even though
+    the first has not ended); once the first settles at 25, the second fits."""
+    clock = FakeClock()
+    limiter = MemoryRateLimiter(clock=clock)
+    limits = Limits(requests=None, tokens=100, window_seconds=60)
+
+    async def scenario() -> None:
+        first = await limiter.acquire("key", limits, reserve=60)
+        assert first.allowed
+        assert first.reservation is not None
+        assert first.tokens_remaining == 40
+        second = await limiter.acquire("key", limits, reserve=60)
+        assert not second.allowed
+        assert second.exceeded == "tokens"
+        assert second.reservation is None, "a refused request reserves nothing"
+        clock.now = 5
+        await limiter.settle(first.reservation, limits, 25)
+        third = await limiter.acquire("key", limits, reserve=60)
+        assert third.allowed
+        assert third.tokens_remaining == 15  # 25 used + 60 reserved
+        assert third.reservation is not None
+        await limiter.settle(third.reservation, limits, 0)
+        await limiter.settle(third.reservation, limits, 0)  # settling twice changes nothing
+        assert (await limiter.acquire("key", limits, reserve=75)).allowed, "exactly the rest fits"
+        # The reservation left the window at its own time (0 s), with its settled count.
+        clock.now = 60
+        assert (await limiter.acquire("key", limits, reserve=25)).tokens_remaining == 0
+
+    run(scenario())
+
+
+def test_a_refused_reservation_says_when_enough_tokens_are_free() -> None:
+    clock = FakeClock()
+    limiter = MemoryRateLimiter(clock=clock)
+    limits = Limits(requests=None, tokens=100, window_seconds=60)
+    charge(limiter, clock, 0, limits, 50)
+    charge(limiter, clock, 10, limits, 30)
+    clock.now = 20
+
+    async def refused() -> Decision:
+        return await limiter.acquire("key", limits, reserve=40)
+
+    decision = run(refused())
+    assert not decision.allowed
+    # 80 used; 40 fit once the charge of 0 s (50) has left, at 60 s: 40 s from now.
+    assert decision.retry_after_seconds == 40

@@ -24,7 +24,7 @@ from modelfleet.server.backends.base import Backend, Chunk, Kind, StreamBroken
 from modelfleet.server.cache import Lookup, cache_key, cacheable
 from modelfleet.server.errors import BackendUnreachable, RouterError
 from modelfleet.server.queue import Ticket
-from modelfleet.server.ratelimit import Decision, Limits, RateLimiterUnavailable
+from modelfleet.server.ratelimit import Decision, Limits, RateLimiterUnavailable, Reservation
 from modelfleet.server.registry import ServedModel
 from modelfleet.server.schemas import SamplingFields
 from modelfleet.server.services import Services
@@ -47,6 +47,8 @@ class Generation:
     cache_key: str | None
     started: float = field(default_factory=time.monotonic)
     rate_limit: Decision | None = None
+    # Tokens reserved against the key's budget at admission, until settled with the real count.
+    reservation: Reservation | None = None
     queue_seconds: float = 0.0
     backend_seconds: float = 0.0
     # When a streamed request was sent to the backend, and how long its first token took from there
@@ -166,20 +168,42 @@ def first_set(*values: int | None) -> int | None:
     return None
 
 
+# OpenAI's rule of thumb for English: about 4 characters per token.  A prompt's real count is charged
+# when the answer ends, so an estimate only decides admission.
+CHARS_PER_TOKEN = 4
+
+
+def tokens_to_reserve(body: dict[str, Any]) -> int:
+    """The most a request may cost: its prompt's estimated tokens plus its max_tokens."""
+    field_name = "messages" if "messages" in body else "prompt"
+    prompt = -(-prompt_chars(body.get(field_name)) // CHARS_PER_TOKEN)
+    return prompt + int(body.get("max_tokens") or 0)
+
+
 async def admit_rate(generation: Generation) -> None:
     limits = generation.limits
     if limits.requests is None and limits.tokens is None:
         return
     services = generation.services
     subject = f"{generation.principal.subject}|{generation.name}"
+    reserve = tokens_to_reserve(generation.body) if limits.tokens is not None else 0
+    if limits.tokens is not None and reserve > limits.tokens:
+        # No wait makes it fit: say what to change rather than a 429 that clients would retry.
+        per = f"{limits.window_seconds:g}s" if limits.window_seconds != 60 else "minute"
+        max_tokens = int(generation.body.get("max_tokens") or 0)
+        raise RouterError(400, f"This request may use {reserve} tokens (its prompt, about {reserve - max_tokens}, "
+                          f"plus max_tokens {max_tokens}), more than the {limits.tokens} tokens per {per} your key "
+                          f"may use for `{generation.name}`; lower max_tokens.", code="tokens_exceed_limit",
+                          param="max_tokens")  # fmt: skip
     try:
-        decision = await services.limiter.acquire(subject, limits)
+        decision = await services.limiter.acquire(subject, limits, reserve=reserve)
     except RateLimiterUnavailable:
         services.metrics.rate_limited.labels(model=generation.name, limit="unavailable").inc()
         raise RouterError(503, "The rate limiter is unavailable and this router fails closed; retry shortly.",
                           type="server_error", code="rate_limiter_unavailable",
                           headers={"retry-after": "1"}) from None  # fmt: skip
     generation.rate_limit = decision
+    generation.reservation = decision.reservation
     if not decision.allowed:
         kind = decision.exceeded or "requests"
         services.metrics.rate_limited.labels(model=generation.name, limit=kind).inc()
@@ -202,9 +226,19 @@ async def account(generation: Generation, usage: dict[str, Any] | None) -> None:
     prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
     services.metrics.prompt_tokens.labels(model=generation.name).inc(prompt)
     services.metrics.completion_tokens.labels(model=generation.name).inc(completion)
-    if generation.limits.tokens is not None and prompt + completion:
+    if generation.reservation is not None:
+        await settle(generation, prompt + completion)
+    elif generation.limits.tokens is not None and prompt + completion:
         subject = f"{generation.principal.subject}|{generation.name}"
         await services.limiter.charge_tokens(subject, generation.limits, prompt + completion)
+
+
+async def settle(generation: Generation, used: int) -> None:
+    """Replace the request's token reservation by what it used, once; 0 refunds it all (an answer from
+    the cache, a failure, a client that left)."""
+    reservation, generation.reservation = generation.reservation, None
+    if reservation is not None:
+        await generation.services.limiter.settle(reservation, generation.limits, used)
 
 
 def observe(generation: Generation, status_class: str, cache: Lookup | str) -> None:
@@ -238,6 +272,9 @@ async def complete(generation: Generation) -> tuple[dict[str, Any], Lookup]:
         record_upstream_error(generation, exc)
         observe(generation, status_class_of(exc), "miss")
         raise
+    finally:
+        # Whatever was not charged (a cache hit, a request that joined another's generation, a failure).
+        await settle(generation, 0)
     observe(generation, "2xx", lookup)
     return {**result, "model": generation.name}, lookup
 
@@ -281,6 +318,26 @@ class StreamPlan:
 
 
 async def stream(generation: Generation) -> StreamPlan:
+    """The stream's plan (see `plan_stream`); a token reservation not charged by its end is refunded."""
+    try:
+        plan = await plan_stream(generation)
+    except BaseException:
+        await settle(generation, 0)
+        raise
+    if generation.reservation is None:
+        return plan
+    return StreamPlan(settled_at_end(generation, plan.events), plan.cached)
+
+
+async def settled_at_end(generation: Generation, events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await settle(generation, 0)
+
+
+async def plan_stream(generation: Generation) -> StreamPlan:
     """Decide everything that can still become an HTTP error, then hand over the events.
 
     A full queue (429) and a backend that refuses the request (4xx/502) are reported with their

@@ -6,12 +6,16 @@ log of the last window is below the limit, so no span of `window_seconds` ever h
 limit, not even across the edge of a fixed window (a fixed window, or a token bucket as large as the
 limit, lets 2x through there).  The price is memory proportional to the traffic of one window.
 
-Token counts are known only once a response ends, so `charge_tokens` records them afterwards and
-the token budget refuses the *next* request once the window's sum reaches the limit.
+Token counts are known only once a response ends.  So a request *reserves* its most (its prompt's
+estimate plus max_tokens) when it is admitted, and is admitted only if that fits in what is left of
+the budget; `settle` then replaces the reservation by the real count, which refunds the rest.  One
+large request can no longer overshoot the budget.  `charge_tokens` records a count with no
+reservation (the budget then refuses the *next* request once the window's sum reaches the limit).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -52,6 +56,15 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Reservation:
+    """Tokens charged at admission, to be settled with the real count."""
+
+    subject: str
+    tokens: int
+    member: str  # the charge's id in the limiter's log
+
+
+@dataclass(frozen=True)
 class Decision:
     allowed: bool
     exceeded: Dimension | None  # which limit refused it
@@ -63,6 +76,7 @@ class Decision:
     tokens_reset_seconds: float
     retry_after_seconds: int  # >= 1 when refused (ceil of the exceeded dimension's reset), 0 when allowed
     degraded: bool = False  # the store failed and the failure policy decided
+    reservation: Reservation | None = None  # what an admitted request reserved, if anything
 
     def headers(self) -> dict[str, str]:
         """Response headers: the plain `x-ratelimit-*` trio and OpenAI's per-dimension names.
@@ -142,6 +156,11 @@ def _decide(
     )
 
 
+def _tokens_fit(used: int, reserve: int, limit: int) -> bool:
+    """Without a reservation: room left at all.  With one: room for all of it."""
+    return used + reserve <= limit if reserve > 0 else used < limit
+
+
 def _unlimited(limits: Limits, degraded: bool = False) -> Decision:
     return Decision(
         allowed=True,
@@ -158,9 +177,16 @@ def _unlimited(limits: Limits, degraded: bool = False) -> Decision:
 
 
 @dataclass
+class _Charge:
+    at: float
+    cost: int
+    member: str = ""
+
+
+@dataclass
 class _SubjectLog:
     requests: deque[float] = field(default_factory=deque)
-    charges: deque[tuple[float, int]] = field(default_factory=deque)
+    charges: deque[_Charge] = field(default_factory=deque)
     token_sum: int = 0
     last_seen: float = 0.0
     window_seconds: float = 60.0
@@ -170,8 +196,8 @@ class _SubjectLog:
         # added at 0.3 must be gone at exactly 60.3 (60.3 - 60 is 0.29999999999999716).
         while self.requests and self.requests[0] + window_seconds <= now:
             self.requests.popleft()
-        while self.charges and self.charges[0][0] + window_seconds <= now:
-            self.token_sum -= self.charges.popleft()[1]
+        while self.charges and self.charges[0].at + window_seconds <= now:
+            self.token_sum -= self.charges.popleft().cost
 
 
 class MemoryRateLimiter:
@@ -188,6 +214,7 @@ class MemoryRateLimiter:
         self._clock = clock
         self._max_subjects = max_subjects
         self._subjects: OrderedDict[str, _SubjectLog] = OrderedDict()
+        self._members = itertools.count()
 
     @property
     def tracked_subjects(self) -> int:
@@ -217,17 +244,26 @@ class MemoryRateLimiter:
                 return
             del self._subjects[subject]
 
-    async def acquire(self, subject: str, limits: Limits) -> Decision:
+    async def acquire(self, subject: str, limits: Limits, reserve: int = 0) -> Decision:
+        """Admit (and record) one request, reserving `reserve` tokens of the token budget if it is limited."""
         # No await below: on one event loop the check and the record cannot interleave.
         if limits.unlimited:
             return _unlimited(limits)
         now = self._clock()
         log = self._log(subject, now, limits)
         window = limits.window_seconds
+        reserve = reserve if limits.tokens is not None else 0
         requests_ok = limits.requests is None or len(log.requests) < limits.requests
-        tokens_ok = limits.tokens is None or log.token_sum < limits.tokens
-        if requests_ok and tokens_ok and limits.requests is not None:
-            log.requests.append(now)
+        tokens_ok = limits.tokens is None or _tokens_fit(log.token_sum, reserve, limits.tokens)
+        reservation = None
+        if requests_ok and tokens_ok:
+            if limits.requests is not None:
+                log.requests.append(now)
+            if reserve > 0:
+                member = str(next(self._members))
+                log.charges.append(_Charge(now, reserve, member))
+                log.token_sum += reserve
+                reservation = Reservation(subject, reserve, member)
 
         requests_reset = 0.0
         if limits.requests is not None:
@@ -243,25 +279,40 @@ class MemoryRateLimiter:
         if limits.tokens is not None:
             if limits.tokens == 0:
                 tokens_reset = window
-            elif log.charges and log.token_sum < limits.tokens:
-                tokens_reset = max(0.0, log.charges[0][0] + window - now)
+            elif log.charges and _tokens_fit(log.token_sum, reserve, limits.tokens):
+                tokens_reset = max(0.0, log.charges[0].at + window - now)
             elif log.charges:
                 left = log.token_sum
-                for charged_at, cost in log.charges:
-                    left -= cost
-                    if left < limits.tokens:
-                        tokens_reset = max(0.0, charged_at + window - now)
+                for charge in log.charges:
+                    left -= charge.cost
+                    if _tokens_fit(left, reserve, limits.tokens):
+                        tokens_reset = max(0.0, charge.at + window - now)
                         break
 
-        return _decide(limits, requests_ok, tokens_ok, len(log.requests), requests_reset, log.token_sum, tokens_reset)
+        decision = _decide(limits, requests_ok, tokens_ok, len(log.requests), requests_reset, log.token_sum,
+                           tokens_reset)  # fmt: skip
+        return dataclasses.replace(decision, reservation=reservation) if reservation else decision
 
     async def charge_tokens(self, subject: str, limits: Limits, tokens: int) -> None:
         if limits.tokens is None or tokens <= 0:
             return
         now = self._clock()
         log = self._log(subject, now, limits)
-        log.charges.append((now, tokens))
+        log.charges.append(_Charge(now, tokens))
         log.token_sum += tokens
+
+    async def settle(self, reservation: Reservation, limits: Limits, used: int) -> None:
+        """Replace a reservation by the tokens really used (a refund of the rest; never more than reserved
+        is refunded).  A reservation that already left the window, or whose subject was dropped, is gone."""
+        log = self._subjects.get(reservation.subject)
+        if log is None:
+            return
+        for charge in log.charges:
+            if charge.member == reservation.member:
+                cost = max(0, used)
+                log.token_sum += cost - charge.cost
+                charge.cost = cost
+                return
 
     async def aclose(self) -> None:
         self._subjects.clear()
@@ -315,7 +366,8 @@ end
 """
 
 # KEYS: request log, token log, token sum.
-# ARGV: request limit (-1 = unlimited), token limit (-1 = unlimited), window in microseconds, member id.
+# ARGV: request limit (-1 = unlimited), token limit (-1 = unlimited), window in microseconds, member id,
+# tokens to reserve (0 = none).
 # Returns: requests ok, tokens ok, request count after recording, requests reset (us), token sum,
 # tokens reset (us); booleans as 0/1 because Lua false would end the reply array.
 ACQUIRE_LUA = (
@@ -324,6 +376,7 @@ ACQUIRE_LUA = (
 local request_log, token_log, sum_key = KEYS[1], KEYS[2], KEYS[3]
 local request_limit, token_limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
+local reserve = tonumber(ARGV[5])
 local now = now_us()
 local cutoff = now - window
 
@@ -337,12 +390,26 @@ if token_limit >= 0 then
   used = token_sum(token_log, sum_key, now, window)
 end
 
+-- Without a reservation: room left at all.  With one: room for all of it.
+local function fits(sum)
+  if reserve > 0 then return sum + reserve <= token_limit end
+  return sum < token_limit
+end
+
 local requests_ok = request_limit < 0 or count < request_limit
-local tokens_ok = token_limit < 0 or used < token_limit
+local tokens_ok = token_limit < 0 or fits(used)
 if requests_ok and tokens_ok and request_limit >= 0 then
   redis.call('ZADD', request_log, now, ARGV[4])
   redis.call('PEXPIRE', request_log, math.ceil(window / 1000))
   count = count + 1
+end
+local reserved = 0
+if requests_ok and tokens_ok and token_limit >= 0 and reserve > 0 then
+  redis.call('ZADD', token_log, now, reserve .. ':' .. ARGV[4])
+  used = redis.call('INCRBY', sum_key, reserve)
+  redis.call('PEXPIRE', token_log, math.ceil(window / 1000))
+  redis.call('PEXPIRE', sum_key, math.ceil(window / 1000))
+  reserved = reserve
 end
 
 local requests_reset = 0
@@ -359,7 +426,7 @@ local tokens_reset = 0
 if token_limit == 0 then
   tokens_reset = window
 elseif token_limit > 0 and used > 0 then
-  if used < token_limit then
+  if fits(used) then
     local oldest = redis.call('ZRANGE', token_log, 0, 0, 'WITHSCORES')
     tokens_reset = math.max(0, tonumber(oldest[2]) + window - now)
   else
@@ -369,7 +436,7 @@ elseif token_limit > 0 and used > 0 then
       if #entries == 0 then break end
       for i = 1, #entries, 2 do
         left = left - cost_of(entries[i])
-        if left < token_limit then
+        if fits(left) then
           tokens_reset = math.max(1, tonumber(entries[i + 1]) + window - now)
           break
         end
@@ -379,7 +446,32 @@ elseif token_limit > 0 and used > 0 then
   end
 end
 
-return {requests_ok and 1 or 0, tokens_ok and 1 or 0, count, requests_reset, used, tokens_reset}
+return {requests_ok and 1 or 0, tokens_ok and 1 or 0, count, requests_reset, used, tokens_reset, reserved}
+"""
+)
+
+# KEYS: token log, token sum.  ARGV: tokens reserved, tokens used, the reservation's member id, window in
+# microseconds.  Replaces the reservation's charge by the tokens used, at the reservation's time.
+SETTLE_LUA = (
+    _LUA_PRELUDE
+    + """
+local token_log, sum_key = KEYS[1], KEYS[2]
+local reserved, used = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now = now_us()
+token_sum(token_log, sum_key, now, tonumber(ARGV[4]))
+local member = ARGV[1] .. ':' .. ARGV[3]
+local score = redis.call('ZSCORE', token_log, member)
+if not score then
+  return 0
+end
+redis.call('ZREM', token_log, member)
+if used > 0 then
+  redis.call('ZADD', token_log, score, used .. ':' .. ARGV[3])
+end
+if redis.call('EXISTS', sum_key) == 1 then
+  redis.call('DECRBY', sum_key, reserved - used)
+end
+return 1
 """
 )
 
@@ -422,6 +514,7 @@ class RedisRateLimiter:
         self._prefix = prefix
         self._acquire_script = redis.register_script(ACQUIRE_LUA)
         self._charge_script = redis.register_script(CHARGE_LUA)
+        self._settle_script = redis.register_script(SETTLE_LUA)
         # Members of a sorted set must be unique across replicas, even for one microsecond.
         self._instance = secrets.token_hex(8)
         self._sequence = itertools.count()
@@ -447,15 +540,18 @@ class RedisRateLimiter:
     def _member_id(self) -> str:
         return f"{self._instance}:{next(self._sequence)}"
 
-    async def acquire(self, subject: str, limits: Limits) -> Decision:
+    async def acquire(self, subject: str, limits: Limits, reserve: int = 0) -> Decision:
+        """Admit (and record) one request, reserving `reserve` tokens of the token budget if it is limited."""
         if limits.unlimited:
             return _unlimited(limits)
         window_us = _window_us(limits)
+        member = self._member_id()
         args: Sequence[int | str] = [
             -1 if limits.requests is None else limits.requests,
             -1 if limits.tokens is None else limits.tokens,
             window_us,
-            self._member_id(),
+            member,
+            max(0, reserve) if limits.tokens is not None else 0,
         ]
         try:
             reply = await self._acquire_script(keys=list(self.keys(subject)), args=args)
@@ -465,8 +561,8 @@ class RedisRateLimiter:
                 raise RateLimiterUnavailable(f"the rate limit store is unavailable: {exc}") from exc
             return _unlimited(limits, degraded=True)
         self._succeeded()
-        requests_ok, tokens_ok, count, requests_reset_us, token_sum, tokens_reset_us = (int(x) for x in reply)
-        return _decide(
+        requests_ok, tokens_ok, count, requests_reset_us, token_sum, tokens_reset_us, reserved = (int(x) for x in reply)
+        decision = _decide(
             limits,
             requests_ok=bool(requests_ok),
             tokens_ok=bool(tokens_ok),
@@ -475,6 +571,23 @@ class RedisRateLimiter:
             token_sum=token_sum,
             tokens_reset=tokens_reset_us / _MICROSECONDS,
         )
+        if reserved > 0:
+            return dataclasses.replace(decision, reservation=Reservation(subject, reserved, member))
+        return decision
+
+    async def settle(self, reservation: Reservation, limits: Limits, used: int) -> None:
+        """Replace a reservation by the tokens really used (a refund of the rest)."""
+        _, token_log, token_sum = self.keys(reservation.subject)
+        try:
+            await self._settle_script(keys=[token_log, token_sum],
+                                      args=[reservation.tokens, max(0, used), reservation.member,
+                                            _window_us(limits)])  # fmt: skip
+        except (RedisError, OSError) as exc:
+            # The reservation stays charged until it leaves the window: the budget is only tighter.
+            self._healthy = False
+            logger.debug("rate limiter could not settle a reservation of %s: %s", reservation.subject, exc)
+            return
+        self._succeeded()
 
     async def charge_tokens(self, subject: str, limits: Limits, tokens: int) -> None:
         if limits.tokens is None or tokens <= 0:
