@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import OllamaServer, RouterServer, start_router
+from tests.conftest import OllamaServer, RouterServer, hashed_key, running_router, start_router, write_keys_file
 from tests.support.procs import wait_until
 
 pytestmark = pytest.mark.integration
@@ -102,3 +102,38 @@ def test_a_client_that_disconnects_frees_its_slot_and_stops_the_generation(
     assert 'status_class="cancelled"' in metrics
     print(f"\nslot free {1000 * freed_after:.0f} ms after the client left; generation stopped after "
           f"{generation:.2f} s (100 tokens take {yardstick:.2f} s)")  # fmt: skip
+
+
+def test_a_light_key_is_served_next_while_another_floods(ollama_server: OllamaServer, tmp_path: Path) -> None:
+    """One slot; key `flood` has 5 requests in line when key `light` sends one.  Fair queueing starts
+    `light` after at most one more of the flood's, where a FIFO would have made it wait for all five.
+    With one slot, requests end in the order they start."""
+    keys = write_keys_file(tmp_path, hashed_key("flood", "mf-flood"), hashed_key("light", "mf-light"))
+    models: list[dict[str, object]] = [
+        {"name": ollama_server.model, "url": ollama_server.base_url, "max_in_flight": 1, "max_queue": 16}
+    ]
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def ask(key: str, label: str) -> None:
+        body = {**LONG, "stream": False, "max_tokens": 24, "use_cache": False}
+        answer = httpx.post(f"{router.openai_base_url}/chat/completions", json=body,
+                            headers={"authorization": f"Bearer {key}"}, timeout=300)  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        with lock:
+            finished.append(label)
+
+    with running_router(tmp_path, models, auth_required="true", api_keys_file=str(keys)) as router:
+        flood = [threading.Thread(target=ask, args=("mf-flood", f"flood-{i}")) for i in range(6)]
+        for thread in flood:
+            thread.start()
+        # Event, not clock: one runs and five wait before the light key arrives.
+        wait_until(lambda: gauge(router, "modelfleet_queue_depth") == 5, timeout=60, interval=0.05)
+        light = threading.Thread(target=ask, args=("mf-light", "light"))
+        light.start()
+        wait_until(lambda: gauge(router, "modelfleet_queue_depth") == 6, timeout=30, interval=0.05)
+        for thread in [*flood, light]:
+            thread.join(timeout=300)
+    assert len(finished) == 7, finished
+    # The running one, at most one more of the flood's (their tags tie), then light.
+    assert finished.index("light") <= 2, f"the light key waited behind the flood: {finished}"

@@ -8,7 +8,7 @@ import pytest
 
 from modelfleet.server.errors import RouterError
 from modelfleet.server.metrics import RouterMetrics
-from modelfleet.server.queue import ModelQueue
+from modelfleet.server.queue import Claim, ModelQueue
 
 pytestmark = pytest.mark.unit
 
@@ -131,3 +131,69 @@ def test_closing_fails_every_waiter_at_once() -> None:
         assert (queue.in_flight, queue.depth) == (0, 0)
 
     asyncio.run(scenario())
+
+
+def grant_order(claims: list[Claim], capacity: int = 1) -> list[str]:
+    """The subjects of waiting requests in the order they get a slot, one slot freed at a time.
+
+    Every request waits (the slots are taken first); then slots are handed back one by one.
+    """
+
+    async def scenario() -> list[str]:
+        queue = ModelQueue("m", capacity=capacity, max_queue=1000, metrics=RouterMetrics.create())
+        blockers = [queue.admit() for _ in range(capacity)]
+        assert all(ticket.granted for ticket in blockers)
+        tickets = [(claim.subject, queue.admit(claim)) for claim in claims]
+        order: list[str] = []
+        for _ in claims:
+            blockers.pop().release()
+            started = [(subject, ticket) for subject, ticket in tickets if ticket.granted]
+            assert len(started) == 1, "each freed slot goes to exactly one waiting request"
+            subject, ticket = started[0]
+            tickets.remove((subject, ticket))
+            order.append(subject)
+            blockers.append(ticket)
+        return order
+
+    return asyncio.run(scenario())
+
+
+def test_a_flooding_key_does_not_starve_a_light_one() -> None:
+    order = grant_order([Claim("a")] * 10 + [Claim("b")])
+    assert order.index("b") <= 1, f"b waited behind the flood: {order}"
+
+
+def test_weights_share_the_slots() -> None:
+    order = grant_order([Claim("heavy", weight=2)] * 12 + [Claim("light", weight=1)] * 12)
+    first = order[:12]
+    assert first.count("heavy") == 8, f"2:1 while both wait: {order}"
+
+
+def test_one_caller_is_served_in_arrival_order() -> None:
+    async def scenario() -> list[int]:
+        queue = ModelQueue("m", capacity=1, max_queue=100, metrics=RouterMetrics.create())
+        order: list[int] = []
+        release = asyncio.Event()
+        tasks = [asyncio.create_task(hold(queue, order, index, release)) for index in range(6)]
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(scenario()) == list(range(6))
+
+
+def test_interactive_requests_start_before_batch_ones() -> None:
+    order = grant_order([Claim("nightly", priority="batch")] * 3 + [Claim("user", priority="interactive")] * 2)
+    assert order == ["user", "user", "nightly", "nightly", "nightly"]
+
+
+def test_callers_that_give_up_do_not_grow_the_line_without_bound() -> None:
+    async def scenario() -> int:
+        queue = ModelQueue("m", capacity=0, max_queue=10, metrics=RouterMetrics.create())
+        for _ in range(1000):
+            queue.admit(Claim("impatient")).release()
+        assert queue.depth == 0
+        return len(queue._line)
+
+    assert asyncio.run(scenario()) <= 64 + 2

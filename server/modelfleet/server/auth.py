@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 from starlette.requests import Request
 
 from modelfleet.server.errors import RouterError
+from modelfleet.server.queue import Priority
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ class KeyEntry(BaseModel):
     admin: bool = False
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
+    # Its share of a busy model's slots against other keys (fair queueing), and its highest priority.
+    weight: float = Field(1.0, gt=0, le=1000)
+    priority: Priority = "interactive"
 
     @model_validator(mode="after")
     def one_secret(self) -> KeyEntry:
@@ -67,6 +71,8 @@ class Principal:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     anonymous: bool = False
+    weight: float = 1.0
+    priority: Priority = "interactive"
 
 
 def presented_key(request: Request) -> str | None:
@@ -146,6 +152,8 @@ class KeyRing:
                 admin=entry.admin,
                 requests_per_minute=entry.requests_per_minute,
                 tokens_per_minute=entry.tokens_per_minute,
+                weight=entry.weight,
+                priority=entry.priority,
             )
         if self.required:
             raise RouterError(401, "No API key provided: send `Authorization: Bearer <key>` or `X-API-Key: <key>`.",

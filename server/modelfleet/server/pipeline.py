@@ -23,7 +23,7 @@ from modelfleet.server.auth import Principal
 from modelfleet.server.backends.base import Backend, Chunk, Kind, StreamBroken
 from modelfleet.server.cache import Lookup, cache_key, cacheable
 from modelfleet.server.errors import BackendUnreachable, RouterError
-from modelfleet.server.queue import Ticket
+from modelfleet.server.queue import BANDS, Claim, Ticket
 from modelfleet.server.ratelimit import Decision, Limits, RateLimiterUnavailable, Reservation
 from modelfleet.server.registry import ServedModel
 from modelfleet.server.schemas import SamplingFields
@@ -45,6 +45,7 @@ class Generation:
     principal: Principal
     limits: Limits
     cache_key: str | None
+    claim: Claim = field(default_factory=Claim)  # its place in a busy model's fair queue
     started: float = field(default_factory=time.monotonic)
     rate_limit: Decision | None = None
     # Tokens reserved against the key's budget at admission, until settled with the real count.
@@ -104,6 +105,21 @@ def upstream_body(request: SamplingFields, model: ServedModel, services: Service
     return body
 
 
+PRIORITY_HEADER = "x-modelfleet-priority"
+
+
+def queue_claim(http_request: Request, principal: Principal) -> Claim:
+    """The caller's fair share; the priority header may lower the key's priority, never raise it."""
+    asked = http_request.headers.get(PRIORITY_HEADER)
+    priority = principal.priority
+    if asked is not None:
+        if asked not in BANDS:
+            raise RouterError(400, f"{PRIORITY_HEADER} must be one of {', '.join(BANDS)}, not {asked[:40]!r}.",
+                              code="invalid_priority", param=PRIORITY_HEADER)  # fmt: skip
+        priority = asked if BANDS[asked] > BANDS[priority] else priority
+    return Claim(principal.subject, principal.weight, priority)
+
+
 def prompt_chars(value: Any) -> int:
     """The characters of text in a prompt, messages or content parts (JSON keys and roles do not count)."""
     if isinstance(value, str):
@@ -155,7 +171,8 @@ async def prepare(
     namespace = principal.subject if settings.cache_per_key else ""
     key = cache_key(model.name, kind, body, namespace) if wants_cache(http_request, services, model, body,
                                                                       use_cache, route) else None  # fmt: skip
-    generation = Generation(services, model, kind, route, body, principal, limits, key)
+    generation = Generation(services, model, kind, route, body, principal, limits, key,
+                            claim=queue_claim(http_request, principal))  # fmt: skip
     await admit_rate(generation)
     return generation
 
@@ -287,7 +304,7 @@ def record_upstream_error(generation: Generation, exc: BaseException) -> None:
 async def run_backend(generation: Generation) -> dict[str, Any]:
     """Queue slot, least-loaded replica, one backend call; this is what the cache computes on a miss."""
     model = generation.model
-    async with model.queue.slot(model.spec.request_timeout_seconds) as waited:
+    async with model.queue.slot(model.spec.request_timeout_seconds, generation.claim) as waited:
         generation.queue_seconds = waited
         started = time.monotonic()
         refused: list[str] = []  # replicas that refused the connection
@@ -352,7 +369,7 @@ async def plan_stream(generation: Generation) -> StreamPlan:
             observe(generation, "2xx", "hit")
             return StreamPlan(iter_async(replay_chunks({**cached, "model": generation.name})), cached=True)
     try:
-        ticket = model.queue.admit()
+        ticket = model.queue.admit(generation.claim)
     except RouterError as exc:
         observe(generation, status_class_of(exc), "miss")
         raise

@@ -1,23 +1,57 @@
-"""Per-model admission: up to `capacity` requests run, then a bounded FIFO queue, then 429.
+"""Per-model admission: up to `capacity` requests run, then a bounded fair queue, then 429.
 
 Capacity is maxInFlightPerReplica x ready replicas, and follows discovery: with zero ready
 replicas requests wait (up to their deadline) instead of failing, and they start as soon as a
 replica appears; an unloaded model, which nothing will bring a replica, refuses them at once.  The
 queue depth is the HPA's signal (modelfleet_queue_depth), so it counts exactly the requests that
 wait for a slot.
+
+The queue is fair across callers: within a priority band (interactive before batch), waiting
+requests start in the order of start-time fair queueing, where each caller's requests are spaced by
+1 / its weight in virtual time.  A caller that floods gets its weight's share of the slots, and a
+caller with one request waiting starts after at most one more of the flood's, not after all of it.
+With one caller, it is FIFO.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Literal
 
 from modelfleet.server.errors import RouterError
 from modelfleet.server.metrics import RouterMetrics
+
+Priority = Literal["interactive", "batch"]
+BANDS: dict[Priority, int] = {"interactive": 0, "batch": 1}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who a request is for, in the queue's terms: its caller, the caller's weight, its priority band."""
+
+    subject: str = ""
+    weight: float = 1.0
+    priority: Priority = "interactive"
+
+
+ANYONE = Claim()
+
+
+@dataclass(order=True)
+class _Waiting:
+    band: int
+    tag: float  # virtual start time
+    sequence: int
+    subject: str
+    waiter: asyncio.Future[None]
 
 
 class Ticket:
@@ -72,13 +106,17 @@ class ModelQueue:
         self.in_flight = 0
         # While set, every request fails with a copy of it at once: the model is gone, or unloaded.
         self.refusal: RouterError | None = None
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._line: list[_Waiting] = []  # a heap; entries of requests that left are skipped when popped
+        self._waiting = 0
+        self._virtual_time = 0.0
+        self._last_tag: dict[str, float] = {}  # each waiting caller's latest virtual start time
+        self._order = itertools.count()
         self._recent_durations: deque[float] = deque(maxlen=32)
         self._publish()
 
     @property
     def depth(self) -> int:
-        return len(self._waiters)
+        return self._waiting
 
     def retry_after_seconds(self) -> int:
         """A hint for clients: how long the work ahead would take to drain, from recent durations."""
@@ -86,11 +124,11 @@ class ModelQueue:
         waves = (self.depth + self.in_flight) / max(1, self.capacity)
         return max(1, math.ceil(typical * waves))
 
-    def admit(self) -> Ticket:
+    def admit(self, claim: Claim = ANYONE) -> Ticket:
         """A slot now, a place in line, or 429 when the line is full."""
         if self.refusal is not None:
             raise self.refusal.fresh()
-        if self.in_flight < self.capacity and not self._waiters:
+        if self.in_flight < self.capacity and not self._waiting:
             self.in_flight += 1
             self._publish()
             return Ticket(self, None)
@@ -100,14 +138,19 @@ class ModelQueue:
                               type="rate_limit_error", code="queue_full",
                               headers={"retry-after": str(self.retry_after_seconds())})  # fmt: skip
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        # Start-time fair queueing: a caller's next request starts 1/weight after its previous one in
+        # virtual time, or now if it had none waiting.
+        tag = max(self._virtual_time, self._last_tag.get(claim.subject, 0.0)) + 1.0 / max(claim.weight, 1e-6)
+        self._last_tag[claim.subject] = tag
+        heapq.heappush(self._line, _Waiting(BANDS[claim.priority], tag, next(self._order), claim.subject, waiter))
+        self._waiting += 1
         self._publish()
         return Ticket(self, waiter)
 
     @asynccontextmanager
-    async def slot(self, max_wait_seconds: float) -> AsyncIterator[float]:
+    async def slot(self, max_wait_seconds: float, claim: Claim = ANYONE) -> AsyncIterator[float]:
         """Hold a slot for the block (yields the seconds spent waiting for it)."""
-        ticket = self.admit()
+        ticket = self.admit(claim)
         try:
             yield await ticket.wait(max_wait_seconds)
         finally:
@@ -126,10 +169,13 @@ class ModelQueue:
     def refuse(self, error: RouterError | None) -> None:
         """Fail every request with `error` from now on, those waiting included; None admits them again."""
         self.refusal = error
-        while error is not None and self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(error.fresh())
+        while error is not None and self._line:
+            entry = heapq.heappop(self._line)
+            if not entry.waiter.done():
+                self._waiting -= 1
+                entry.waiter.set_exception(error.fresh())
+        if error is not None:
+            self._last_tag.clear()
         self._publish()
 
     def started(self) -> None:
@@ -150,18 +196,31 @@ class ModelQueue:
         if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
             self.in_flight -= 1
             self._grant()
-        else:
+        elif not waiter.done():
+            # Left in the heap, skipped when it comes up: removing it now would cost a search.  When
+            # such entries outnumber the waiting ones (callers that give up while no replica is up),
+            # the heap is rebuilt, so that it stays bounded by the line.
             waiter.cancel()
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
+            self._waiting -= 1
+            if len(self._line) > 2 * self._waiting + 64:
+                self._line = [entry for entry in self._line if not entry.waiter.done()]
+                heapq.heapify(self._line)
         self._publish()
 
     def _grant(self) -> None:
-        while self._waiters and self.in_flight < self.capacity:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self.in_flight += 1
-                waiter.set_result(None)
+        while self._line and self.in_flight < self.capacity:
+            entry = heapq.heappop(self._line)
+            if entry.waiter.done():
+                continue  # it left the line
+            self._waiting -= 1
+            self._virtual_time = max(self._virtual_time, entry.tag)
+            self.in_flight += 1
+            entry.waiter.set_result(None)
+        if not self._waiting:
+            # Nobody waits: virtual time restarts, so that old tags do not weigh on new callers.
+            self._line.clear()
+            self._last_tag.clear()
+            self._virtual_time = 0.0
 
     def _publish(self) -> None:
         self.metrics.queue_depth.labels(model=self.model, namespace=self.namespace).set(self.depth)
