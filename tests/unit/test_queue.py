@@ -197,3 +197,33 @@ def test_callers_that_give_up_do_not_grow_the_line_without_bound() -> None:
         return len(queue._line)
 
     assert asyncio.run(scenario()) <= 64 + 2
+
+
+def test_a_request_that_cannot_start_before_its_deadline_is_refused_at_once() -> None:
+    async def scenario() -> None:
+        metrics = RouterMetrics.create()
+        queue = ModelQueue("m", capacity=1, max_queue=100, metrics=metrics)
+        assert queue.admit().granted
+        # Unknown durations: nothing is shed yet.
+        assert not queue.admit(max_wait_seconds=0.001).granted
+        for _ in range(ModelQueue.SHED_AFTER_SAMPLES):
+            queue._recent_durations.append(10.0)
+        # One ahead of it (the waiting one), one running: two 10 s waves > 15 s.
+        with pytest.raises(RouterError) as shed:
+            queue.admit(max_wait_seconds=15)
+        assert (shed.value.status, shed.value.code) == (429, "queue_deadline")
+        assert int(shed.value.headers["retry-after"]) >= 1
+        assert queue.depth == 1, "a shed request takes no place in line"
+        assert not queue.admit(max_wait_seconds=25).granted, "it fits in 25 s"
+        assert (
+            metrics.registry.get_sample_value(
+                "modelfleet_rejected_requests_total", {"model": "m", "reason": "queue_deadline"}
+            )
+            == 1
+        )
+        # With no replica, requests wait for one to come up, not for each other: never shed.
+        idle = ModelQueue("idle", capacity=0, max_queue=100, metrics=metrics)
+        idle._recent_durations.extend([10.0] * ModelQueue.SHED_AFTER_SAMPLES)
+        assert not idle.admit(max_wait_seconds=0.001).granted
+
+    asyncio.run(scenario())

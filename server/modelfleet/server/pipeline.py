@@ -369,7 +369,7 @@ async def plan_stream(generation: Generation) -> StreamPlan:
             observe(generation, "2xx", "hit")
             return StreamPlan(iter_async(replay_chunks({**cached, "model": generation.name})), cached=True)
     try:
-        ticket = model.queue.admit(generation.claim)
+        ticket = model.queue.admit(generation.claim, model.spec.request_timeout_seconds)
     except RouterError as exc:
         observe(generation, status_class_of(exc), "miss")
         raise

@@ -124,8 +124,9 @@ class ModelQueue:
         waves = (self.depth + self.in_flight) / max(1, self.capacity)
         return max(1, math.ceil(typical * waves))
 
-    def admit(self, claim: Claim = ANYONE) -> Ticket:
-        """A slot now, a place in line, or 429 when the line is full."""
+    def admit(self, claim: Claim = ANYONE, max_wait_seconds: float | None = None) -> Ticket:
+        """A slot now, a place in line, or 429 when the line is full or cannot start it within
+        `max_wait_seconds` (deadline-aware shedding: better a Retry-After now than a 504 later)."""
         if self.refusal is not None:
             raise self.refusal.fresh()
         if self.in_flight < self.capacity and not self._waiting:
@@ -141,16 +142,38 @@ class ModelQueue:
         # Start-time fair queueing: a caller's next request starts 1/weight after its previous one in
         # virtual time, or now if it had none waiting.
         tag = max(self._virtual_time, self._last_tag.get(claim.subject, 0.0)) + 1.0 / max(claim.weight, 1e-6)
+        band = BANDS[claim.priority]
+        expected = self.expected_wait_seconds(band, tag)
+        if max_wait_seconds is not None and expected is not None and expected > max_wait_seconds:
+            waiter.cancel()
+            self.metrics.rejected.labels(model=self.model, reason="queue_deadline").inc()
+            raise RouterError(429, f"`{self.model}` is too busy to start this request within {max_wait_seconds:g}s "
+                              f"(about {expected:.0f}s of work is ahead of it); retry later.",
+                              type="rate_limit_error", code="queue_deadline",
+                              headers={"retry-after": str(self.retry_after_seconds())})  # fmt: skip
         self._last_tag[claim.subject] = tag
-        heapq.heappush(self._line, _Waiting(BANDS[claim.priority], tag, next(self._order), claim.subject, waiter))
+        heapq.heappush(self._line, _Waiting(band, tag, next(self._order), claim.subject, waiter))
         self._waiting += 1
         self._publish()
         return Ticket(self, waiter)
 
+    # Shedding needs a typical duration to go by: not before this many requests have finished.
+    SHED_AFTER_SAMPLES = 8
+
+    def expected_wait_seconds(self, band: int, tag: float) -> float | None:
+        """How long a request placed at (band, tag) would wait: the waves of requests ahead of it, at the
+        median recent duration.  None while that is unknown (too few durations, or no replica at all,
+        when requests wait for one to come up rather than for each other)."""
+        if self.capacity <= 0 or len(self._recent_durations) < self.SHED_AFTER_SAMPLES:
+            return None
+        typical = sorted(self._recent_durations)[len(self._recent_durations) // 2]
+        ahead = sum(1 for entry in self._line if not entry.waiter.done() and (entry.band, entry.tag) <= (band, tag))
+        return (ahead // self.capacity + 1) * typical
+
     @asynccontextmanager
     async def slot(self, max_wait_seconds: float, claim: Claim = ANYONE) -> AsyncIterator[float]:
         """Hold a slot for the block (yields the seconds spent waiting for it)."""
-        ticket = self.admit(claim)
+        ticket = self.admit(claim, max_wait_seconds)
         try:
             yield await ticket.wait(max_wait_seconds)
         finally:
