@@ -1,6 +1,7 @@
 """`make bench`: the router and the operator measured against baselines taken in the same run.
 
-    python -m hack.bench.run [--quick] [--only overhead,cache,streams,model,operator] [--out bench-results.json]
+    python -m hack.bench.run [--quick] [--only overhead,cache,streams,model,operator,fairness]
+                             [--out bench-results.json]
 
 Each comparison alternates A and B in one invocation and reports ratios. The load generator and
 the fake upstream are Go programs (hack/bench/loadgen, hack/bench/upstream) so that the Python
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
@@ -23,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -140,8 +143,9 @@ def upstream(work: Path, chunks: int = 20, interval: str = "50ms") -> Iterator[s
 
 @contextlib.contextmanager
 def router(
-    work: Path, upstream_url: str, upstream_model: str = "bench", **settings: str
-) -> Iterator[tuple[str, Process]]:
+    work: Path, upstream_url: str, upstream_model: str = "bench", model_settings: dict[str, Any] | None = None,
+    **settings: str,
+) -> Iterator[tuple[str, Process]]:  # fmt: skip
     port = free_port()
     model = {
         "name": "bench",
@@ -149,6 +153,7 @@ def router(
         "upstream_model": upstream_model,
         "max_in_flight": 4096,
         "max_queue": 4096,
+        **(model_settings or {}),
     }
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -413,6 +418,131 @@ def bench_model(work: Path, rounds: int, tokens: int) -> Result:
     result["tokens_per_s_ratio"] = round(result["router"]["tokens_per_s"] / result["direct"]["tokens_per_s"], 4)
     result["ttft_added_ms"] = round(result["router"]["ttft_ms"] - result["direct"]["ttft_ms"], 1)
     log(f"model: {result}")
+    return result
+
+
+# Fairness: one slot, a key that floods and a light key -------------------------------------------
+
+FLOOD_KEY, LIGHT_KEY = "mf-bench-flood", "mf-bench-light"
+
+
+def respond(router_base: str, key: str) -> tuple[float, float, int]:
+    """(seconds to the whole answer, seconds in the router's queue, output tokens) of one short answer."""
+    body = {"model": "bench", "input": "Name a fruit.", "max_output_tokens": 16, "temperature": 0}
+    request = urllib.request.Request(
+        f"{router_base}/v1/responses", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )  # fmt: skip
+    started = time.monotonic()
+    with urllib.request.urlopen(request, timeout=600) as response:
+        answer = json.load(response)
+    return time.monotonic() - started, answer["timings"]["queue_ms"] / 1000, int(answer["usage"]["output_tokens"])
+
+
+def queue_depth(router_base: str) -> float:
+    with urllib.request.urlopen(f"{router_base}/metrics", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("modelfleet_queue_depth{"))
+
+
+def jain_index(served: dict[str, float], demand: dict[str, float]) -> float:
+    """Jain's index of what each key was served against its max-min fair share of what was served in all.
+
+    1.0 is perfectly fair: a key that asks for less than an equal share gets all it asks for, and the
+    other gets the rest.
+    """
+    total, keys = sum(served.values()), sorted(served)
+    share: dict[str, float] = {}
+    left, open_keys = total, list(keys)
+    for key in sorted(keys, key=lambda k: demand[k]):
+        share[key] = min(demand[key], left / len(open_keys))
+        left -= share[key]
+        open_keys.remove(key)
+    ratios = [served[key] / share[key] for key in keys if share[key] > 0]
+    return round(sum(ratios) ** 2 / (len(ratios) * sum(r * r for r in ratios)), 4) if ratios else 0.0
+
+
+def p90(values: list[float]) -> float:
+    return sorted(values)[max(0, math.ceil(0.9 * len(values)) - 1)]
+
+
+def light_key_phase(router_base: str, seconds: float, flooders: int) -> Result:
+    """The light key's answers, one a second for `seconds`, while `flooders` clients of the flood key
+    each send one request after another (none: the unloaded baseline)."""
+    stop = threading.Event()
+    served = {"flood": 0.0, "light": 0.0}
+    lock = threading.Lock()
+
+    def flood() -> None:
+        while not stop.is_set():
+            _, _, tokens = respond(router_base, FLOOD_KEY)
+            with lock:
+                served["flood"] += tokens
+
+    light: list[tuple[float, float, int]] = []
+
+    def one_light() -> None:
+        result = respond(router_base, LIGHT_KEY)
+        with lock:
+            light.append(result)
+            served["light"] += result[2]
+
+    flooding = [threading.Thread(target=flood, daemon=True) for _ in range(flooders)]
+    for thread in flooding:
+        thread.start()
+    if flooders:
+        deadline = time.monotonic() + 60
+        while queue_depth(router_base) < flooders - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    sent = []
+    started = time.monotonic()
+    for index in range(int(seconds)):
+        time.sleep(max(0.0, started + index - time.monotonic()))
+        thread = threading.Thread(target=one_light)
+        thread.start()
+        sent.append(thread)
+    for thread in sent:
+        thread.join(timeout=600)
+    stop.set()
+    for thread in flooding:
+        thread.join(timeout=600)
+    latencies, waits = [r[0] for r in light], [r[1] for r in light]
+    result: Result = {
+        "light_requests": len(light),
+        "light_latency_p50_ms": round(statistics.median(latencies) * 1000, 1),
+        "light_latency_p90_ms": round(p90(latencies) * 1000, 1),
+        "light_queue_wait_p90_ms": round(p90(waits) * 1000, 1),
+        "tokens_served": served,
+    }
+    if flooders:
+        # The light key asked for what it was served (it waits for each answer); the flood for more than all.
+        result["jain_index"] = jain_index(served, {"light": served["light"], "flood": float("inf")})
+    return result
+
+
+def bench_fairness(work: Path, seconds: float, flooders: int = 16) -> Result:
+    store = ollama_model.prepare()
+    models_dir = ollama_model.link_copy(store, work / "fairness-models")
+    keys = work / "fairness-keys.yaml"
+    keys.write_text(json.dumps({"keys": [{"name": "flood", "key": FLOOD_KEY}, {"name": "light", "key": LIGHT_KEY}]}))
+    one_slot = {"max_in_flight": 1, "max_queue": 64, "request_timeout_seconds": 600}
+    settings = {"auth_required": "true", "api_keys_file": str(keys), "cache_size": "0"}
+    result: Result = {"flooders": flooders, "seconds": seconds}
+    with ollama_model.serve(models_dir, work / "fairness-ollama") as ollama:
+        create = {"model": BENCH_MODEL, "from": ollama_model.MODEL_NAME, "parameters": {"num_thread": 1},
+                  "stream": False}  # fmt: skip
+        ollama_model.http_json(f"{ollama.base_url}/api/create", create)
+        stream_tokens(ollama.base_url, BENCH_MODEL, 8)  # loads the model
+        for phase, policy, load in (("unloaded", "fair", 0), ("fifo", "fifo", flooders), ("fair", "fair", flooders)):
+            with router(work, ollama.base_url, upstream_model=BENCH_MODEL, model_settings=one_slot,
+                        queue_policy=policy, **settings) as (base, _):  # fmt: skip
+                result[phase] = light_key_phase(base, seconds, load)
+            log(f"fairness {phase}: {result[phase]}")
+    unloaded = result["unloaded"]["light_latency_p90_ms"]
+    for phase in ("fifo", "fair"):
+        result[phase]["light_latency_p90_ratio"] = round(result[phase]["light_latency_p90_ms"] / unloaded, 2)
+    # The light key's wait for its answer: queue plus generation, since unloaded it waits in no queue at all.
+    result["light_key_wait_p90_ratio"] = result["fair"]["light_latency_p90_ratio"]
     return result
 
 
@@ -686,13 +816,27 @@ def markdown(results: Result) -> str:
             ),
             "",
         ]
+    if "fairness" in results:
+        f = results["fairness"]
+        lines += [
+            f"| light key, 1 request/s, while {f['flooders']} clients of another key flood one slot | "
+            "answer p50 ms | answer p90 ms | queue wait p90 ms | p90 / unloaded | Jain's index |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {phase} | {f[phase]['light_latency_p50_ms']} | {f[phase]['light_latency_p90_ms']} | "
+                f"{f[phase]['light_queue_wait_p90_ms']} | {f[phase].get('light_latency_p90_ratio', 1.0)} | "
+                f"{f[phase].get('jain_index', '—')} |"
+                for phase in ("unloaded", "fifo", "fair")
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="short runs, to check the harness")
-    parser.add_argument("--only", default="overhead,cache,streams,model,operator")
+    parser.add_argument("--only", default="overhead,cache,streams,model,operator,fairness")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results.json")
     args = parser.parse_args(argv)
     wanted = set(args.only.split(","))
@@ -708,6 +852,7 @@ def main(argv: list[str]) -> int:
             "streams": lambda: bench_streams(work, 200 if args.quick else 1000, rounds),
             "model": lambda: bench_model(work, 2 if args.quick else 5, 64 if args.quick else 128),
             "operator": lambda: bench_operator(work, 20 if args.quick else 200, 10 if args.quick else 60),
+            "fairness": lambda: bench_fairness(work, 8 if args.quick else 20),
         }
         for name, section in sections.items():
             if name in wanted:

@@ -227,3 +227,20 @@ def test_a_request_that_cannot_start_before_its_deadline_is_refused_at_once() ->
         assert not idle.admit(max_wait_seconds=0.001).granted
 
     asyncio.run(scenario())
+
+
+def test_the_fifo_policy_keeps_arrival_order_whoever_asks() -> None:
+    async def scenario() -> list[str]:
+        queue = ModelQueue("m", capacity=1, max_queue=100, metrics=RouterMetrics.create(), fair=False)
+        running = queue.admit()
+        tickets = [
+            (claim.subject, queue.admit(claim)) for claim in [Claim("a")] * 3 + [Claim("b", priority="interactive")]
+        ]
+        order = []
+        for _ in tickets:
+            running.release()
+            subject, running = next((s, t) for s, t in tickets if t.granted and (s, t) not in order)
+            order.append((subject, running))
+        return [subject for subject, _ in order]
+
+    assert asyncio.run(scenario()) == ["a", "a", "a", "b"]

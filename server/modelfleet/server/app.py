@@ -61,7 +61,7 @@ def create_app(settings: RouterSettings, drain: Drain | None = None) -> FastAPI:
             tasks.append(asyncio.create_task(work))
 
         async with aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False) as http:
-            registry = ModelRegistry(metrics)
+            registry = ModelRegistry(metrics, fair_queueing=settings.queue_policy == "fair")
             registry.replace_source("static", [model.spec() for model in settings.all_models()])
             redis: Redis | None = None
             circuit: RedisCircuit | None = None

@@ -97,7 +97,10 @@ class Ticket:
 
 
 class ModelQueue:
-    def __init__(self, model: str, capacity: int, max_queue: int, metrics: RouterMetrics, namespace: str = "") -> None:
+    def __init__(
+        self, model: str, capacity: int, max_queue: int, metrics: RouterMetrics, namespace: str = "", fair: bool = True
+    ) -> None:
+        self.fair = fair  # False: one FIFO line for everybody, whatever the key or priority
         self.model = model
         self.namespace = namespace
         self.capacity = capacity
@@ -111,6 +114,7 @@ class ModelQueue:
         self._virtual_time = 0.0
         self._last_tag: dict[str, float] = {}  # each waiting caller's latest virtual start time
         self._order = itertools.count()
+        self._sequence = 0  # arrival order, for the FIFO policy
         self._recent_durations: deque[float] = deque(maxlen=32)
         self._publish()
 
@@ -141,8 +145,12 @@ class ModelQueue:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Start-time fair queueing: a caller's next request starts 1/weight after its previous one in
         # virtual time, or now if it had none waiting.
-        tag = max(self._virtual_time, self._last_tag.get(claim.subject, 0.0)) + 1.0 / max(claim.weight, 1e-6)
-        band = BANDS[claim.priority]
+        if self.fair:
+            tag = max(self._virtual_time, self._last_tag.get(claim.subject, 0.0)) + 1.0 / max(claim.weight, 1e-6)
+            band = BANDS[claim.priority]
+        else:
+            tag, band = float(self._sequence), 0
+            self._sequence += 1
         expected = self.expected_wait_seconds(band, tag)
         if max_wait_seconds is not None and expected is not None and expected > max_wait_seconds:
             waiter.cancel()

@@ -88,9 +88,9 @@ class ModelSpec:
 class ServedModel:
     """A model the router serves now: its spec, its admission queue, and its replicas' load."""
 
-    def __init__(self, spec: ModelSpec, metrics: RouterMetrics) -> None:
+    def __init__(self, spec: ModelSpec, metrics: RouterMetrics, fair_queueing: bool = True) -> None:
         self.spec = spec
-        self.queue = ModelQueue(spec.name, spec.capacity, spec.max_queue, metrics, spec.namespace)
+        self.queue = ModelQueue(spec.name, spec.capacity, spec.max_queue, metrics, spec.namespace, fair=fair_queueing)
         self.outstanding: dict[str, int] = dict.fromkeys(spec.endpoints, 0)
         self._picks = 0
         self._refuse_if_unloaded()
@@ -143,8 +143,9 @@ class ServedModel:
 
 
 class ModelRegistry:
-    def __init__(self, metrics: RouterMetrics) -> None:
+    def __init__(self, metrics: RouterMetrics, fair_queueing: bool = True) -> None:
         self.metrics = metrics
+        self.fair_queueing = fair_queueing
         self._models: dict[str, ServedModel] = {}
         self._names: dict[str, str] = {}  # name or alias -> model name
         # Set and replaced on every change, so that waiters wake up and look again.
@@ -171,7 +172,7 @@ class ModelRegistry:
         for name, spec in wanted.items():
             current = self._models.get(name)
             if current is None:
-                self._models[name] = ServedModel(spec, self.metrics)
+                self._models[name] = ServedModel(spec, self.metrics, self.fair_queueing)
                 logger.info("model %s added (%s, %d ready replicas)", name, source, len(spec.endpoints))
             elif current.spec != spec:
                 current.update(spec)

@@ -83,6 +83,13 @@ class RouterSettings(BaseSettings):
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
     heartbeat_seconds: float = Field(10.0, gt=0, description="`: ping` interval of a stream that waits in the queue.")
+    queue_policy: Literal["fair", "fifo"] = Field(
+        "fair",
+        description=(
+            "How a busy model's waiting requests are ordered: fair (across API keys by weight, interactive "
+            "before batch) or fifo (arrival order; for comparison)."
+        ),
+    )
     # Cache
     cache_size: int = Field(512, ge=0, description="Responses kept in the in-process cache; 0 turns caching off.")
     cache_ttl_seconds: float = Field(3600.0, gt=0, description="How long a cached response is served.")
