@@ -470,14 +470,15 @@ def light_key_phase(router_base: str, seconds: float, flooders: int) -> Result:
     """The light key's answers, one a second for `seconds`, while `flooders` clients of the flood key
     each send one request after another (none: the unloaded baseline)."""
     stop = threading.Event()
-    served = {"flood": 0.0, "light": 0.0}
+    # (key, when the answer ended, output tokens): Jain's index counts what was served within the window.
+    answers: list[tuple[str, float, int]] = []
     lock = threading.Lock()
 
     def flood() -> None:
         while not stop.is_set():
             _, _, tokens = respond(router_base, FLOOD_KEY)
             with lock:
-                served["flood"] += tokens
+                answers.append(("flood", time.monotonic(), tokens))
 
     light: list[tuple[float, float, int]] = []
 
@@ -485,7 +486,7 @@ def light_key_phase(router_base: str, seconds: float, flooders: int) -> Result:
         result = respond(router_base, LIGHT_KEY)
         with lock:
             light.append(result)
-            served["light"] += result[2]
+            answers.append(("light", time.monotonic(), result[2]))
 
     flooding = [threading.Thread(target=flood, daemon=True) for _ in range(flooders)]
     for thread in flooding:
@@ -501,22 +502,25 @@ def light_key_phase(router_base: str, seconds: float, flooders: int) -> Result:
         thread = threading.Thread(target=one_light)
         thread.start()
         sent.append(thread)
+    window_end = started + seconds
     for thread in sent:
         thread.join(timeout=600)
     stop.set()
     for thread in flooding:
         thread.join(timeout=600)
     latencies, waits = [r[0] for r in light], [r[1] for r in light]
+    served = {key: float(sum(t for k, at, t in answers if k == key and at <= window_end)) for key in ("flood", "light")}
     result: Result = {
         "light_requests": len(light),
         "light_latency_p50_ms": round(statistics.median(latencies) * 1000, 1),
         "light_latency_p90_ms": round(p90(latencies) * 1000, 1),
         "light_queue_wait_p90_ms": round(p90(waits) * 1000, 1),
-        "tokens_served": served,
+        "tokens_served_in_window": served,
     }
     if flooders:
-        # The light key asked for what it was served (it waits for each answer); the flood for more than all.
-        result["jain_index"] = jain_index(served, {"light": served["light"], "flood": float("inf")})
+        # Within the window the light key asked for its requests' tokens; the flood for more than all.
+        asked = len(sent) * statistics.mean(r[2] for r in light)
+        result["jain_index"] = jain_index(served, {"light": asked, "flood": float("inf")})
     return result
 
 

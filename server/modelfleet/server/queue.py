@@ -9,8 +9,7 @@ wait for a slot.
 The queue is fair across callers: within a priority band (interactive before batch), waiting
 requests start in the order of start-time fair queueing, where each caller's requests are spaced by
 1 / its weight in virtual time.  A caller that floods gets its weight's share of the slots, and a
-caller with one request waiting starts after at most one more of the flood's, not after all of it.
-With one caller, it is FIFO.
+caller with nothing waiting starts next, not after the flood.  With one caller, it is FIFO.
 """
 
 from __future__ import annotations
@@ -112,7 +111,7 @@ class ModelQueue:
         self._line: list[_Waiting] = []  # a heap; entries of requests that left are skipped when popped
         self._waiting = 0
         self._virtual_time = 0.0
-        self._last_tag: dict[str, float] = {}  # each waiting caller's latest virtual start time
+        self._last_finish: dict[str, float] = {}  # each waiting caller's latest virtual finish time
         self._order = itertools.count()
         self._sequence = 0  # arrival order, for the FIFO policy
         self._recent_durations: deque[float] = deque(maxlen=32)
@@ -134,6 +133,12 @@ class ModelQueue:
         if self.refusal is not None:
             raise self.refusal.fresh()
         if self.in_flight < self.capacity and not self._waiting:
+            if self.fair:
+                # It is served now, so its virtual time is spent: a caller's flood that follows it
+                # starts after it, and a new caller's request at the current virtual time.
+                start = max(self._virtual_time, self._last_finish.get(claim.subject, 0.0))
+                self._last_finish[claim.subject] = start + 1.0 / max(claim.weight, 1e-6)
+                self._virtual_time = start
             self.in_flight += 1
             self._publish()
             return Ticket(self, None)
@@ -146,7 +151,9 @@ class ModelQueue:
         # Start-time fair queueing: a caller's next request starts 1/weight after its previous one in
         # virtual time, or now if it had none waiting.
         if self.fair:
-            tag = max(self._virtual_time, self._last_tag.get(claim.subject, 0.0)) + 1.0 / max(claim.weight, 1e-6)
+            # Ordered by virtual start time: a caller with nothing waiting starts at the virtual time of
+            # the request in service, ahead of the next of a flood, whose start is its previous one's finish.
+            tag = max(self._virtual_time, self._last_finish.get(claim.subject, 0.0))
             band = BANDS[claim.priority]
         else:
             tag, band = float(self._sequence), 0
@@ -159,7 +166,8 @@ class ModelQueue:
                               f"(about {expected:.0f}s of work is ahead of it); retry later.",
                               type="rate_limit_error", code="queue_deadline",
                               headers={"retry-after": str(self.retry_after_seconds())})  # fmt: skip
-        self._last_tag[claim.subject] = tag
+        if self.fair:
+            self._last_finish[claim.subject] = tag + 1.0 / max(claim.weight, 1e-6)
         heapq.heappush(self._line, _Waiting(band, tag, next(self._order), claim.subject, waiter))
         self._waiting += 1
         self._publish()
@@ -206,7 +214,7 @@ class ModelQueue:
                 self._waiting -= 1
                 entry.waiter.set_exception(error.fresh())
         if error is not None:
-            self._last_tag.clear()
+            self._last_finish.clear()
         self._publish()
 
     def started(self) -> None:
@@ -250,7 +258,7 @@ class ModelQueue:
         if not self._waiting:
             # Nobody waits: virtual time restarts, so that old tags do not weigh on new callers.
             self._line.clear()
-            self._last_tag.clear()
+            self._last_finish.clear()
             self._virtual_time = 0.0
 
     def _publish(self) -> None:
