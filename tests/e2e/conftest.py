@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import re
 import subprocess
@@ -177,8 +178,14 @@ def http_ok(url: str) -> bool:
 
 
 def start_operator(
-    cluster: Cluster, work_dir: Path, resync_seconds: float = 5.0, standalone: bool = True, priority: int = 0
+    cluster: Cluster,
+    work_dir: Path,
+    resync_seconds: float = 5.0,
+    standalone: bool = True,
+    priority: int = 0,
+    namespaces: list[str] | None = None,
 ) -> Iterator[OperatorProcess]:
+    """The operator as its own ServiceAccount; cluster-wide, or watching only `namespaces`."""
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(RBAC_PATH))
     token_request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(expiration_seconds=3600))
     token = (
@@ -199,6 +206,7 @@ def start_operator(
         "MODELFLEET_OPERATOR_LIVENESS_PORT": str(liveness_port),
         "MODELFLEET_OPERATOR_METRICS_HOST": LOOPBACK,
         "MODELFLEET_OPERATOR_METRICS_PORT": str(metrics_port),
+        **({"MODELFLEET_OPERATOR_NAMESPACES": json.dumps(namespaces)} if namespaces else {}),
     }
     liveness_url = f"http://{LOOPBACK}:{liveness_port}/healthz"
     with running_process(
