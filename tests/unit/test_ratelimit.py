@@ -30,9 +30,11 @@ class FakeClock:
         return self.now
 
 
-def at(limiter: MemoryRateLimiter, clock: FakeClock, when: float, limits: Limits, subject: str = "key") -> Decision:
+def at(
+    limiter: MemoryRateLimiter, clock: FakeClock, when: float, limits: Limits, subject: str = "key", reserve: int = 0
+) -> Decision:
     clock.now = when
-    return run(limiter.acquire(subject, limits))
+    return run(limiter.acquire(subject, limits, reserve=reserve))
 
 
 def charge(limiter: MemoryRateLimiter, clock: FakeClock, when: float, limits: Limits, tokens: int) -> None:
@@ -412,12 +414,7 @@ def test_a_refused_reservation_says_when_enough_tokens_are_free() -> None:
     limits = Limits(requests=None, tokens=100, window_seconds=60)
     charge(limiter, clock, 0, limits, 50)
     charge(limiter, clock, 10, limits, 30)
-    clock.now = 20
-
-    async def refused() -> Decision:
-        return await limiter.acquire("key", limits, reserve=40)
-
-    decision = run(refused())
+    decision = at(limiter, clock, 20, limits, reserve=40)
     assert not decision.allowed
     # 80 used; 40 fit once the charge of 0 s (50) has left, at 60 s: 40 s from now.
     assert decision.retry_after_seconds == 40

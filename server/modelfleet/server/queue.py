@@ -49,7 +49,6 @@ class _Waiting:
     band: int
     tag: float  # virtual start time
     sequence: int
-    subject: str
     waiter: asyncio.Future[None]
 
 
@@ -112,8 +111,7 @@ class ModelQueue:
         self._waiting = 0
         self._virtual_time = 0.0
         self._last_finish: dict[str, float] = {}  # each waiting caller's latest virtual finish time
-        self._order = itertools.count()
-        self._sequence = 0  # arrival order, for the FIFO policy
+        self._order = itertools.count()  # arrival order: ties, and the FIFO policy
         self._recent_durations: deque[float] = deque(maxlen=32)
         self._publish()
 
@@ -134,11 +132,8 @@ class ModelQueue:
             raise self.refusal.fresh()
         if self.in_flight < self.capacity and not self._waiting:
             if self.fair:
-                # It is served now, so its virtual time is spent: a caller's flood that follows it
-                # starts after it, and a new caller's request at the current virtual time.
-                start = max(self._virtual_time, self._last_finish.get(claim.subject, 0.0))
-                self._last_finish[claim.subject] = start + 1.0 / max(claim.weight, 1e-6)
-                self._virtual_time = start
+                # Served now, so its virtual time is spent: a flood that follows it starts after it.
+                self._virtual_time = self._spend(claim, self._fair_start(claim))
             self.in_flight += 1
             self._publish()
             return Ticket(self, None)
@@ -147,31 +142,32 @@ class ModelQueue:
             raise RouterError(429, f"Too many requests are waiting for `{self.model}`; retry later.",
                               type="rate_limit_error", code="queue_full",
                               headers={"retry-after": str(self.retry_after_seconds())})  # fmt: skip
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # Start-time fair queueing: a caller's next request starts 1/weight after its previous one in
-        # virtual time, or now if it had none waiting.
-        if self.fair:
-            # Ordered by virtual start time: a caller with nothing waiting starts at the virtual time of
-            # the request in service, ahead of the next of a flood, whose start is its previous one's finish.
-            tag = max(self._virtual_time, self._last_finish.get(claim.subject, 0.0))
-            band = BANDS[claim.priority]
-        else:
-            tag, band = float(self._sequence), 0
-            self._sequence += 1
+        order = next(self._order)
+        tag, band = (self._fair_start(claim), BANDS[claim.priority]) if self.fair else (float(order), 0)
         expected = self.expected_wait_seconds(band, tag)
         if max_wait_seconds is not None and expected is not None and expected > max_wait_seconds:
-            waiter.cancel()
             self.metrics.rejected.labels(model=self.model, reason="queue_deadline").inc()
             raise RouterError(429, f"`{self.model}` is too busy to start this request within {max_wait_seconds:g}s "
                               f"(about {expected:.0f}s of work is ahead of it); retry later.",
                               type="rate_limit_error", code="queue_deadline",
                               headers={"retry-after": str(self.retry_after_seconds())})  # fmt: skip
         if self.fair:
-            self._last_finish[claim.subject] = tag + 1.0 / max(claim.weight, 1e-6)
-        heapq.heappush(self._line, _Waiting(band, tag, next(self._order), claim.subject, waiter))
+            self._spend(claim, tag)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._line, _Waiting(band, tag, order, waiter))
         self._waiting += 1
         self._publish()
         return Ticket(self, waiter)
+
+    def _fair_start(self, claim: Claim) -> float:
+        """Its virtual start time: now (the start of the request last served) for a caller with nothing
+        waiting, which puts it ahead of a flood's next request, else its previous request's finish."""
+        return max(self._virtual_time, self._last_finish.get(claim.subject, 0.0))
+
+    def _spend(self, claim: Claim, start: float) -> float:
+        """Record the request's virtual finish (start + 1/weight) as its caller's; returns `start`."""
+        self._last_finish[claim.subject] = start + 1.0 / max(claim.weight, 1e-6)
+        return start
 
     # Shedding needs a typical duration to go by: not before this many requests have finished.
     SHED_AFTER_SAMPLES = 8

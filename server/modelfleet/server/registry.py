@@ -201,11 +201,11 @@ class ModelRegistry:
         return None if model_name is None else self._models[model_name]
 
     def resolve(self, name: str) -> ServedModel:
-        model_name = self._names.get(name)
-        if model_name is None:
+        model = self.find(name)
+        if model is None:
             raise RouterError(404, f"The model `{name}` does not exist.", type="not_found_error",
                               code="model_not_found", param="model")  # fmt: skip
-        return self._models[model_name]
+        return model
 
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
