@@ -125,6 +125,7 @@ def test_serving_fields() -> None:
         "requestTimeoutSeconds": 30,
         "cache": {"enabled": False, "ttlSeconds": 60},
         "rateLimit": {"requestsPerMinute": 100, "tokensPerMinute": 5000},
+        "routing": "leastLoaded",
     }
     body = model("m", {"model": "x", "endpoint": {"url": "http://llm.ai.svc"}, "serving": serving})
     spec = only(models_from_cluster([body], []))
@@ -136,6 +137,7 @@ def test_serving_fields() -> None:
     )
     assert (spec.cache_enabled, spec.cache_ttl_seconds) == (False, 60.0)
     assert (spec.requests_per_minute, spec.tokens_per_minute) == (100, 5000)
+    assert spec.routing == "leastLoaded"
 
 
 @pytest.mark.parametrize(

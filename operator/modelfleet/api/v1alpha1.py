@@ -430,6 +430,14 @@ class Serving(Model):
             "the generation itself is bounded by the router's upstream timeouts."
         ),
     )
+    routing: Literal["prefix", "leastLoaded"] = Field(
+        "prefix",
+        description=(
+            "How the router picks a replica. prefix: requests that share a prompt prefix (a conversation, or a "
+            "long system prompt) go to the same replica, whose KV cache holds it, unless that replica has 25% more "
+            "requests than the mean; leastLoaded: the replica with the fewest requests."
+        ),
+    )
     cache: ResponseCache | None = Field(None, description="Response cache settings.")
     rate_limit: RateLimit | None = Field(None, description="Rate limits per API key.")
 

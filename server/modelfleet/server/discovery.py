@@ -225,6 +225,7 @@ def _spec_for(
         requests_per_minute=None if rpm is None else int(rpm),
         tokens_per_minute=None if tpm is None else int(tpm),
         source=SOURCE,
+        routing="leastLoaded" if serving.get("routing") == "leastLoaded" else "prefix",
         managed=managed,
         namespace=candidate.namespace,
     )

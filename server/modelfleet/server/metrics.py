@@ -35,6 +35,7 @@ class RouterMetrics:
     rejected: Counter
     rate_limited: Counter
     upstream_errors: Counter
+    prefix_affinity: Counter
     cache_lookups: Counter
     cache_entries: Gauge
     cache_errors: Counter
@@ -79,6 +80,9 @@ class RouterMetrics:
                                  ["model", "limit"], registry=registry),
             upstream_errors=Counter("modelfleet_upstream_errors_total", "Backend failures", ["model", "code"],
                                     registry=registry),
+            prefix_affinity=Counter("modelfleet_prefix_affinity_total", "Prefix-routed requests by whether their "
+                                    "prefix's home replica took them (hit) or was above the load bound or "
+                                    "unreachable (miss)", ["model", "result"], registry=registry),
             cache_lookups=Counter("modelfleet_cache_lookups_total", "Response cache lookups by result",
                                   ["model", "result"], registry=registry),
             cache_entries=Gauge("modelfleet_cache_entries", "Responses held by the cache", registry=registry),

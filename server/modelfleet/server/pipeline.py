@@ -1,7 +1,7 @@
 """One generation through the router, whatever API it came in by.
 
 prepare():   who is calling, which model, remote policy, max_tokens policy, rate limit.
-complete():  cache (with coalescing) -> queue slot -> least-loaded replica -> backend -> accounting.
+complete():  cache (with coalescing) -> queue slot -> replica (by prefix, or least loaded) -> backend -> accounting.
 stream():    cache replay, or queue slot (heartbeats while waiting) -> replica -> backend chunks.
 
 The API modules (api/openai.py, api/responses.py, api/compat.py) only translate their request
@@ -26,6 +26,7 @@ from modelfleet.server.errors import BackendUnreachable, RouterError
 from modelfleet.server.queue import BANDS, Claim, Ticket
 from modelfleet.server.ratelimit import Decision, Limits, RateLimiterUnavailable, Reservation
 from modelfleet.server.registry import ServedModel
+from modelfleet.server.routing import affinity_key
 from modelfleet.server.schemas import SamplingFields
 from modelfleet.server.services import Services
 from modelfleet.server.streaming import Assembler, replay_chunks
@@ -46,6 +47,7 @@ class Generation:
     limits: Limits
     cache_key: str | None
     claim: Claim = field(default_factory=Claim)  # its place in a busy model's fair queue
+    affinity: bytes | None = None  # its prompt prefix's key, for a model routed by prefix
     started: float = field(default_factory=time.monotonic)
     rate_limit: Decision | None = None
     # Tokens reserved against the key's budget at admission, until settled with the real count.
@@ -171,8 +173,9 @@ async def prepare(
     namespace = principal.subject if settings.cache_per_key else ""
     key = cache_key(model.name, kind, body, namespace) if wants_cache(http_request, services, model, body,
                                                                       use_cache, route) else None  # fmt: skip
+    affinity = affinity_key(body) if model.spec.routing == "prefix" else None
     generation = Generation(services, model, kind, route, body, principal, limits, key,
-                            claim=queue_claim(http_request, principal))  # fmt: skip
+                            claim=queue_claim(http_request, principal), affinity=affinity)  # fmt: skip
     await admit_rate(generation)
     return generation
 
@@ -302,14 +305,14 @@ def record_upstream_error(generation: Generation, exc: BaseException) -> None:
 
 
 async def run_backend(generation: Generation) -> dict[str, Any]:
-    """Queue slot, least-loaded replica, one backend call; this is what the cache computes on a miss."""
+    """Queue slot, a replica, one backend call; this is what the cache computes on a miss."""
     model = generation.model
     async with model.queue.slot(model.spec.request_timeout_seconds, generation.claim) as waited:
         generation.queue_seconds = waited
         started = time.monotonic()
         refused: list[str] = []  # replicas that refused the connection
         while True:
-            endpoint = model.pick_endpoint(exclude=refused)
+            endpoint = model.pick_endpoint(exclude=refused, affinity=generation.affinity)
             try:
                 result = await pick_backend(generation.services, model).complete(
                     endpoint, model.spec, generation.kind, generation.body
@@ -397,7 +400,7 @@ async def open_upstream(generation: Generation, ticket: Ticket) -> tuple[str, As
     generation.backend_started = time.monotonic()
     refused: list[str] = []  # replicas that refused the connection
     while True:
-        endpoint = model.pick_endpoint(exclude=refused)
+        endpoint = model.pick_endpoint(exclude=refused, affinity=generation.affinity)
         try:
             backend = pick_backend(generation.services, model)
             chunks = await backend.open_stream(endpoint, model.spec, generation.kind, generation.body)

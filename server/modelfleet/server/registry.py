@@ -17,6 +17,7 @@ from typing import Literal
 from modelfleet.server.errors import RouterError
 from modelfleet.server.metrics import RouterMetrics
 from modelfleet.server.queue import ModelQueue
+from modelfleet.server.routing import Routing, bounded_choice, ranked
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class ModelSpec:
     router_index: int = 0
     # Set for InferenceModels whose pods the operator runs (None: static, or an existing endpoint).
     managed: Management | None = None
+    # How a replica is chosen: by prompt prefix with bounded load (routing.py), or the least loaded.
+    routing: Routing = "prefix"
 
     @property
     def capacity(self) -> int:
@@ -91,6 +94,7 @@ class ServedModel:
     def __init__(self, spec: ModelSpec, metrics: RouterMetrics, fair_queueing: bool = True) -> None:
         self.spec = spec
         self.queue = ModelQueue(spec.name, spec.capacity, spec.max_queue, metrics, spec.namespace, fair=fair_queueing)
+        self.metrics = metrics
         self.outstanding: dict[str, int] = dict.fromkeys(spec.endpoints, 0)
         self._picks = 0
         self._refuse_if_unloaded()
@@ -116,12 +120,14 @@ class ServedModel:
         elif self.queue.refusal is not None and self.queue.refusal.code == "model_unloaded":
             self.queue.refuse(None)
 
-    def pick_endpoint(self, exclude: Collection[str] = ()) -> str:
-        """The ready replica with the fewest outstanding requests; ties take turns.
+    def pick_endpoint(self, exclude: Collection[str] = (), affinity: bytes | None = None) -> str:
+        """The replica for one request, counted as outstanding until `release_endpoint`.
 
-        Taking turns matters under light load, where every replica is often idle: always the first
-        would leave the others cold (and a new replica would never get a request). `exclude` names
-        replicas this request could not connect to.
+        With prefix routing and an `affinity` key (routing.affinity_key), the key's home replica
+        unless it is above the load bound; otherwise the least loaded, where ties take turns. Taking
+        turns matters under light load, where every replica is often idle: always the first would
+        leave the others cold (and a new replica would never get a request). `exclude` names replicas
+        this request could not connect to.
         """
         if not self.outstanding:
             raise RouterError(503, f"`{self.name}` has no ready replica.", type="upstream_error",
@@ -130,10 +136,15 @@ class ServedModel:
         if not candidates:
             raise RouterError(503, f"`{self.name}` has no ready replica that answers.", type="upstream_error",
                               code="no_ready_replica")  # fmt: skip
-        fewest = min(candidates.values())
-        tied = [endpoint for endpoint, count in candidates.items() if count == fewest]
-        endpoint = tied[self._picks % len(tied)]
-        self._picks += 1
+        if affinity is not None and self.spec.routing == "prefix" and len(self.outstanding) > 1:
+            endpoint, rank = bounded_choice(affinity, candidates)
+            home = rank == 0 and (not exclude or endpoint == ranked(affinity, list(self.outstanding))[0])
+            self.metrics.prefix_affinity.labels(model=self.name, result="hit" if home else "miss").inc()
+        else:
+            fewest = min(candidates.values())
+            tied = [endpoint for endpoint, count in candidates.items() if count == fewest]
+            endpoint = tied[self._picks % len(tied)]
+            self._picks += 1
         self.outstanding[endpoint] += 1
         return endpoint
 

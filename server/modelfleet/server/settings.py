@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, HttpUrl, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from modelfleet.server.registry import ModelSpec
+from modelfleet.server.routing import Routing
 
 
 class StaticModel(BaseModel):
@@ -32,6 +33,11 @@ class StaticModel(BaseModel):
     requests_per_minute: int | None = Field(None, ge=0, description="Per-key request limit (default: the router's).")
     tokens_per_minute: int | None = Field(None, ge=0, description="Per-key token limit (default: the router's).")
     api_key: SecretStr | None = Field(None, description="Bearer token the backend expects.")
+    routing: Routing = Field(
+        "prefix",
+        description="prefix: requests sharing a prompt prefix go to the same replica (its KV cache), within a load "
+        "bound; leastLoaded: the replica with the fewest requests.",
+    )
 
     def spec(self) -> ModelSpec:
         return ModelSpec(
@@ -50,6 +56,7 @@ class StaticModel(BaseModel):
             tokens_per_minute=self.tokens_per_minute,
             upstream_api_key=self.api_key.get_secret_value() if self.api_key else None,
             source="static",
+            routing=self.routing,
         )
 
 
