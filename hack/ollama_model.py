@@ -65,10 +65,14 @@ def free_port() -> int:
         return port
 
 
-def server_env(models_dir: Path, port: int, home: Path) -> dict[str, str]:
+def server_env(
+    models_dir: Path, port: int, home: Path, parallel: int | None = None, debug: bool = False
+) -> dict[str, str]:
     """The whole environment of an isolated `ollama serve` on 127.0.0.1:port.
 
-    Nothing is inherited but PATH: a user's OLLAMA_* settings must not leak into tests.
+    Nothing is inherited but PATH: a user's OLLAMA_* settings must not leak into tests. `parallel`
+    is OLLAMA_NUM_PARALLEL, which the operator sets to maxInFlightPerReplica (Ollama's default: 1).
+    `debug` makes the runner log each request's prompt-cache reuse ("loading cache slot").
     """
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -82,6 +86,8 @@ def server_env(models_dir: Path, port: int, home: Path) -> dict[str, str]:
         "OLLAMA_NO_CLOUD": "1",
         # The store is prepared ahead of time; never delete blobs the manifests do not name yet.
         "OLLAMA_NOPRUNE": "1",
+        **({"OLLAMA_NUM_PARALLEL": str(parallel)} if parallel else {}),
+        **({"OLLAMA_DEBUG": "1"} if debug else {}),
     }
 
 
@@ -109,7 +115,9 @@ class OllamaProcess:
 
 
 @contextmanager
-def serve(models_dir: Path, work_dir: Path, ready_timeout: float = 60) -> Iterator[OllamaProcess]:
+def serve(
+    models_dir: Path, work_dir: Path, ready_timeout: float = 60, parallel: int | None = None, debug: bool = False
+) -> Iterator[OllamaProcess]:
     """`ollama serve` on a free loopback port until the block exits."""
     port = free_port()
     home = work_dir / "home"
@@ -119,7 +127,7 @@ def serve(models_dir: Path, work_dir: Path, ready_timeout: float = 60) -> Iterat
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [str(ollama_binary()), "serve"],
-            env=server_env(models_dir, port, home),
+            env=server_env(models_dir, port, home, parallel, debug),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

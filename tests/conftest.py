@@ -245,8 +245,9 @@ def settled_chat_calls(ollama: OllamaServer) -> int:
         count = latest
 
 
-def start_ollama(work_dir: Path) -> Iterator[OllamaServer]:
-    """Our Ollama build serving gemma3:270m on a free loopback port, with a private models dir."""
+def start_ollama(work_dir: Path, parallel: int | None = None) -> Iterator[OllamaServer]:
+    """Our Ollama build serving gemma3:270m on a free loopback port, with a private models dir
+    (and OLLAMA_NUM_PARALLEL `parallel`, as the operator sets it to maxInFlightPerReplica)."""
     try:
         binary = ollama_model.ollama_binary()
         store = ollama_model.prepare()
@@ -263,7 +264,7 @@ def start_ollama(work_dir: Path) -> Iterator[OllamaServer]:
         work_dir,
         ready=lambda: http_ok(f"{base_url}/api/version"),
         ready_timeout=60,
-        env=ollama_model.server_env(models_dir, port, home),
+        env=ollama_model.server_env(models_dir, port, home, parallel),
         cwd=work_dir,
     ) as process:
         yield OllamaServer(base_url=base_url, model=ollama_model.MODEL_NAME, models_dir=models_dir, process=process)
