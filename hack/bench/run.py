@@ -1,6 +1,6 @@
 """`make bench`: the router and the operator measured against baselines taken in the same run.
 
-    python -m hack.bench.run [--quick] [--only overhead,cache,streams,model,operator,fairness]
+    python -m hack.bench.run [--quick] [--only overhead,cache,streams,model,operator,fairness,prefix_affinity]
                              [--out bench-results.json]
 
 Each comparison alternates A and B in one invocation and reports ratios. The load generator and
@@ -834,13 +834,19 @@ def markdown(results: Result) -> str:
             ),
             "",
         ]
+    if "prefix_affinity" in results:
+        from hack.bench.affinity import rows
+
+        lines += [*rows(results["prefix_affinity"]), ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
+    from hack.bench.affinity import bench_prefix_affinity  # it imports this module's helpers
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="short runs, to check the harness")
-    parser.add_argument("--only", default="overhead,cache,streams,model,operator,fairness")
+    parser.add_argument("--only", default="overhead,cache,streams,model,operator,fairness,prefix_affinity")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results.json")
     args = parser.parse_args(argv)
     wanted = set(args.only.split(","))
@@ -857,6 +863,9 @@ def main(argv: list[str]) -> int:
             "model": lambda: bench_model(work, 2 if args.quick else 5, 64 if args.quick else 128),
             "operator": lambda: bench_operator(work, 20 if args.quick else 200, 10 if args.quick else 60),
             "fairness": lambda: bench_fairness(work, 8 if args.quick else 20),
+            "prefix_affinity": lambda: bench_prefix_affinity(
+                work, rounds=1 if args.quick else 3, users=4 if args.quick else 8, turns=3 if args.quick else 4
+            ),
         }
         for name, section in sections.items():
             if name in wanted:

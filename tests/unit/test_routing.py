@@ -37,7 +37,7 @@ def test_a_conversation_keeps_its_key_as_it_grows_and_another_gets_its_own() -> 
 
 
 def test_a_long_system_prompt_alone_makes_the_key() -> None:
-    long_system = {"role": "system", "content": "Rules of the house. " * 100}
+    long_system = {"role": "system", "content": "Rules of the house. " * 300}
     assert len(long_system["content"]) > AFFINITY_CHARS
     first = [long_system, {"role": "user", "content": "a"}]
     second = [long_system, {"role": "user", "content": "b"}]
@@ -86,6 +86,17 @@ def test_the_home_takes_requests_until_the_load_bound_then_they_spill_to_the_nex
     assert picks == [(first, 0), (first, 0), (second, 1)]
     assert load_limit({"a": 0, "b": 0}) == 1
     assert load_limit({"a": 7, "b": 0}, bound=1.25) == 5
+
+
+def test_a_replica_at_its_cap_takes_no_more_and_when_all_are_the_least_loaded_does() -> None:
+    k = KEYS[0]
+    first, second = ranked(k, REPLICAS[:2])
+    # 3 and 1 outstanding: the bound's limit is ceil(1.25 x 5 / 2) = 4, so the home takes it, unless
+    # its cap is 3. Every replica at its cap (2): the least loaded.
+    assert bounded_choice(k, {first: 3, second: 1}) == (first, 0)
+    assert bounded_choice(k, {first: 3, second: 1}, cap=3) == (second, 1)
+    assert bounded_choice(k, {first: 3, second: 2}, cap=2) == (second, 1)
+    assert bounded_choice(k, {first: 2, second: 3}, cap=2) == (first, 0)
 
 
 def test_under_any_load_the_choice_is_below_the_bound() -> None:

@@ -137,7 +137,7 @@ class ServedModel:
             raise RouterError(503, f"`{self.name}` has no ready replica that answers.", type="upstream_error",
                               code="no_ready_replica")  # fmt: skip
         if affinity is not None and self.spec.routing == "prefix" and len(self.outstanding) > 1:
-            endpoint, rank = bounded_choice(affinity, candidates)
+            endpoint, rank = bounded_choice(affinity, candidates, cap=self.spec.max_in_flight_per_replica)
             home = rank == 0 and (not exclude or endpoint == ranked(affinity, list(self.outstanding))[0])
             self.metrics.prefix_affinity.labels(model=self.name, result="hit" if home else "miss").inc()
         else:

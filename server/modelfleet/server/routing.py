@@ -6,15 +6,17 @@ sends requests that share a prefix to the same replica so that this cache hits:
 
 - The affinity key is a digest of the prompt's *stable* prefix: for chat, the system messages and
   the first user message, role-tagged, cut at `AFFINITY_CHARS`. Later turns of a conversation
-  append messages but never change these, so a whole conversation keeps its key; conversations
-  that open with the same long system prompt share one.
+  append messages but never change these, so a whole conversation keeps its key, and conversations
+  spread over the replicas one by one. Only conversations that open with the same very long system
+  prompt (past `AFFINITY_CHARS`) share a key, and hence a replica, where that prompt is cached.
 - Rendezvous (highest-random-weight) hashing ranks the replicas for a key. It needs no shared
   state, so every router replica ranks alike; and when a replica comes or goes only the keys it
   ranked first move.
 - Bounded load (consistent hashing with bounded loads): the first replica in rank order whose
-  outstanding requests are below `LOAD_BOUND` times the mean (after this request) gets it. A hot
-  prefix spills to its second choice instead of piling onto one replica; the least-loaded replica is
-  always below the bound, so a choice always exists.
+  outstanding requests are below `LOAD_BOUND` times the mean (after this request), and below the
+  replica's own cap, gets it. A hot prefix spills to its second choice instead of piling onto one
+  replica. The least-loaded replica is always below the bound; only when every candidate is at its
+  cap (some replicas refused the connection) does the least loaded take it anyway.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from typing import Any, Literal
 Routing = Literal["prefix", "leastLoaded"]
 ROUTINGS: tuple[Routing, ...] = ("prefix", "leastLoaded")
 
-# About 256 tokens: long enough that distinct conversations rarely collide, short enough to hash
-# cheaply, and within the stable part of nearly every conversation.
-AFFINITY_CHARS = 1024
+# About 1,000 tokens. A system prompt shorter than this keys each conversation apart (with its first
+# question), which spreads load evenly; a longer one is worth a replica of its own: re-evaluating it
+# costs more than the imbalance of sending every conversation that opens with it to one place.
+AFFINITY_CHARS = 4096
 # A replica may take up to 25 % more than the mean before its keys spill to their next choice.
 LOAD_BOUND = 1.25
 
@@ -94,11 +97,16 @@ def load_limit(outstanding: Mapping[str, int], bound: float = LOAD_BOUND) -> int
     return max(1, math.ceil(bound * (sum(outstanding.values()) + 1) / len(outstanding)))
 
 
-def bounded_choice(key: bytes, outstanding: Mapping[str, int], bound: float = LOAD_BOUND) -> tuple[str, int]:
-    """The first replica in `key`'s rank order that is below the load limit, and its rank (0: home).
-
-    The least-loaded replica is below the mean, hence below the limit, so one is always found.
-    """
+def bounded_choice(
+    key: bytes, outstanding: Mapping[str, int], cap: int | None = None, bound: float = LOAD_BOUND
+) -> tuple[str, int]:
+    """The first replica in `key`'s rank order below the load limit and `cap`, and its rank (0: home)."""
     limit = load_limit(outstanding, bound)
+    if cap is not None:
+        limit = min(limit, cap)
     order = ranked(key, list(outstanding))
-    return next((endpoint, rank) for rank, endpoint in enumerate(order) if outstanding[endpoint] < limit)
+    for rank, endpoint in enumerate(order):
+        if outstanding[endpoint] < limit:
+            return endpoint, rank
+    least = min(order, key=outstanding.__getitem__)
+    return least, order.index(least)

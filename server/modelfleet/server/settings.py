@@ -19,7 +19,7 @@ class StaticModel(BaseModel):
     name: str = Field(min_length=1, description="The name clients send as `model`.")
     url: HttpUrl = Field(description="Base URL of the backend, without /v1.")
     replica_urls: list[HttpUrl] = Field(
-        default_factory=list, description="Base URLs of more replicas of the same backend; the least loaded answers."
+        default_factory=list, description="Base URLs of more replicas of the same backend (see `routing`)."
     )
     api: Literal["openai", "ollama"] = Field("openai", description="openai (/v1/...) or ollama (/api/chat).")
     upstream_model: str | None = Field(None, description="Model name at the backend, if it differs.")
