@@ -120,7 +120,7 @@ verify-generated: ## Fail if a generated file is stale (CI runs this)
 	echo "generated files are current"
 
 .PHONY: bench
-bench: install ## Benchmarks against same-run baselines (router overhead, cache, 1,000 streams, Gemma, operator scale)
+bench: install ## Benchmarks against same-run baselines (router overhead, cache, 1,000 streams, Gemma, operator scale, peers if installed)
 	$(PY) -m hack.bench.run --out bench-results.json
 
 .PHONY: test

@@ -1,7 +1,7 @@
 """`make bench`: the router and the operator measured against baselines taken in the same run.
 
-    python -m hack.bench.run [--quick] [--only overhead,cache,streams,model,operator,fairness,prefix_affinity]
-                             [--out bench-results.json]
+    python -m hack.bench.run [--quick] [--out bench-results.json]
+                             [--only overhead,cache,streams,model,operator,fairness,prefix_affinity,peers]
 
 Each comparison alternates A and B in one invocation and reports ratios. The load generator and
 the fake upstream are Go programs (hack/bench/loadgen, hack/bench/upstream) so that the Python
@@ -871,6 +871,10 @@ def markdown(results: Result) -> str:
         from hack.bench.affinity import rows
 
         lines += [*rows(results["prefix_affinity"]), ""]
+    if "peers" in results:
+        from hack.bench.peers import rows as peers_rows
+
+        lines += [*peers_rows(results["peers"]), ""]
     return "\n".join(lines)
 
 
@@ -885,11 +889,12 @@ def stop_on_sigterm() -> None:
 
 
 def main(argv: list[str]) -> int:
-    from hack.bench.affinity import bench_prefix_affinity  # it imports this module's helpers
+    from hack.bench.affinity import bench_prefix_affinity  # they import this module's helpers
+    from hack.bench.peers import bench_peers
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="short runs, to check the harness")
-    parser.add_argument("--only", default="overhead,cache,streams,model,operator,fairness,prefix_affinity")
+    parser.add_argument("--only", default="overhead,cache,streams,model,operator,fairness,prefix_affinity,peers")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results.json")
     args = parser.parse_args(argv)
     stop_on_sigterm()
@@ -910,6 +915,8 @@ def main(argv: list[str]) -> int:
             "prefix_affinity": lambda: bench_prefix_affinity(
                 work, rounds=1 if args.quick else 3, users=4 if args.quick else 8, turns=3 if args.quick else 4
             ),
+            # Skips a peer whose venv is missing (`make install-bench-peers`), saying so in the table.
+            "peers": lambda: bench_peers(work, args.quick),
         }
         for name, section in sections.items():
             if name in wanted:
