@@ -55,6 +55,24 @@ $(LITELLM_STAMP): $(LITELLM_REQUIREMENTS)
 	$(LITELLM_VENV)/bin/pip install --quiet -r $(LITELLM_REQUIREMENTS)
 	touch $@
 
+# The peer gateways that `hack.bench.run --only peers` measures beside the router, each in a venv of its
+# own: their pins are theirs, and neither belongs in the router's venv.  Only that section needs them.
+LITELLM_PROXY_VENV := .venv-litellm-proxy
+LITELLM_PROXY_STAMP := $(LITELLM_PROXY_VENV)/.modelfleet-installed
+VLLM_ROUTER_VENV := .venv-vllm-router
+VLLM_ROUTER_STAMP := $(VLLM_ROUTER_VENV)/.modelfleet-installed
+
+.PHONY: install-bench-peers
+install-bench-peers: $(LITELLM_PROXY_STAMP) $(VLLM_ROUTER_STAMP) ## Separate venvs with the pinned LiteLLM proxy and vllm-router (make bench's peers)
+
+$(LITELLM_PROXY_STAMP): hack/bench/requirements-litellm-proxy.txt
+$(VLLM_ROUTER_STAMP): hack/bench/requirements-vllm-router.txt
+$(LITELLM_PROXY_STAMP) $(VLLM_ROUTER_STAMP):
+	$(PYTHON) -m venv $(@D)
+	$(@D)/bin/pip install --quiet --upgrade pip
+	$(@D)/bin/pip install --quiet -r $<
+	touch $@
+
 .PHONY: tools
 tools: ## Build (or reuse) the pinned kube-*, kubectl, etcd, kwok, kwokctl and helm
 	$(PYTHON) hack/build_tools.py
@@ -102,7 +120,7 @@ verify-generated: ## Fail if a generated file is stale (CI runs this)
 	echo "generated files are current"
 
 .PHONY: bench
-bench: install ## Benchmarks against same-run baselines (router overhead, cache, 1,000 streams, Gemma, operator scale)
+bench: install ## Benchmarks against same-run baselines (router overhead, cache, 1,000 streams, Gemma, operator scale, peers if installed)
 	$(PY) -m hack.bench.run --out bench-results.json
 
 .PHONY: test

@@ -1,7 +1,7 @@
 """`make bench`: the router and the operator measured against baselines taken in the same run.
 
-    python -m hack.bench.run [--quick] [--only overhead,cache,streams,model,operator,fairness,prefix_affinity]
-                             [--out bench-results.json]
+    python -m hack.bench.run [--quick] [--out bench-results.json]
+                             [--only overhead,cache,streams,model,operator,fairness,prefix_affinity,peers]
 
 Each comparison alternates A and B in one invocation and reports ratios. The load generator and
 the fake upstream are Go programs (hack/bench/loadgen, hack/bench/upstream) so that the Python
@@ -68,6 +68,32 @@ def raise_file_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+@dataclass(frozen=True)
+class ProcStat:
+    """What the benchmarks read from /proc/PID/stat: CPU time in clock ticks, own and reaped children's."""
+
+    pid: int
+    ppid: int
+    user_ticks: int
+    system_ticks: int
+    children_user_ticks: int
+    children_system_ticks: int
+
+
+def parse_proc_stat(text: str) -> ProcStat:
+    # The command name (field 2) is in parentheses and may hold spaces and ")": split after the last one.
+    head, tail = text.rsplit(")", 1)
+    fields = tail.split()  # fields[0] is field 3 (state) of proc(5)
+    return ProcStat(
+        pid=int(head.split("(", 1)[0]),
+        ppid=int(fields[1]),
+        user_ticks=int(fields[11]),
+        system_ticks=int(fields[12]),
+        children_user_ticks=int(fields[13]),
+        children_system_ticks=int(fields[14]),
+    )
+
+
 @dataclass
 class Process:
     name: str
@@ -81,9 +107,13 @@ class Process:
         return float("nan")
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        stat = parse_proc_stat(Path(f"/proc/{self.popen.pid}/stat").read_text())
+        return (stat.user_ticks + stat.system_ticks) / os.sysconf("SC_CLK_TCK")
+
+
+def pinned_argv(argv: list[str], cpus: str | None) -> list[str]:
+    """`argv` run on the CPUs listed (taskset's list, "1" or "0,2"); taskset execs it, so the PID is argv's."""
+    return ["taskset", "--cpu-list", cpus, *argv] if cpus else argv
 
 
 @contextlib.contextmanager
@@ -94,11 +124,12 @@ def running(
     ready: Callable[[], bool],
     env: dict[str, str] | None = None,
     timeout: float = 60,
+    cpus: str | None = None,
 ) -> Iterator[Process]:
     log_path = work / f"{name}.log"
     with log_path.open("wb") as out:
         popen = subprocess.Popen(
-            argv,
+            pinned_argv(argv, cpus),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -133,18 +164,18 @@ def http_ok(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def upstream(work: Path, chunks: int = 20, interval: str = "50ms") -> Iterator[str]:
+def upstream(work: Path, chunks: int = 20, interval: str = "50ms", cpus: str | None = None) -> Iterator[str]:
     port = free_port()
     argv = [str(BIN_DIR / "upstream"), "-addr", f"{LOOPBACK}:{port}", "-chunks", str(chunks), "-interval", interval]
     base = f"http://{LOOPBACK}:{port}"
-    with running(f"upstream-{chunks}", argv, work, lambda: http_ok(f"{base}/v1/models")):
+    with running(f"upstream-{chunks}", argv, work, lambda: http_ok(f"{base}/v1/models"), cpus=cpus):
         yield base
 
 
 @contextlib.contextmanager
 def router(
     work: Path, upstream_url: str, upstream_model: str = "bench", model_settings: dict[str, Any] | None = None,
-    **settings: str,
+    cpus: str | None = None, **settings: str,
 ) -> Iterator[tuple[str, Process]]:  # fmt: skip
     port = free_port()
     model = {
@@ -172,15 +203,17 @@ def router(
         work,
         lambda: http_ok(f"{base}/readyz"),
         env=env,
+        cpus=cpus,
     ) as process:
         yield base, process
 
 
-def loadgen(url: str, *args: str, body: dict[str, Any] | None = None) -> Result:
+def loadgen(url: str, *args: str, body: dict[str, Any] | None = None, cpus: str | None = None) -> Result:
     argv = [str(BIN_DIR / "loadgen"), "-url", url, "-body", json.dumps(body or CHAT), *args]
     completed = subprocess.run(
-        argv, capture_output=True, text=True, check=True, timeout=900, preexec_fn=raise_file_limit
-    )
+        pinned_argv(argv, cpus), capture_output=True, text=True, check=True, timeout=900,
+        preexec_fn=raise_file_limit,
+    )  # fmt: skip
     result: Result = json.loads(completed.stdout)
     return result
 
@@ -838,17 +871,33 @@ def markdown(results: Result) -> str:
         from hack.bench.affinity import rows
 
         lines += [*rows(results["prefix_affinity"]), ""]
+    if "peers" in results:
+        from hack.bench.peers import rows as peers_rows
+
+        lines += [*peers_rows(results["peers"]), ""]
     return "\n".join(lines)
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C: every `running` block stops its process group on the way out."""
+
+    def stop(_signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        raise SystemExit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str]) -> int:
-    from hack.bench.affinity import bench_prefix_affinity  # it imports this module's helpers
+    from hack.bench.affinity import bench_prefix_affinity  # they import this module's helpers
+    from hack.bench.peers import bench_peers
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="short runs, to check the harness")
-    parser.add_argument("--only", default="overhead,cache,streams,model,operator,fairness,prefix_affinity")
+    parser.add_argument("--only", default="overhead,cache,streams,model,operator,fairness,prefix_affinity,peers")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results.json")
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     wanted = set(args.only.split(","))
     seconds, rounds = (2.0, 1) if args.quick else (8.0, 2)
     started = time.monotonic()
@@ -866,6 +915,8 @@ def main(argv: list[str]) -> int:
             "prefix_affinity": lambda: bench_prefix_affinity(
                 work, rounds=1 if args.quick else 3, users=4 if args.quick else 8, turns=3 if args.quick else 4
             ),
+            # Skips a peer whose venv is missing (`make install-bench-peers`), saying so in the table.
+            "peers": lambda: bench_peers(work, args.quick),
         }
         for name, section in sections.items():
             if name in wanted:

@@ -4,7 +4,8 @@
 //	upstream -addr 127.0.0.1:0 -chunks 20 -interval 50ms
 //
 // POST /v1/chat/completions answers at once; with "stream": true it sends -chunks content
-// chunks -interval apart, a usage chunk and [DONE]. It prints "listening on HOST:PORT".
+// chunks -interval apart, a usage chunk and [DONE]. GET /health answers 200, as vLLM's does (the
+// peer router vllm-router checks its workers there). It prints "listening on HOST:PORT".
 package main
 
 import (
@@ -37,6 +38,9 @@ func main() {
 	fmt.Fprintf(os.Stdout, "listening on %s\n", listener.Addr())
 
 	mux := http.NewServeMux()
+	mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) {
+		w.WriteHeader(http.StatusOK)
+	})
 	mux.HandleFunc("/v1/models", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		_, _ = io.WriteString(w, `{"object":"list","data":[{"id":"bench","object":"model"}]}`)
