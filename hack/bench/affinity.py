@@ -85,17 +85,24 @@ def first_token(
     return ttft, "".join(text)
 
 
-def run_phase(base_url: str, openings: list[list[dict[str, str]]], turns: int, seed: int) -> list[tuple[int, float]]:
-    """One user per conversation, all at once: each asks `turns` questions, pausing 0.5-1.5 s to read
-    each answer (users start 0.25 s apart). The (turn, TTFT) of every request."""
+def run_phase(
+    base_url: str,
+    openings: list[list[dict[str, str]]],
+    turns: int,
+    seed: int,
+    think: tuple[float, float],
+    stagger: float,
+) -> list[tuple[int, float]]:
+    """One user per conversation, all at once: each asks `turns` questions, pausing `think` seconds (a
+    range) to read each answer; users start `stagger` seconds apart. The (turn, TTFT) of every request."""
     rng = random.Random(seed)
-    pauses = [[rng.uniform(0.5, 1.5) for _ in range(turns)] for _ in openings]
+    pauses = [[rng.uniform(*think) for _ in range(turns)] for _ in openings]
     ttfts: list[tuple[int, float]] = []
     lock = threading.Lock()
 
     def user(number: int) -> None:
         messages = list(openings[number])
-        time.sleep(0.25 * number)
+        time.sleep(stagger * number)
         for turn in range(turns):
             ttft, answer = first_token(base_url, messages, max_tokens=12)
             with lock:
@@ -104,7 +111,9 @@ def run_phase(base_url: str, openings: list[list[dict[str, str]]], turns: int, s
             messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": question}]
             time.sleep(pauses[number][turn])
 
-    threads = [threading.Thread(target=user, args=(number,)) for number in range(len(openings))]
+    # Daemons: a stopped bench (Ctrl-C, SIGTERM) unwinds at once and stops its servers, instead of
+    # waiting on users blocked in their requests.
+    threads = [threading.Thread(target=user, args=(number,), daemon=True) for number in range(len(openings))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -138,9 +147,12 @@ def summarise(ttfts: list[tuple[int, float]], reuse: list[tuple[int, int]]) -> R
     }
 
 
-def bench_prefix_affinity(work: Path, rounds: int, users: int, turns: int, prompts: int = 4) -> Result:
+def bench_prefix_affinity(
+    work: Path, rounds: int, users: int, turns: int, think: tuple[float, float], stagger: float, prompts: int = 4
+) -> Result:
     store = ollama_model.prepare()
     result: Result = {"rounds": rounds, "users": users, "turns": turns, "system_prompts": prompts,
+                      "think_seconds": list(think), "stagger_seconds": stagger,
                       "replicas": 2, "parallel_per_replica": PARALLEL}  # fmt: skip
     phases: dict[str, list[tuple[list[tuple[int, float]], list[tuple[int, int]]]]] = {mode: [] for mode in MODES}
     with (
@@ -163,7 +175,7 @@ def bench_prefix_affinity(work: Path, rounds: int, users: int, turns: int, promp
                 marks = [line_count(replica.log_path) for replica in replicas]
                 with router(work, first.base_url, upstream_model=BENCH_MODEL, model_settings={**model, "routing": mode},
                             cache_size="0") as (base, _):  # fmt: skip
-                    ttfts = run_phase(base, openings, turns, seed)
+                    ttfts = run_phase(base, openings, turns, seed, think, stagger)
                 reuse = [row for replica, mark in zip(replicas, marks, strict=True)
                          for row in cache_reuse(replica.log_path, mark)]  # fmt: skip
                 phases[mode].append((ttfts, reuse))
@@ -178,7 +190,9 @@ def bench_prefix_affinity(work: Path, rounds: int, users: int, turns: int, promp
 
 def rows(result: dict[str, Any]) -> list[str]:
     """The markdown table of a `prefix_affinity` result."""
-    lines = [f"| routing ({result['users']} users x {result['turns']} turns, {result['rounds']} rounds) | TTFT p50 ms "
+    think = "-".join(f"{seconds:g}" for seconds in result["think_seconds"])
+    lines = [f"| routing ({result['users']} users x {result['turns']} turns, {think} s between turns, "
+             f"{result['rounds']} rounds) | TTFT p50 ms "
              "| TTFT p90 ms | follow-up TTFT p50 ms | prompt tokens evaluated | of prompt tokens | cache reuse |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for mode in MODES:

@@ -912,8 +912,15 @@ def main(argv: list[str]) -> int:
             "model": lambda: bench_model(work, 2 if args.quick else 5, 64 if args.quick else 128),
             "operator": lambda: bench_operator(work, 20 if args.quick else 200, 10 if args.quick else 60),
             "fairness": lambda: bench_fairness(work, 8 if args.quick else 20),
+            # Users read each answer for 8-16 s before the next question: engines kept busy without a
+            # pause measure their queues more than their caches (docs/benchmarks.md has both runs).
             "prefix_affinity": lambda: bench_prefix_affinity(
-                work, rounds=1 if args.quick else 3, users=4 if args.quick else 8, turns=3 if args.quick else 4
+                work,
+                rounds=1 if args.quick else 2,
+                users=4 if args.quick else 8,
+                turns=3 if args.quick else 6,
+                think=(8.0, 16.0),
+                stagger=2.0,
             ),
             # Skips a peer whose venv is missing (`make install-bench-peers`), saying so in the table.
             "peers": lambda: bench_peers(work, args.quick),
