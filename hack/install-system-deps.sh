@@ -23,6 +23,8 @@ wanted=(
   nftables:/usr/sbin/nft
   iptables:/usr/sbin/iptables
   conntrack:/usr/sbin/conntrack
+  # kube-router, the NetworkPolicy enforcer, keeps the policies' address sets in ipsets.
+  ipset:/usr/sbin/ipset
   iproute2:/usr/sbin/ip
   socat:/usr/bin/socat
   libc6-dev:/usr/lib/x86_64-linux-gnu/libc.a
