@@ -3,6 +3,7 @@ in a chart release's namespace, their pods, and chat clients through the router.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import urllib.request
@@ -172,12 +173,17 @@ def model_requests(stack: Release, pod: str) -> list[tuple[str, str]]:
 
 
 def chat_loop(stack: Release) -> RequestLoop:
-    """Short chats through the router with the `openai` SDK, one after another (use it as `with`)."""
+    """Short chats through the router with the `openai` SDK, one after another (use it as `with`).
+
+    Each chat is a conversation of its own, as from many users: the router routes by prompt prefix, so
+    one repeated prompt would go to one replica however many there are."""
     chat = openai_client(stack)
+    visitors = itertools.count()
 
     def one_chat() -> str | None:
+        content = f"Say hi to visitor {next(visitors)}."
         answer = chat.chat.completions.create(
-            model="gemma", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4
+            model="gemma", messages=[{"role": "user", "content": content}], max_tokens=4
         )
         return None if answer.choices else f"no choices: {answer}"
 
