@@ -22,6 +22,7 @@ from modelfleet.server.cache import CacheStore, MemoryStore, RedisCircuit, Redis
 from modelfleet.server.disconnect import CancelOnDisconnect
 from modelfleet.server.discovery import ClusterWatcher, RouterPeers
 from modelfleet.server.errors import install_error_handlers
+from modelfleet.server.hotpath import HotRoutes, hot_routes
 from modelfleet.server.lifecycle import CloseWhenDraining, Drain
 from modelfleet.server.limits import BodySizeLimit
 from modelfleet.server.metrics import RouterMetrics
@@ -118,9 +119,12 @@ def create_app(settings: RouterSettings, drain: Drain | None = None) -> FastAPI:
 
     app = FastAPI(title="ModelFleet router", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for api in (openai, responses, compat, admin, health):
+    apis = (openai, responses, compat, admin, health)
+    for api in apis:
         app.include_router(api.router)
-    # Starlette runs the middleware added last first: draining, then the body limit, then cancellation.
+    # Starlette runs the middleware added last first: draining, then the body limit, then cancellation,
+    # then the generation routes (hotpath.py); every other request goes on to FastAPI's routing.
+    app.add_middleware(HotRoutes, routes=hot_routes(api.router for api in apis))
     app.add_middleware(CancelOnDisconnect)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.state.drain = drain if drain is not None else Drain(seconds=0)

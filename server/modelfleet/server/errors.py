@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -111,16 +112,20 @@ def error_response(error: RouterError) -> OrjsonResponse:
     )
 
 
-def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0] if exc.errors() else {}
+def invalid_request(errors: Sequence[Any]) -> RouterError:
+    """The 400 for a body that failed validation (pydantic's error list), naming the first bad field."""
+    first = errors[0] if errors else {}
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
     if first.get("type") == "json_invalid":
-        return "The request body is not valid JSON.", None
-    if first.get("type") == "model_attributes_type" and not location:
-        return "The request body must be a JSON object.", None
-    message = first.get("msg", "Invalid request.")
-    return (f"{param}: {message}" if param else message), param
+        reason = (first.get("ctx") or {}).get("error")
+        message, param = f"The request body is not valid JSON{f' ({reason})' if reason else ''}.", None
+    elif first.get("type") in ("model_attributes_type", "model_type") and not location:
+        message = "The request body must be a JSON object."
+    else:
+        message = first.get("msg", "Invalid request.")
+        message = f"{param}: {message}" if param else message
+    return RouterError(400, message, code="invalid_request", param=param)
 
 
 FRAMEWORK_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
@@ -133,8 +138,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> OrjsonResponse:
-        message, param = describe_validation_error(exc)
-        return error_response(RouterError(400, message, code="invalid_request", param=param))
+        return error_response(invalid_request(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> OrjsonResponse:
