@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import uvicorn
@@ -33,6 +34,21 @@ class ListenSettings(BaseSettings):
     )
 
 
+# Python's cyclic garbage collector runs a young-generation pass every 700 net container allocations,
+# and each proxied request allocates hundreds (dicts, coroutines, futures), so it ran every few
+# requests, and each older-generation pass walked every object of the imported libraries. The
+# router's work is request-scoped and mostly acyclic (reference counting frees it), so: collect
+# rarely, and move what exists at startup out of the collector's sight. Measured in
+# docs/benchmarks.md (CPU per proxied request, A/B in one run).
+GC_THRESHOLDS = (20_000, 50, 100)
+
+
+def tune_garbage_collection() -> None:
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def main() -> None:
     listen = ListenSettings()
     # httpx (discovery's client) logs every request at INFO: noise, and URLs do not belong in logs.
@@ -48,6 +64,7 @@ def main() -> None:
         log_level="info",
         access_log=listen.access_log,
     )
+    tune_garbage_collection()
     DrainingServer(config, drain).run()
 
 
