@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from starlette.types import ASGIApp
 
 from modelfleet.server.api import admin, compat, health, openai, responses
 from modelfleet.server.auth import KeyRing
@@ -42,6 +43,22 @@ def router_peers(settings: RouterSettings) -> RouterPeers | None:
         return None
     namespace, _, service = settings.router_service.partition("/")
     return RouterPeers(namespace=namespace, service=service, address=settings.pod_ip)
+
+
+class RouterApp(FastAPI):
+    """FastAPI, with the router's own ASGI layers around its stack instead of inside it.
+
+    FastAPI puts added middleware inside its error middleware and its own layers, and each of those
+    wraps `send`: every streamed chunk paid for each of them. Around the stack, a generation request
+    passes only the router's layers; everything else is FastAPI as usual.
+    """
+
+    def __init__(self, layers: Callable[[ASGIApp], ASGIApp], **options: Any) -> None:
+        super().__init__(**options)
+        self.router_layers = layers
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return self.router_layers(super().build_middleware_stack())
 
 
 def create_app(settings: RouterSettings, drain: Drain | None = None) -> FastAPI:
@@ -117,16 +134,19 @@ def create_app(settings: RouterSettings, drain: Drain | None = None) -> FastAPI:
                 if redis is not None:
                     await redis.aclose()
 
-    app = FastAPI(title="ModelFleet router", version="0.1.0", lifespan=lifespan)
-    install_error_handlers(app)
     apis = (openai, responses, compat, admin, health)
+    routes = hot_routes(api.router for api in apis)
+    app_drain = drain if drain is not None else Drain(seconds=0)
+
+    def layers(framework: ASGIApp) -> ASGIApp:
+        # Outermost first: draining, the body limit, cancellation on disconnect, then the generation
+        # routes (hotpath.py); every other request goes on to FastAPI's own stack.
+        inner = CancelOnDisconnect(HotRoutes(framework, routes))
+        return CloseWhenDraining(BodySizeLimit(inner, max_bytes=settings.max_body_bytes), drain=app_drain)
+
+    app = RouterApp(layers, title="ModelFleet router", version="0.1.0", lifespan=lifespan)
+    app.state.drain = app_drain
+    install_error_handlers(app)
     for api in apis:
         app.include_router(api.router)
-    # Starlette runs the middleware added last first: draining, then the body limit, then cancellation,
-    # then the generation routes (hotpath.py); every other request goes on to FastAPI's routing.
-    app.add_middleware(HotRoutes, routes=hot_routes(api.router for api in apis))
-    app.add_middleware(CancelOnDisconnect)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.state.drain = drain if drain is not None else Drain(seconds=0)
-    app.add_middleware(CloseWhenDraining, drain=app.state.drain)
     return app

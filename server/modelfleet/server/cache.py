@@ -174,14 +174,14 @@ class ResponseCache:
         except StoreUnavailable:
             self.metrics.cache_errors.inc()
             self.bypassed += 1
-            self.metrics.cache_lookups.labels(model=model, result="bypass").inc()
+            self.metrics.child(self.metrics.cache_lookups, model, "bypass").inc()
             return None, "bypass"
         result: Lookup = "hit" if entry is not None else "miss"
         if entry is None:
             self.misses += 1
         else:
             self.hits += 1
-        self.metrics.cache_lookups.labels(model=model, result=result).inc()
+        self.metrics.child(self.metrics.cache_lookups, model, result).inc()
         return entry, result
 
     async def get_or_compute(
@@ -191,7 +191,7 @@ class ResponseCache:
         pending = self._pending.get(key)
         if pending is not None:
             self.hits += 1
-            self.metrics.cache_lookups.labels(model=model, result="coalesced").inc()
+            self.metrics.child(self.metrics.cache_lookups, model, "coalesced").inc()
             return await self._share(key, pending), "coalesced"
         cached, how = await self.get(model, key)
         if cached is not None:

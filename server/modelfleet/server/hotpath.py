@@ -16,6 +16,7 @@ path goes on to FastAPI.
 from __future__ import annotations
 
 import inspect
+import logging
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,10 +25,12 @@ from typing import Any
 from fastapi.routing import APIRoute, APIRouter
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from modelfleet.server.errors import OrjsonResponse, RouterError, error_response, invalid_request
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,4 +92,13 @@ class HotRoutes:
             response = error_response(invalid_request(exc.errors(include_url=False)))
         except RouterError as exc:
             response = error_response(exc)
-        await response(scope, receive, send)
+        except Exception:
+            # This layer sits outside FastAPI's error middleware (see RouterApp): the one error format here too.
+            logger.exception("unhandled error on %s", scope["path"])
+            response = error_response(RouterError(500, "The router failed to handle the request.", type="server_error"))
+        if isinstance(response, StreamingResponse):
+            # Straight to the server. Starlette's own `__call__` would run each stream in a task group
+            # with a second task listening for the disconnect, which CancelOnDisconnect already does.
+            await response.stream_response(send)
+        else:
+            await response(scope, receive, send)

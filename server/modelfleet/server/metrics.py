@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+MetricT = TypeVar("MetricT", Counter, Gauge, Histogram)
+
 RATE_BUCKETS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 1000)
 
 
@@ -41,6 +44,8 @@ class RouterMetrics:
     cache_errors: Counter
     redis_up: Gauge | None
     event_loop_tasks: Gauge
+    # Labelled children by (metric, label values): see `child`.
+    _children: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def create(cls, with_redis: bool = False) -> RouterMetrics:
@@ -97,8 +102,20 @@ class RouterMetrics:
         metrics.event_loop_tasks.set_function(running_task_count)
         return metrics
 
+    def child(self, metric: MetricT, *values: str) -> MetricT:
+        """`metric.labels(*values)`, remembered: prometheus_client checks and locks on every `labels`
+        call, and a proxied request made a dozen of them (about 5 % of its CPU, profiled).
+        Every labelled metric here has the model as its first label."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return cast(MetricT, found)
+
     def forget_model(self, model: str, namespace: str) -> None:
         """Drop a removed model's gauges so dashboards and HPAs do not see a ghost."""
+        for key in [key for key in self._children if key[1][0] == model]:
+            del self._children[key]
         with contextlib.suppress(KeyError):
             self.queue_depth.remove(model, namespace)
         for gauge in (self.in_flight, self.slots, self.ready_replicas):

@@ -218,7 +218,7 @@ async def admit_rate(generation: Generation) -> None:
     try:
         decision = await services.limiter.acquire(subject, limits, reserve=reserve)
     except RateLimiterUnavailable:
-        services.metrics.rate_limited.labels(model=generation.name, limit="unavailable").inc()
+        services.metrics.child(services.metrics.rate_limited, generation.name, "unavailable").inc()
         raise RouterError(503, "The rate limiter is unavailable and this router fails closed; retry shortly.",
                           type="server_error", code="rate_limiter_unavailable",
                           headers={"retry-after": "1"}) from None  # fmt: skip
@@ -226,7 +226,7 @@ async def admit_rate(generation: Generation) -> None:
     generation.reservation = decision.reservation
     if not decision.allowed:
         kind = decision.exceeded or "requests"
-        services.metrics.rate_limited.labels(model=generation.name, limit=kind).inc()
+        services.metrics.child(services.metrics.rate_limited, generation.name, kind).inc()
         per = f"{limits.window_seconds:g}s" if limits.window_seconds != 60 else "minute"
         limit = decision.requests_limit if kind == "requests" else decision.tokens_limit
         raise RouterError(429, f"Rate limit reached for `{generation.name}`: {limit} {kind} per {per}. "
@@ -244,8 +244,9 @@ async def account(generation: Generation, usage: dict[str, Any] | None) -> None:
         return
     services = generation.services
     prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-    services.metrics.prompt_tokens.labels(model=generation.name).inc(prompt)
-    services.metrics.completion_tokens.labels(model=generation.name).inc(completion)
+    metrics = services.metrics
+    metrics.child(metrics.prompt_tokens, generation.name).inc(prompt)
+    metrics.child(metrics.completion_tokens, generation.name).inc(completion)
     if generation.reservation is not None:
         await settle(generation, prompt + completion)
     elif generation.limits.tokens is not None and prompt + completion:
@@ -263,8 +264,8 @@ async def settle(generation: Generation, used: int) -> None:
 
 def observe(generation: Generation, status_class: str, cache: Lookup | str) -> None:
     metrics = generation.services.metrics
-    metrics.requests.labels(model=generation.name, route=generation.route, status_class=status_class).inc()
-    metrics.duration.labels(model=generation.name, route=generation.route, cache=cache).observe(
+    metrics.child(metrics.requests, generation.name, generation.route, status_class).inc()
+    metrics.child(metrics.duration, generation.name, generation.route, cache).observe(
         time.monotonic() - generation.started
     )
 
@@ -301,7 +302,8 @@ async def complete(generation: Generation) -> tuple[dict[str, Any], Lookup]:
 
 def record_upstream_error(generation: Generation, exc: BaseException) -> None:
     if isinstance(exc, RouterError) and exc.type == "upstream_error":
-        generation.services.metrics.upstream_errors.labels(model=generation.name, code=exc.code or "unknown").inc()
+        metrics = generation.services.metrics
+        metrics.child(metrics.upstream_errors, generation.name, exc.code or "unknown").inc()
 
 
 async def run_backend(generation: Generation) -> dict[str, Any]:
@@ -457,6 +459,7 @@ async def relay(
     services = generation.services
     metrics = services.metrics
     assembler = Assembler(chat=generation.kind == "chat")
+    token_gaps = metrics.child(metrics.inter_token_latency, generation.name)
     first_token_at: float | None = None
     last_token_at = 0.0
     status_class = "2xx"
@@ -470,22 +473,22 @@ async def relay(
                 if first_token_at is None:
                     first_token_at = now
                     generation.first_token_seconds = now - (generation.backend_started or started)
-                    metrics.time_to_first_token.labels(model=generation.name, route=generation.route).observe(
+                    metrics.child(metrics.time_to_first_token, generation.name, generation.route).observe(
                         now - generation.started
                     )
                 else:
-                    metrics.inter_token_latency.labels(model=generation.name).observe(now - last_token_at)
+                    token_gaps.observe(now - last_token_at)
                 last_token_at = now
             yield chunk
     except StreamBroken as exc:
         status_class = "5xx"
         logger.warning("backend of %s failed mid-stream: %s", generation.name, exc)
         if exc.timed_out:
-            metrics.upstream_errors.labels(model=generation.name, code="mid_stream_timeout").inc()
+            metrics.child(metrics.upstream_errors, generation.name, "mid_stream_timeout").inc()
             yield StreamFailure(RouterError(504, f"The backend for `{generation.name}` stopped sending mid-stream.",
                                             type="upstream_error", code="upstream_timeout"))  # fmt: skip
         else:
-            metrics.upstream_errors.labels(model=generation.name, code="mid_stream").inc()
+            metrics.child(metrics.upstream_errors, generation.name, "mid_stream").inc()
             yield StreamFailure(RouterError(502, f"The backend for `{generation.name}` failed mid-stream.",
                                             type="upstream_error", code="upstream_error"))  # fmt: skip
     except Exception:
@@ -493,7 +496,7 @@ async def relay(
         # error event and [DONE], never a stream that just stops. Cancellation is not an Exception.
         status_class = "5xx"
         logger.exception("relaying the stream of %s failed", generation.name)
-        metrics.upstream_errors.labels(model=generation.name, code="mid_stream").inc()
+        metrics.child(metrics.upstream_errors, generation.name, "mid_stream").inc()
         yield StreamFailure(RouterError(502, f"The stream from the backend for `{generation.name}` could not be "
                                         "relayed.", type="upstream_error", code="upstream_error"))  # fmt: skip
     except BaseException as exc:
@@ -508,7 +511,7 @@ async def relay(
     usage = assembler.usage
     if usage and first_token_at is not None and last_token_at > first_token_at:
         completion = int(usage.get("completion_tokens") or 0)
-        metrics.tokens_per_second.labels(model=generation.name).observe(
+        metrics.child(metrics.tokens_per_second, generation.name).observe(
             max(0, completion - 1) / (last_token_at - first_token_at)
         )
     await account(generation, usage)

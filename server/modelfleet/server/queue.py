@@ -74,12 +74,13 @@ class Ticket:
             except (TimeoutError, asyncio.CancelledError) as exc:
                 self.queue.abandon(self)
                 if isinstance(exc, TimeoutError):
-                    self.queue.metrics.rejected.labels(model=self.queue.model, reason="queue_timeout").inc()
+                    self.queue.metrics.child(self.queue.metrics.rejected, self.queue.model, "queue_timeout").inc()
                     raise RouterError(504, f"Waited {max_wait_seconds:.0f}s for `{self.queue.model}` without a free "
                                       "slot.", type="timeout_error", code="queue_timeout") from None  # fmt: skip
                 raise
         waited = time.monotonic() - self.created
-        self.queue.metrics.queue_wait.labels(model=self.queue.model).observe(waited)
+        metrics = self.queue.metrics
+        metrics.child(metrics.queue_wait, self.queue.model).observe(waited)
         self.queue.started()
         return waited
 
@@ -138,7 +139,7 @@ class ModelQueue:
             self._publish()
             return Ticket(self, None)
         if self.depth >= self.max_queue:
-            self.metrics.rejected.labels(model=self.model, reason="queue_full").inc()
+            self.metrics.child(self.metrics.rejected, self.model, "queue_full").inc()
             raise RouterError(429, f"Too many requests are waiting for `{self.model}`; retry later.",
                               type="rate_limit_error", code="queue_full",
                               headers={"retry-after": str(self.retry_after_seconds())})  # fmt: skip
@@ -146,7 +147,7 @@ class ModelQueue:
         tag, band = (self._fair_start(claim), BANDS[claim.priority]) if self.fair else (float(order), 0)
         expected = self.expected_wait_seconds(band, tag)
         if max_wait_seconds is not None and expected is not None and expected > max_wait_seconds:
-            self.metrics.rejected.labels(model=self.model, reason="queue_deadline").inc()
+            self.metrics.child(self.metrics.rejected, self.model, "queue_deadline").inc()
             raise RouterError(429, f"`{self.model}` is too busy to start this request within {max_wait_seconds:g}s "
                               f"(about {expected:.0f}s of work is ahead of it); retry later.",
                               type="rate_limit_error", code="queue_deadline",
@@ -258,6 +259,7 @@ class ModelQueue:
             self._virtual_time = 0.0
 
     def _publish(self) -> None:
-        self.metrics.queue_depth.labels(model=self.model, namespace=self.namespace).set(self.depth)
-        self.metrics.in_flight.labels(model=self.model).set(self.in_flight)
-        self.metrics.slots.labels(model=self.model).set(self.capacity)
+        metrics = self.metrics
+        metrics.child(metrics.queue_depth, self.model, self.namespace).set(self.depth)
+        metrics.child(metrics.in_flight, self.model).set(self.in_flight)
+        metrics.child(metrics.slots, self.model).set(self.capacity)

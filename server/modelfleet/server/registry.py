@@ -139,7 +139,7 @@ class ServedModel:
         if affinity is not None and self.spec.routing == "prefix" and len(self.outstanding) > 1:
             endpoint, rank = bounded_choice(affinity, candidates, cap=self.spec.max_in_flight_per_replica)
             home = rank == 0 and (not exclude or endpoint == ranked(affinity, list(self.outstanding))[0])
-            self.metrics.prefix_affinity.labels(model=self.name, result="hit" if home else "miss").inc()
+            self.metrics.child(self.metrics.prefix_affinity, self.name, "hit" if home else "miss").inc()
         else:
             fewest = min(candidates.values())
             tied = [endpoint for endpoint, count in candidates.items() if count == fewest]
@@ -189,7 +189,7 @@ class ModelRegistry:
                 current.update(spec)
                 logger.info("model %s updated (%d ready replicas)", name, len(spec.endpoints))
         for name, spec in wanted.items():
-            self.metrics.ready_replicas.labels(model=name).set(len(spec.endpoints))
+            self.metrics.child(self.metrics.ready_replicas, name).set(len(spec.endpoints))
         self._names = {}
         for model in self._models.values():
             for name in (model.name, *model.spec.aliases):
