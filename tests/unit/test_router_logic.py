@@ -27,6 +27,7 @@ from modelfleet.server.registry import Management, ModelRegistry, ModelSpec
 from modelfleet.server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, ResponsesRequest
 from modelfleet.server.services import Services
 from modelfleet.server.settings import RouterSettings, StaticModel
+from modelfleet.server.workers import WorkerSlot
 
 pytestmark = pytest.mark.unit
 
@@ -75,6 +76,20 @@ def test_a_source_replaces_its_models_and_capacity_follows_replicas() -> None:
     assert registry.names() == ["llama", "a"]
     with pytest.raises(RouterError):
         registry.resolve("b")
+
+
+@pytest.mark.parametrize(("routers", "router_index", "shares"), [(1, 0, [4, 3]), (2, 1, [2, 1])])
+def test_worker_processes_share_the_cap_like_more_routers(routers: int, router_index: int, shares: list[int]) -> None:
+    """7 slots (7 replicas x 1): the two workers of a lone router take 4 and 3. Two routers of two
+    workers are 4 sharers, taking 2, 2, 2 and 1 in order: the second router's workers are the last two."""
+    cluster = dataclasses.replace(spec("a", *(f"http://10.0.0.{n}:8000" for n in range(7)), per_replica=1),
+                                  routers=routers, router_index=router_index)  # fmt: skip
+    capacities = []
+    for index in range(2):
+        registry = ModelRegistry(RouterMetrics.create(), worker=WorkerSlot(index, 2))
+        registry.replace_source("cluster", [cluster])
+        capacities.append(registry.resolve("a").queue.capacity)
+    assert capacities == shares
 
 
 def test_static_models_win_name_clashes_with_the_cluster() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import sys
 
 import uvicorn
 from pydantic import Field
@@ -12,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from modelfleet.server.app import create_app
 from modelfleet.server.lifecycle import Drain, DrainingServer
 from modelfleet.server.settings import RouterSettings
+from modelfleet.server.workers import WORKER_INDEX_ENV, Supervisor, check_limits, reuse_port_socket, this_worker
 
 
 class ListenSettings(BaseSettings):
@@ -31,6 +34,12 @@ class ListenSettings(BaseSettings):
         ge=0,
         description="Then wait this long for in-flight requests and streams; longer ones are cancelled. "
         "The pod's terminationGracePeriodSeconds must exceed drain + grace.",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Router processes sharing the port (SO_REUSEPORT), one core each; above 1, rate limits "
+        "need MODELFLEET_REDIS_URL (see docs/benchmarks.md).",
     )
 
 
@@ -53,9 +62,16 @@ def main() -> None:
     listen = ListenSettings()
     # httpx (discovery's client) logs every request at INFO: noise, and URLs do not belong in logs.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    settings = RouterSettings()
+    if refusal := check_limits(settings, listen.workers):
+        sys.exit(f"error: {refusal}")
+    worker = this_worker(listen.workers)
+    if listen.workers > 1 and os.environ.get(WORKER_INDEX_ENV) is None:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+        sys.exit(Supervisor(listen.workers).run())
     drain = Drain(seconds=listen.shutdown_drain_seconds)
     config = uvicorn.Config(
-        create_app(RouterSettings(), drain),
+        create_app(settings, drain, worker),
         host=listen.host,
         port=listen.port,
         loop="uvloop",
@@ -64,8 +80,10 @@ def main() -> None:
         log_level="info",
         access_log=listen.access_log,
     )
+    # A worker binds its own listener with SO_REUSEPORT; a single process lets uvicorn bind.
+    sockets = [reuse_port_socket(listen.host, listen.port)] if worker.count > 1 else None
     tune_garbage_collection()
-    DrainingServer(config, drain).run()
+    DrainingServer(config, drain).run(sockets=sockets)
 
 
 if __name__ == "__main__":

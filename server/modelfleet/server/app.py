@@ -33,6 +33,7 @@ from modelfleet.server.registry import ModelRegistry
 from modelfleet.server.scaling import ModelScaler
 from modelfleet.server.services import Services
 from modelfleet.server.settings import RouterSettings
+from modelfleet.server.workers import WorkerSlot
 
 PROBE_INTERVAL_SECONDS = 10.0
 
@@ -61,9 +62,11 @@ class RouterApp(FastAPI):
         return self.router_layers(super().build_middleware_stack())
 
 
-def create_app(settings: RouterSettings, drain: Drain | None = None) -> FastAPI:
-    """The router app; `drain` is shared with the server that runs it (see lifecycle.py)."""
-    metrics = RouterMetrics.create(with_redis=settings.redis_url is not None)
+def create_app(settings: RouterSettings, drain: Drain | None = None, worker: WorkerSlot | None = None) -> FastAPI:
+    """The router app; `drain` is shared with the server that runs it (see lifecycle.py), and `worker`
+    is its place among the processes on its port (workers.py)."""
+    worker = worker or WorkerSlot()
+    metrics = RouterMetrics.create(with_redis=settings.redis_url is not None, multiprocess=worker.count > 1)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,7 +82,7 @@ def create_app(settings: RouterSettings, drain: Drain | None = None) -> FastAPI:
             tasks.append(asyncio.create_task(work))
 
         async with aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False) as http:
-            registry = ModelRegistry(metrics, fair_queueing=settings.queue_policy == "fair")
+            registry = ModelRegistry(metrics, fair_queueing=settings.queue_policy == "fair", worker=worker)
             registry.replace_source("static", [model.spec() for model in settings.all_models()])
             redis: Redis | None = None
             circuit: RedisCircuit | None = None
@@ -119,6 +122,8 @@ def create_app(settings: RouterSettings, drain: Drain | None = None) -> FastAPI:
                 services.scaler = ModelScaler(kubeconfig)
                 background(services.watcher.run())
             background(probe_forever(services, PROBE_INTERVAL_SECONDS))
+            if metrics.multiprocess:
+                background(metrics.count_tasks_forever())
             app.state.services = services
             try:
                 yield

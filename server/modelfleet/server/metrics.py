@@ -11,7 +11,8 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
@@ -44,11 +45,14 @@ class RouterMetrics:
     cache_errors: Counter
     redis_up: Gauge | None
     event_loop_tasks: Gauge
+    # Several worker processes on one port (workers.py): samples go through prometheus_client's
+    # multiprocess files, and a scrape reads every worker's.
+    multiprocess: bool = False
     # Labelled children by (metric, label values): see `child`.
     _children: dict[tuple[int, tuple[str, ...]], Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def create(cls, with_redis: bool = False) -> RouterMetrics:
+    def create(cls, with_redis: bool = False, multiprocess: bool = False) -> RouterMetrics:
         registry = CollectorRegistry()
         metrics = cls(
             registry=registry,
@@ -71,12 +75,14 @@ class RouterMetrics:
                                         ["model"], buckets=RATE_BUCKETS, registry=registry),
             queue_depth=Gauge("modelfleet_queue_depth", "Requests waiting for a slot (namespace: the "
                               "InferenceModel's, empty for static models)", ["model", "namespace"],
-                              registry=registry),
-            in_flight=Gauge("modelfleet_in_flight_requests", "Requests holding a slot", ["model"], registry=registry),
+                              multiprocess_mode="livesum", registry=registry),
+            in_flight=Gauge("modelfleet_in_flight_requests", "Requests holding a slot", ["model"],
+                            multiprocess_mode="livesum", registry=registry),
             slots=Gauge("modelfleet_admission_slots", "Requests this router replica runs at once for the model: its "
-                        "share of maxInFlightPerReplica x ready replicas", ["model"], registry=registry),
+                        "share of maxInFlightPerReplica x ready replicas", ["model"], multiprocess_mode="livesum",
+                        registry=registry),
             ready_replicas=Gauge("modelfleet_ready_replicas", "Ready replicas the router can send to", ["model"],
-                                 registry=registry),
+                                 multiprocess_mode="livemax", registry=registry),
             queue_wait=Histogram("modelfleet_queue_wait_seconds", "Time spent waiting for a slot", ["model"],
                                  buckets=LATENCY_BUCKETS, registry=registry),
             rejected=Counter("modelfleet_rejected_requests_total", "Requests refused by admission",
@@ -90,17 +96,35 @@ class RouterMetrics:
                                     "unreachable (miss)", ["model", "result"], registry=registry),
             cache_lookups=Counter("modelfleet_cache_lookups_total", "Response cache lookups by result",
                                   ["model", "result"], registry=registry),
-            cache_entries=Gauge("modelfleet_cache_entries", "Responses held by the cache", registry=registry),
+            cache_entries=Gauge("modelfleet_cache_entries", "Responses held by the cache",
+                                multiprocess_mode="livesum", registry=registry),
             cache_errors=Counter("modelfleet_cache_errors_total", "Cache store failures (the cache was bypassed)",
                                  registry=registry),
             # Only with Redis configured: an always-0 series would fire the "Redis down" alert.
             redis_up=Gauge("modelfleet_redis_up", "1 when the last Redis call succeeded, 0 when it failed",
-                           registry=registry) if with_redis else None,
+                           multiprocess_mode="livemin", registry=registry) if with_redis else None,
             event_loop_tasks=Gauge("modelfleet_event_loop_tasks", "asyncio tasks alive in the router process "
-                                   "(a count that grows with no traffic is a leak)", registry=registry),
+                                   "(a count that grows with no traffic is a leak)", multiprocess_mode="livesum",
+                                   registry=registry),
+            multiprocess=multiprocess,
         )  # fmt: skip
-        metrics.event_loop_tasks.set_function(running_task_count)
+        if not multiprocess:
+            # Counted when scraped; across processes, each worker counts its own (count_tasks_forever).
+            metrics.event_loop_tasks.set_function(running_task_count)
         return metrics
+
+    def exposition(self) -> bytes:
+        """The scrape: this process's samples, or with several workers every worker's, merged."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+
+    async def count_tasks_forever(self, interval_seconds: float = 5.0) -> None:
+        while True:
+            self.event_loop_tasks.set(running_task_count())
+            await asyncio.sleep(interval_seconds)
 
     def child(self, metric: MetricT, *values: str) -> MetricT:
         """`metric.labels(*values)`, remembered: prometheus_client checks and locks on every `labels`
@@ -116,6 +140,11 @@ class RouterMetrics:
         """Drop a removed model's gauges so dashboards and HPAs do not see a ghost."""
         for key in [key for key in self._children if key[1][0] == model]:
             del self._children[key]
+        if self.multiprocess:
+            # A worker's sample file keeps a removed child's last value: make that value 0.
+            self.queue_depth.labels(model, namespace).set(0)
+            for gauge in (self.in_flight, self.slots, self.ready_replicas):
+                gauge.labels(model).set(0)
         with contextlib.suppress(KeyError):
             self.queue_depth.remove(model, namespace)
         for gauge in (self.in_flight, self.slots, self.ready_replicas):

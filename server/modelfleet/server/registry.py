@@ -9,6 +9,7 @@ changed or vanished, so models come and go without a restart.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from modelfleet.server.errors import RouterError
 from modelfleet.server.metrics import RouterMetrics
 from modelfleet.server.queue import ModelQueue
 from modelfleet.server.routing import Routing, bounded_choice, ranked
+from modelfleet.server.workers import WorkerSlot
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +156,10 @@ class ServedModel:
 
 
 class ModelRegistry:
-    def __init__(self, metrics: RouterMetrics, fair_queueing: bool = True) -> None:
+    def __init__(self, metrics: RouterMetrics, fair_queueing: bool = True, worker: WorkerSlot | None = None) -> None:
         self.metrics = metrics
         self.fair_queueing = fair_queueing
+        self.worker = worker or WorkerSlot()
         self._models: dict[str, ServedModel] = {}
         self._names: dict[str, str] = {}  # name or alias -> model name
         # Set and replaced on every change, so that waiters wake up and look again.
@@ -168,7 +171,7 @@ class ModelRegistry:
         Static models win name clashes over cluster ones; within a source, the first spec wins.
         """
         wanted: dict[str, ModelSpec] = {}
-        for spec in specs:
+        for spec in map(self._as_worker, specs):
             owner = self._models.get(spec.name)
             if spec.name in wanted or (owner is not None and owner.spec.source != source):
                 logger.warning("model name %r is taken; ignoring the one from %s", spec.name, source)
@@ -196,6 +199,13 @@ class ModelRegistry:
                 self._names.setdefault(name, model.name)
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _as_worker(self, spec: ModelSpec) -> ModelSpec:
+        """Each worker process on the port shares the cap like one more router (workers.py)."""
+        if self.worker.count == 1:
+            return spec
+        return dataclasses.replace(spec, routers=spec.routers * self.worker.count,
+                                   router_index=spec.router_index * self.worker.count + self.worker.index)  # fmt: skip
 
     async def wait_until(self, holds: Callable[[], bool], seconds: float) -> bool:
         """Whether `holds()` became true within `seconds`; it is checked after every change."""

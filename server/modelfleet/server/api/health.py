@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from modelfleet.server.errors import OrjsonResponse
 from modelfleet.server.probe import current_probe
@@ -82,4 +82,4 @@ async def health(request: Request) -> OrjsonResponse:
 
 @router.get("/metrics", response_class=PlainTextResponse, responses=PROMETHEUS_TEXT)
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(services_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(services_of(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
