@@ -10,8 +10,15 @@ system, one after another:
   rates are then not run (they would be too, and a backlog only delays what follows);
 - closed loop (32 clients): its throughput, the CPU time of its process tree per request and the
   requests it serves per second of CPU (per core);
-- streams (64 at once, 20 chunks 50 ms apart): the time to the first chunk it adds, and the CPU
-  time per stream.
+- streams (1,000 at once, 20 chunks 50 ms apart): the time to the first chunk and the gap between
+  chunks it adds, failures, the CPU time per stream and the peak RSS.
+
+ModelFleet runs twice: with its cache off, then on (the same request again and again, at
+temperature 0: every answer after the first is a hit).
+
+`bench-results.json` gets `peers`, one row per system (req/s per core and CPU per request at 32
+clients, added p50 and p99 by rate, stream TTFT added and CPU per stream: `summary`), and
+`peers_run`, everything measured.
 
 The peers live in venvs of their own (`make install-bench-peers`); a peer whose venv is missing is
 not measured, and the results and the table say so and how to install it.
@@ -57,6 +64,7 @@ from hack.bench.run import (
 )
 
 MODELFLEET = "modelfleet"
+MODELFLEET_CACHED = "modelfleet (cache on)"
 INSTALL_HINT = "make install-bench-peers"
 # The rule for a rate the system did not keep up with.
 MAX_ERROR_RATE = 0.01
@@ -107,8 +115,8 @@ RATES = (20, 50, 100, 300, 500)
 
 def plan(quick: bool) -> Plan:
     if quick:
-        return Plan(rates=RATES, seconds=2, concurrency=32, streams=32, stream_rounds=1, warmup_seconds=1)
-    return Plan(rates=RATES, seconds=10, concurrency=32, streams=64, stream_rounds=3, warmup_seconds=3)
+        return Plan(rates=RATES, seconds=2, concurrency=32, streams=200, stream_rounds=1, warmup_seconds=1)
+    return Plan(rates=RATES, seconds=10, concurrency=32, streams=1000, stream_rounds=2, warmup_seconds=3)
 
 
 # Pure parts ------------------------------------------------------------------------------------
@@ -258,22 +266,24 @@ def closed_loop_entry(routed: Result, cpu: Cpu) -> Result:
     return entry
 
 
-def streaming_entry(direct: list[Result], routed: list[Result], cpu: Cpu) -> Result:
-    """Streams through the system against streams direct: TTFT added (medians of the rounds' quantiles)
-    and CPU per completed stream."""
+def streaming_entry(direct: list[Result], routed: list[Result], cpu: Cpu, peak_rss_mb: float | None = None) -> Result:
+    """Streams through the system against streams direct: TTFT and chunk gap added (medians of the
+    rounds' quantiles), CPU per completed stream, and the peak RSS of the system's main process."""
     completed = sum(run["requests"] for run in routed)
     entry: Result = {
         "streams": completed + sum(run["errors"] for run in routed),
         "failed": sum(run["errors"] for run in routed),
         "cpu_ms_per_stream": round(1000 * cpu.system / completed, 3) if completed else None,
+        "peak_rss_mb": None if peak_rss_mb is None else round(peak_rss_mb, 1),
     }
     succeeded = [run for run in routed if run["requests"]]
-    for q in ("p50", "p99"):
-        entry[f"direct_ttft_{q}_ms"] = median_of(direct, "ttft_ms", q)
-        entry[f"ttft_{q}_ms"] = median_of(succeeded, "ttft_ms", q) if succeeded else None
-        entry[f"ttft_added_{q}_ms"] = (
-            round(entry[f"ttft_{q}_ms"] - entry[f"direct_ttft_{q}_ms"], 3) if succeeded else None
-        )
+    for metric, name in (("ttft_ms", "ttft"), ("chunk_gap_ms", "gap")):
+        for q in ("p50", "p99"):
+            entry[f"direct_{name}_{q}_ms"] = median_of(direct, metric, q)
+            entry[f"{name}_{q}_ms"] = median_of(succeeded, metric, q) if succeeded else None
+            entry[f"{name}_added_{q}_ms"] = (
+                round(entry[f"{name}_{q}_ms"] - entry[f"direct_{name}_{q}_ms"], 3) if succeeded else None
+            )
     errors = [error for run in routed for error in run.get("first_errors") or []]
     if errors:
         entry["first_errors"] = errors[:FIRST_ERRORS]
@@ -293,7 +303,7 @@ def ratios(systems: Mapping[str, Result]) -> Result:
     ours = systems[MODELFLEET]
     out: Result = {}
     for name, theirs in systems.items():
-        if name == MODELFLEET:
+        if name in (MODELFLEET, MODELFLEET_CACHED):
             continue
         entry: Result = {
             "cpu_ms_per_request": ratio(ours["closed_loop"]["cpu_ms_per_request"],
@@ -312,6 +322,34 @@ def ratios(systems: Mapping[str, Result]) -> Result:
             )
         out[name] = entry
     return out
+
+
+SUMMARY_RATES = ("100", "300", "500")
+
+
+def summary(run: Result) -> list[Result]:
+    """`peers` in bench-results.json: one row per measured system, the figures compared across systems."""
+    rows: list[Result] = []
+    for name, system in run.get("systems", {}).items():
+        closed, streams, open_loop = system["closed_loop"], system["streaming"], system["open_loop"]
+        usable = {rate: entry for rate, entry in open_loop.items() if not entry.get("overloaded")}
+        rows.append({
+            "system": name,
+            "version": run["versions"][name],
+            "rps_per_core": closed["rps_per_core"],
+            "cpu_ms_per_request": closed["cpu_ms_per_request"],
+            "saturated": closed["saturated"],
+            # None where the system was overloaded at that rate (or below it).
+            "added_p50_ms": {rate: usable[rate]["added_p50_ms"] if rate in usable else None for rate in SUMMARY_RATES},
+            "added_p99_ms": {rate: usable[rate]["added_p99_ms"] if rate in usable else None for rate in SUMMARY_RATES},
+            "stream_added_ttft_p50_ms": streams["ttft_added_p50_ms"],
+            "stream_cpu_ms_per_stream": streams["cpu_ms_per_stream"],
+            "stream_added_gap_p50_ms": streams.get("gap_added_p50_ms"),
+            "stream_added_gap_p99_ms": streams.get("gap_added_p99_ms"),
+            "stream_failed": streams["failed"],
+            "stream_peak_rss_mb": streams.get("peak_rss_mb"),
+        })  # fmt: skip
+    return rows
 
 
 def number(value: float | None, digits: int = 2) -> str:
@@ -352,9 +390,9 @@ def rows(result: Result) -> list[str]:
     lines += [
         "",
         f"| flat out and streaming | req/s ({result['plan']['concurrency']} clients) | CPU cores "
-        "| req/s per core | CPU ms / request | others on its CPU (cores) | stream TTFT added p50 ms | CPU ms / stream "
-        "| failed streams |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| req/s per core | CPU ms / request | others on its CPU (cores) | stream TTFT added p50 ms "
+        "| chunk gap added p50 / p99 ms | CPU ms / stream | peak RSS MB | failed streams |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, system in systems.items():
         closed, streams = system["closed_loop"], system["streaming"]
@@ -363,7 +401,9 @@ def rows(result: Result) -> list[str]:
             f"| {name} | {closed['rps']:,.0f} | {closed['cpu_cores']:.2f}{saturated} "
             f"| {number(closed['rps_per_core'], 0)} | {number(closed['cpu_ms_per_request'], 3)} "
             f"| {closed['others_cores']:.2f} | {number(streams['ttft_added_p50_ms'])} "
-            f"| {number(streams['cpu_ms_per_stream'], 3)} | {streams['failed']} / {streams['streams']} |"
+            f"| {number(streams.get('gap_added_p50_ms'))} / {number(streams.get('gap_added_p99_ms'))} "
+            f"| {number(streams['cpu_ms_per_stream'], 3)} | {number(streams.get('peak_rss_mb'), 0)} "
+            f"| {streams['failed']} / {streams['streams']} |"
         )
     for peer, entry in result.get("ratios", {}).items():
         at = ", ".join(
@@ -528,11 +568,12 @@ def pinned_here(cpus: str | None) -> Iterator[None]:
 # Measurement -----------------------------------------------------------------------------------
 
 
-def measure(name: str, base: str, meter: CpuMeter, direct_base: str, steps: Plan, driver: str | None) -> Result:
+def measure(name: str, base: str, meter: CpuMeter, direct_base: str, steps: Plan, driver: str | None,
+            request: Result, peak_rss_mb: Callable[[], float]) -> Result:  # fmt: skip
     chat, direct_chat = f"{base}/v1/chat/completions", f"{direct_base}/v1/chat/completions"
 
     def run(url: str, *args: str, body: Result | None = None) -> Result:
-        return loadgen(url, *args, "-timeout", REQUEST_TIMEOUT, body=body, cpus=driver)
+        return loadgen(url, *args, "-timeout", REQUEST_TIMEOUT, body=body or request, cpus=driver)
 
     check_loopback_only(name, meter.pid)
     run(chat, "-concurrency", "4", "-duration", f"{steps.warmup_seconds}s")
@@ -555,7 +596,7 @@ def measure(name: str, base: str, meter: CpuMeter, direct_base: str, steps: Plan
     routed, cpu = meter.around(partial(run, chat, *flat_out))
     result["closed_loop"] = closed_loop_entry(routed, cpu)
     log(f"peers {name} closed loop: {result['closed_loop']}")
-    body = {**CHAT, "stream": True}
+    body = {**request, "stream": True}
     streams = ("-mode", "stream", "-streams", str(steps.streams))
     direct_runs, routed_runs, stream_cpu = [], [], []
     for _ in range(steps.stream_rounds):
@@ -565,7 +606,7 @@ def measure(name: str, base: str, meter: CpuMeter, direct_base: str, steps: Plan
         routed_runs.append(routed)
         stream_cpu.append(cpu)
     total = Cpu(sum(c.system for c in stream_cpu), sum(c.others for c in stream_cpu))
-    result["streaming"] = streaming_entry(direct_runs, routed_runs, total)
+    result["streaming"] = streaming_entry(direct_runs, routed_runs, total, peak_rss_mb())
     log(f"peers {name} streaming: {result['streaming']}")
     return result
 
@@ -586,24 +627,31 @@ def bench_peers(work: Path, quick: bool) -> Result:
     result: Result = {
         "plan": vars(steps),
         "pinning": {"system": system_cpus, "driver": driver} if pins else None,
-        "versions": {MODELFLEET: modelfleet_version(), **{peer.name: installed_version(peer) for peer in peers}},
+        "versions": {
+            MODELFLEET: modelfleet_version(),
+            MODELFLEET_CACHED: modelfleet_version(),
+            **{peer.name: installed_version(peer) for peer in peers},
+        },
         "skipped": missing,
         "systems": {},
     }
     starters: dict[str, Callable[[str], contextlib.AbstractContextManager[tuple[str, Process]]]] = {
         MODELFLEET: lambda url: router(work, url, cache_size="0", cpus=system_cpus),
+        MODELFLEET_CACHED: lambda url: router(work, url, cpus=system_cpus),
         LITELLM.name: lambda url: litellm_proxy(work, url, system_cpus),
         VLLM_ROUTER.name: lambda url: vllm_router(work, url, system_cpus),
     }
     with pinned_here(driver), upstream(work, chunks=20, interval="50ms", cpus=driver) as direct_base:
-        for name in (MODELFLEET, *(peer.name for peer in peers)):
+        for name in (MODELFLEET, MODELFLEET_CACHED, *(peer.name for peer in peers)):
             started = time.monotonic()
             with starters[name](direct_base) as (base, process):
                 startup = round(time.monotonic() - started, 1)
                 log(f"peers: {name} ready in {startup} s")
                 meter = CpuMeter(process.popen.pid, int(system_cpus) if system_cpus else None)
-                result["systems"][name] = {"startup_s": startup,
-                                           **measure(name, base, meter, direct_base, steps, driver)}  # fmt: skip
+                # The cached run asks the same deterministic question every time: all hits after the first.
+                request = {**CHAT, "temperature": 0} if name == MODELFLEET_CACHED else CHAT
+                measured = measure(name, base, meter, direct_base, steps, driver, request, process.rss_peak_mb)
+                result["systems"][name] = {"startup_s": startup, **measured}
     result["ratios"] = ratios(result["systems"])
     log(f"peers ratios (ModelFleet / peer): {result['ratios']}")
     return result

@@ -172,11 +172,12 @@ def test_parse_listeners_reads_ipv4_and_ipv6_listening_sockets_of_the_given_inod
 
 
 def run_result(rps: float, requests: int, errors: int = 0, p50: float = 1.0, p90: float = 2.0, p99: float = 3.0,
-               duration: float = 10.0, ttft: float = 0.0) -> dict[str, Any]:  # fmt: skip
+               duration: float = 10.0, ttft: float = 0.0, gap: float = 50.0) -> dict[str, Any]:  # fmt: skip
     return {
         "rps": rps, "requests": requests, "errors": errors, "duration_s": duration,
         "latency_ms": {"p50": p50, "p90": p90, "p99": p99},
         "ttft_ms": {"p50": ttft, "p99": ttft * 2},
+        "chunk_gap_ms": {"p50": gap, "p99": gap * 2},
         "loadgen_cpu_percent_of_one_core": 12.5,
     }  # fmt: skip
 
@@ -212,14 +213,18 @@ def test_closed_loop_entry_requests_per_core_and_cpu_per_request() -> None:
     assert peers.closed_loop_entry(run_result(500, 5000, duration=10), peers.Cpu(9.5))["saturated"] is True
 
 
-def test_streaming_entry_ttft_added_and_cpu_per_stream() -> None:
+def test_streaming_entry_ttft_and_gap_added_cpu_per_stream_and_rss() -> None:
     direct = [run_result(60, 64, ttft=20.0), run_result(60, 64, ttft=22.0), run_result(60, 64, ttft=30.0)]
-    routed = [run_result(60, 64, ttft=25.0), run_result(60, 63, errors=1, ttft=27.0), run_result(60, 64, ttft=50.0)]
-    entry = peers.streaming_entry(direct, routed, peers.Cpu(system=0.382))
+    routed = [run_result(60, 64, ttft=25.0, gap=51.0), run_result(60, 63, errors=1, ttft=27.0, gap=52.0),
+              run_result(60, 64, ttft=50.0, gap=60.0)]  # fmt: skip
+    entry = peers.streaming_entry(direct, routed, peers.Cpu(system=0.382), peak_rss_mb=101.26)
     assert entry["streams"] == 192
     assert entry["failed"] == 1
     assert entry["ttft_added_p50_ms"] == pytest.approx(27.0 - 22.0)  # medians of the rounds
+    assert entry["gap_added_p50_ms"] == pytest.approx(52.0 - 50.0)
+    assert entry["gap_added_p99_ms"] == pytest.approx(104.0 - 100.0)
     assert entry["cpu_ms_per_stream"] == pytest.approx(2.0)
+    assert entry["peak_rss_mb"] == 101.3
 
 
 def system(cpu_ms: float, rps_per_core: float, added: dict[str, tuple[float, bool]], stream_cpu: float = 2.0,
@@ -273,7 +278,15 @@ def peers_result() -> dict[str, Any]:
                 "cpu_ms_per_request": None if not rps else 1000 / rps,
                 "others_cores": 0.02,
             },
-            "streaming": {"ttft_added_p50_ms": None, "cpu_ms_per_stream": 3.5, "failed": 2, "streams": 64},
+            "streaming": {
+                "ttft_added_p50_ms": None,
+                "cpu_ms_per_stream": 3.5,
+                "failed": 2,
+                "streams": 64,
+                "gap_added_p50_ms": 0.25,
+                "gap_added_p99_ms": 12.0,
+                "peak_rss_mb": 98.4,
+            },
         }
 
     return {
@@ -309,7 +322,7 @@ def test_rows_render_each_rate_the_overload_mark_and_what_was_not_run() -> None:
 
 def test_rows_render_flat_out_streaming_ratios_and_skipped_peers() -> None:
     text = "\n".join(peers.rows(peers_result()))
-    assert "| modelfleet | 1,100 | 0.97 | 1,100 | 0.909 | 0.02 | — | 3.500 | 2 / 64 |" in text
+    assert "| modelfleet | 1,100 | 0.97 | 1,100 | 0.909 | 0.02 | — | 0.25 / 12.00 | 3.500 | 98 | 2 / 64 |" in text
     assert "| vllm-router | 5,000 | 0.40 (not saturated) |" in text
     assert "ModelFleet / vllm-router: CPU ms per request **4.545**, req/s per core 0.220" in text
     assert "added p50 at 100 req/s 2.500, 500 req/s —" in text
@@ -322,7 +335,21 @@ def test_rows_of_a_skipped_section_say_how_to_install() -> None:
                                    "`make install-bench-peers` first."]  # fmt: skip
 
 
+def test_summary_has_one_row_per_system_with_added_latency_by_rate() -> None:
+    rows = peers.summary(peers_result())
+    assert [row["system"] for row in rows] == ["modelfleet", "vllm-router"]
+    ours = rows[0]
+    assert ours["version"] == "0.1.0 (abc1234)"
+    assert (ours["rps_per_core"], ours["cpu_ms_per_request"]) == (1100, pytest.approx(1000 / 1100))
+    # 300 was not measured, 500 was overloaded: neither has a figure to compare.
+    assert ours["added_p50_ms"] == {"100": 1.25, "300": None, "500": None}
+    assert ours["added_p99_ms"] == {"100": 3.75, "300": None, "500": None}
+    assert (ours["stream_cpu_ms_per_stream"], ours["stream_added_gap_p99_ms"], ours["stream_peak_rss_mb"]) == (
+        3.5, 12.0, 98.4)  # fmt: skip
+    assert rows[1]["added_p50_ms"]["500"] is None  # not run
+
+
 def test_run_markdown_includes_the_peers_table() -> None:
     results = {"machine": {"cpu": "x", "cores": 2, "memory_gib": 1, "python": "3.11"}, "total_seconds": 1,
-               "peers": peers_result()}  # fmt: skip
+               "peers_run": peers_result()}  # fmt: skip
     assert "| modelfleet | 100 | 100 | 0.0% | 1.25 / 2.50 / 3.75 | 0.800 | ok |" in markdown(results)
