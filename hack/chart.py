@@ -43,6 +43,7 @@ ENUMS: dict[str, list[str]] = {
 MINIMUMS: dict[str, int] = {
     "operator.replicas": 1,
     "router.replicas": 1,
+    "router.workers": 1,
     "router.autoscaling.minReplicas": 1,
     "router.autoscaling.maxReplicas": 1,
     "router.maxTokensCap": 1,

@@ -185,9 +185,22 @@ def test_existing_key_secret_and_auth_off() -> None:
     assert "MODELFLEET_API_KEYS_FILE" not in router_env(open_router)
 
 
+def test_router_workers_need_redis_while_limits_are_on() -> None:
+    assert router_env(render("modelfleet-system", "--set", "router.workers=2"))["MODELFLEET_WORKERS"] == "2"
+    refused = helm(
+        "template", "x", str(CHART), "--set", "router.workers=2", "--set", "redis.enabled=false", check=False
+    )
+    assert refused.returncode != 0
+    assert "router.workers above 1 needs Redis" in refused.stderr
+    unlimited = ("--set", "redis.enabled=false", "--set", "router.auth.required=false",
+                 "--set", "router.rateLimit.requestsPerMinute=0", "--set", "router.workers=2")  # fmt: skip
+    assert router_env(render("modelfleet-system", *unlimited))["MODELFLEET_WORKERS"] == "2"
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [("router.replica=3", "additional properties 'replica' not allowed"),
+     ("router.workers=0", "minimum"),
      ("router.rateLimit.failureMode=maybe", "value must be one of 'open', 'closed'"),
      ("router.replicas=0", "minimum"),
      ("redis.enabled=yes", "got string, want boolean")],
