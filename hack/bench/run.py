@@ -175,8 +175,9 @@ def upstream(work: Path, chunks: int = 20, interval: str = "50ms", cpus: str | N
 @contextlib.contextmanager
 def router(
     work: Path, upstream_url: str, upstream_model: str = "bench", model_settings: dict[str, Any] | None = None,
-    cpus: str | None = None, **settings: str,
+    cpus: str | None = None, source: Path | None = None, **settings: str,
 ) -> Iterator[tuple[str, Process]]:  # fmt: skip
+    """The router on a free loopback port; `source`: run another tree's `server/` (hack.bench.revisions)."""
     port = free_port()
     model = {
         "name": "bench",
@@ -195,6 +196,7 @@ def router(
         "MODELFLEET_AUTH_REQUIRED": "false",
         "MODELFLEET_RATE_LIMIT_REQUESTS_PER_MINUTE": "0",
         **{f"MODELFLEET_{key.upper()}": value for key, value in settings.items()},
+        **({"PYTHONPATH": str(source)} if source is not None else {}),
     }
     base = f"http://{LOOPBACK}:{port}"
     with running(
@@ -563,7 +565,6 @@ def bench_fairness(work: Path, seconds: float, flooders: int = 16) -> Result:
     keys = work / "fairness-keys.yaml"
     keys.write_text(json.dumps({"keys": [{"name": "flood", "key": FLOOD_KEY}, {"name": "light", "key": LIGHT_KEY}]}))
     one_slot = {"max_in_flight": 1, "max_queue": 64, "request_timeout_seconds": 600}
-    settings = {"auth_required": "true", "api_keys_file": str(keys), "cache_size": "0"}
     result: Result = {"flooders": flooders, "seconds": seconds}
     with ollama_model.serve(models_dir, work / "fairness-ollama") as ollama:
         create = {"model": BENCH_MODEL, "from": ollama_model.MODEL_NAME, "parameters": {"num_thread": 1},
@@ -572,7 +573,8 @@ def bench_fairness(work: Path, seconds: float, flooders: int = 16) -> Result:
         stream_tokens(ollama.base_url, BENCH_MODEL, 8)  # loads the model
         for phase, policy, load in (("unloaded", "fair", 0), ("fifo", "fifo", flooders), ("fair", "fair", flooders)):
             with router(work, ollama.base_url, upstream_model=BENCH_MODEL, model_settings=one_slot,
-                        queue_policy=policy, **settings) as (base, _):  # fmt: skip
+                        queue_policy=policy, auth_required="true", api_keys_file=str(keys),
+                        cache_size="0") as (base, _):  # fmt: skip
                 result[phase] = light_key_phase(base, seconds, load)
             log(f"fairness {phase}: {result[phase]}")
     unloaded = result["unloaded"]["light_latency_p90_ms"]
