@@ -7,9 +7,11 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
+from modelfleet.server import pipeline
 from modelfleet.server.api import admin, compat, health, openai, responses
 from modelfleet.server.app import create_app
 from modelfleet.server.hotpath import hot_routes, json_content
+from modelfleet.server.schemas import ResponsesRequest
 from modelfleet.server.settings import RouterSettings
 
 pytestmark = pytest.mark.unit
@@ -74,3 +76,21 @@ def test_json_content_reads_only_the_content_type() -> None:
     assert json_content({"headers": [(b"accept", b"application/json"), (b"content-type", b"application/json")]})
     assert not json_content({"headers": [(b"accept", b"application/json")]})
     assert not json_content({"headers": [(b"content-type", b"text/json+plain")]})
+
+
+@pytest.mark.parametrize("failure", ["runtime", "validation"])
+def test_a_failure_inside_the_endpoint_is_a_500_in_the_one_format(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """Only the request body's validation is the client's fault; a model the router builds itself failing is ours."""
+
+    async def broken(*_args: object, **_kwargs: object) -> None:
+        if failure == "validation":
+            ResponsesRequest.model_validate({})
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(pipeline, "prepare", broken)
+    response = client.post("/v1/chat/completions", content=CHAT, headers={"content-type": "application/json"})
+    assert response.status_code == 500
+    assert response.json()["error"] == {"message": "The router failed to handle the request.",
+                                         "type": "server_error", "param": None, "code": None}  # fmt: skip

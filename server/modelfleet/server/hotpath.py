@@ -64,6 +64,20 @@ def json_content(scope: Scope) -> bool:
     return False
 
 
+def parse(route: HotRoute, scope: Scope, body: bytes) -> BaseModel:
+    """The request body as the route's model, or the 400 that says what to fix."""
+    if not json_content(scope):
+        # As FastAPI does: a browser may send a form or text/plain to any site without asking (no
+        # CORS preflight), so a JSON API that took those would take cross-site requests.
+        raise RouterError(400, "The request body must be JSON, sent with content-type: application/json.",
+                          code="invalid_request")  # fmt: skip
+    try:
+        # Bytes straight to the model, with pydantic's JSON parser: one parse, one validation.
+        return route.body.model_validate_json(body)
+    except ValidationError as exc:
+        raise invalid_request(exc.errors(include_url=False)) from None
+
+
 class HotRoutes:
     """ASGI middleware: serve the generation routes directly; pass everything else to the app."""
 
@@ -79,17 +93,9 @@ class HotRoutes:
         http_request = Request(scope, receive)
         response: Response
         try:
-            if not json_content(scope):
-                # As FastAPI does: a browser may send a form or text/plain to any site without asking
-                # (no CORS preflight), so a JSON API that took those would take cross-site requests.
-                raise RouterError(400, "The request body must be JSON, sent with content-type: application/json.",
-                                  code="invalid_request")  # fmt: skip
-            # Bytes straight to the model, with pydantic's JSON parser.
-            request = route.body.model_validate_json(await http_request.body())
+            request = parse(route, scope, await http_request.body())
             result = await route.endpoint(request, http_request)
             response = result if isinstance(result, Response) else OrjsonResponse(result)
-        except ValidationError as exc:
-            response = error_response(invalid_request(exc.errors(include_url=False)))
         except RouterError as exc:
             response = error_response(exc)
         except Exception:
