@@ -30,11 +30,6 @@ def test_a_revision_is_its_own_server_tree_and_the_worktree_is_this_one(tmp_path
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
     tree = revisions.checkout(head.stdout.strip(), tmp_path)
     assert tree == tmp_path / "server"
-    assert (tree / "modelfleet" / "server" / "app.py").read_text() == (
-        subprocess.run(
-            ["git", "-C", str(REPO), "show", "HEAD:server/modelfleet/server/app.py"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout  # fmt: skip
-    )
+    committed = ["git", "-C", str(REPO), "show", "HEAD:server/modelfleet/server/app.py"]
+    expected = subprocess.run(committed, capture_output=True, text=True, check=True).stdout
+    assert (tree / "modelfleet" / "server" / "app.py").read_text() == expected
