@@ -672,6 +672,7 @@ def bench_operator(work: Path, models: int, steady_seconds: float) -> Result:
             lambda: http_ok(f"http://{LOOPBACK}:{health}/healthz"),
             env=env,
         ) as operator:
+            apiserver_before = apiserver_metrics()
             applied = time.monotonic()
             kubectl("apply", "--server-side", "-f", "-", input_text="\n---\n".join(json.dumps(d) for d in documents))
             result["apply_s"] = round(time.monotonic() - applied, 2)
@@ -690,6 +691,8 @@ def bench_operator(work: Path, models: int, steady_seconds: float) -> Result:
                 ):
                     milestones["children_s"] = True
                     result["children_s"] = now
+                    # The API server's own view of those seconds: is it the limit?
+                    result["apiserver_until_children"] = apiserver_load(apiserver_before, apiserver_metrics(), now)
                 if not milestones["deployments_s"] and count_ready(namespace, "deployments", kube)[0] >= models:
                     milestones["deployments_s"] = True
                     result["deployments_s"] = now
@@ -746,6 +749,71 @@ def operator_requests(metrics_port: int) -> dict[str, float]:
                 trigger = f"reconciles ({sample.labels['trigger']})"
                 counts[trigger] = counts.get(trigger, 0) + sample.value
     return counts
+
+
+APISERVER_WRITES = ("POST", "PUT", "PATCH", "DELETE")
+APISERVER_LABELS = {
+    "cpu_cores": "CPU cores used",
+    "writes_per_s": "writes per second",
+    "write_latency_ms": "mean write latency ms",
+    "reads_per_s": "reads per second",
+    "read_latency_ms": "mean read latency ms",
+    "apf_wait_ms": "mean wait in its fairness queues ms",
+}
+
+
+def apiserver_sample(text: str) -> Result:
+    """From kube-apiserver's own /metrics: its CPU seconds, its requests and their time by verb, its
+    time waiting in API Priority and Fairness queues, and the requests it is running now."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sample: Result = {"cpu_s": 0.0, "requests": {}, "seconds": {}, "apf_wait_s": 0.0, "apf_waits": 0.0,
+                      "inflight": {}}  # fmt: skip
+    for family in text_string_to_metric_families(text):
+        for metric in family.samples:
+            labels = metric.labels
+            if metric.name == "process_cpu_seconds_total":
+                sample["cpu_s"] = metric.value
+            elif metric.name == "apiserver_request_duration_seconds_count" and labels.get("verb") != "WATCH":
+                verb = labels["verb"]
+                sample["requests"][verb] = sample["requests"].get(verb, 0.0) + metric.value
+            elif metric.name == "apiserver_request_duration_seconds_sum" and labels.get("verb") != "WATCH":
+                verb = labels["verb"]
+                sample["seconds"][verb] = sample["seconds"].get(verb, 0.0) + metric.value
+            elif metric.name == "apiserver_flowcontrol_request_wait_duration_seconds_sum":
+                sample["apf_wait_s"] += metric.value
+            elif metric.name == "apiserver_flowcontrol_request_wait_duration_seconds_count":
+                sample["apf_waits"] += metric.value
+            elif metric.name == "apiserver_current_inflight_requests":
+                kind = labels.get("request_kind", "")
+                sample["inflight"][kind] = sample["inflight"].get(kind, 0.0) + metric.value
+    return sample
+
+
+def apiserver_load(before: Result, after: Result, seconds: float) -> Result:
+    """What the API server did between two samples: cores used, requests per second and their mean
+    latency (reads and writes), and the mean wait in its fairness queues."""
+
+    def delta(key: str, verbs: tuple[str, ...] | None = None) -> float:
+        changes = [float(value) - float(before[key].get(verb, 0.0)) for verb, value in after[key].items()
+                   if verbs is None or verb in verbs]  # fmt: skip
+        return sum(changes)
+
+    writes, reads = APISERVER_WRITES, ("GET", "LIST")
+    waits = after["apf_waits"] - before["apf_waits"]
+    return {
+        "seconds": round(seconds, 1),
+        "cpu_cores": round((after["cpu_s"] - before["cpu_s"]) / seconds, 2),
+        "writes_per_s": round(delta("requests", writes) / seconds, 1),
+        "reads_per_s": round(delta("requests", reads) / seconds, 1),
+        "write_latency_ms": round(1000 * delta("seconds", writes) / max(1.0, delta("requests", writes)), 1),
+        "read_latency_ms": round(1000 * delta("seconds", reads) / max(1.0, delta("requests", reads)), 1),
+        "apf_wait_ms": round(1000 * (after["apf_wait_s"] - before["apf_wait_s"]) / max(1.0, waits), 2),
+    }
+
+
+def apiserver_metrics() -> Result:
+    return apiserver_sample(kubectl("get", "--raw", "/metrics"))
 
 
 def resource_versions(namespace: str) -> dict[str, str]:
@@ -845,6 +913,11 @@ def markdown(results: Result) -> str:
             "|---|---|",
             f"| InferenceModels applied at once | {o['models']} |",
             f"| all Services, PVCs and prefetch Jobs exist | {o.get('children_s', 'not reached')} s |",
+            *(
+                f"| kube-apiserver until then: {label} | {o['apiserver_until_children'][key]} |"
+                for key, label in APISERVER_LABELS.items()
+                if "apiserver_until_children" in o
+            ),
             f"| all Deployments exist (after the prefetch Jobs) | {o.get('deployments_s', 'not reached')} s |",
             f"| all Ready | {o.get('ready_s', 'not reached')} s ({o['ready_models']} ready) |",
             f"| operator peak RSS | {o['operator_peak_rss_mb']} MB |",

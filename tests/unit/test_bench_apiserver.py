@@ -1,0 +1,47 @@
+"""The operator bench's reading of kube-apiserver's own metrics (hack/bench/run.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hack.bench.run import apiserver_load, apiserver_sample
+
+pytestmark = pytest.mark.unit
+
+
+def exposition(cpu: float, posts: int, post_seconds: float, lists: int, list_seconds: float, waits: int,
+               wait_seconds: float) -> str:  # fmt: skip
+    return f"""# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.
+# TYPE process_cpu_seconds_total counter
+process_cpu_seconds_total {cpu}
+# TYPE apiserver_request_duration_seconds histogram
+apiserver_request_duration_seconds_bucket{{verb="POST",resource="services",le="+Inf"}} {posts}
+apiserver_request_duration_seconds_sum{{verb="POST",resource="services"}} {post_seconds}
+apiserver_request_duration_seconds_count{{verb="POST",resource="services"}} {posts}
+apiserver_request_duration_seconds_sum{{verb="LIST",resource="pods"}} {list_seconds}
+apiserver_request_duration_seconds_count{{verb="LIST",resource="pods"}} {lists}
+apiserver_request_duration_seconds_sum{{verb="WATCH",resource="pods"}} 9999
+apiserver_request_duration_seconds_count{{verb="WATCH",resource="pods"}} 7
+# TYPE apiserver_flowcontrol_request_wait_duration_seconds histogram
+apiserver_flowcontrol_request_wait_duration_seconds_sum{{priority_level="workload-low"}} {wait_seconds}
+apiserver_flowcontrol_request_wait_duration_seconds_count{{priority_level="workload-low"}} {waits}
+# TYPE apiserver_current_inflight_requests gauge
+apiserver_current_inflight_requests{{request_kind="mutating"}} 3
+"""
+
+
+def test_the_sample_reads_cpu_requests_by_verb_without_watches_and_queue_waits() -> None:
+    sample = apiserver_sample(exposition(10.0, 5, 0.5, 2, 0.2, 4, 0.04))
+    assert sample["cpu_s"] == 10.0
+    assert sample["requests"] == {"POST": 5, "LIST": 2}
+    assert sample["seconds"] == {"POST": 0.5, "LIST": 0.2}
+    assert (sample["apf_waits"], sample["apf_wait_s"]) == (4, 0.04)
+    assert sample["inflight"] == {"mutating": 3}
+
+
+def test_the_load_between_two_samples() -> None:
+    before = apiserver_sample(exposition(10.0, 5, 0.5, 2, 0.2, 4, 0.04))
+    after = apiserver_sample(exposition(25.0, 205, 20.5, 102, 1.2, 304, 3.04))
+    load = apiserver_load(before, after, seconds=10.0)
+    assert load == {"seconds": 10.0, "cpu_cores": 1.5, "writes_per_s": 20.0, "reads_per_s": 10.0,
+                    "write_latency_ms": 100.0, "read_latency_ms": 10.0, "apf_wait_ms": 10.0}  # fmt: skip
