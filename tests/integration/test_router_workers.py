@@ -34,6 +34,8 @@ def router(ollama_server: OllamaServer, tmp_path_factory: pytest.TempPathFactory
                                         "upstream_model": ollama_server.model, "max_in_flight": CAP}]  # fmt: skip
     with running_router(tmp_path_factory.mktemp("workers"), models, workers="2", cache_size="0",
                         shutdown_drain_seconds="0") as router:  # fmt: skip
+        # Ready means one worker answered; the other may still be starting.
+        wait_for(lambda: len(listeners(router)) == 2, "both workers listening")
         yield router
 
 
@@ -58,7 +60,6 @@ def chat(router: RouterServer, number: int) -> int:
 
 
 def test_every_worker_listens_and_a_scrape_counts_them_all(router: RouterServer) -> None:
-    assert len(listeners(router)) == 2
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(lambda number: chat(router, number), range(32)))
     assert statuses == [200] * 32
@@ -88,9 +89,9 @@ def test_a_worker_that_dies_is_replaced(router: RouterServer) -> None:
 def test_sigterm_stops_every_worker(ollama_server: OllamaServer, tmp_path: Path) -> None:
     models: list[dict[str, object]] = [{"name": "gemma", "url": ollama_server.base_url}]
     with running_router(tmp_path, models, workers="2", shutdown_drain_seconds="0") as router:
+        wait_for(lambda: len(listeners(router)) == 2, "both workers listening")
         supervisor = psutil.Process(router.process.process.pid)
         workers = supervisor.children()
-        assert len(workers) == 2
         supervisor.send_signal(signal.SIGTERM)
         assert router.process.process.wait(timeout=60) == 0
         _gone, alive = psutil.wait_procs(workers, timeout=10)
