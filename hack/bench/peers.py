@@ -624,12 +624,13 @@ def bench_peers(work: Path, quick: bool) -> Result:
     if not pins:
         log("peers: CPUs 0 and 1 are not both available; nothing is pinned")
     peers = [peer for peer in PEERS if peer.name not in missing]
+    ours = modelfleet_version()
     result: Result = {
         "plan": vars(steps),
         "pinning": {"system": system_cpus, "driver": driver} if pins else None,
         "versions": {
-            MODELFLEET: modelfleet_version(),
-            MODELFLEET_CACHED: modelfleet_version(),
+            MODELFLEET: ours,
+            MODELFLEET_CACHED: ours,
             **{peer.name: installed_version(peer) for peer in peers},
         },
         "skipped": missing,

@@ -763,12 +763,11 @@ APISERVER_LABELS = {
 
 
 def apiserver_sample(text: str) -> Result:
-    """From kube-apiserver's own /metrics: its CPU seconds, its requests and their time by verb, its
-    time waiting in API Priority and Fairness queues, and the requests it is running now."""
+    """From kube-apiserver's own /metrics: its CPU seconds, its requests and their time by verb, and
+    its time waiting in API Priority and Fairness queues."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    sample: Result = {"cpu_s": 0.0, "requests": {}, "seconds": {}, "apf_wait_s": 0.0, "apf_waits": 0.0,
-                      "inflight": {}}  # fmt: skip
+    sample: Result = {"cpu_s": 0.0, "requests": {}, "seconds": {}, "apf_wait_s": 0.0, "apf_waits": 0.0}
     for family in text_string_to_metric_families(text):
         for metric in family.samples:
             labels = metric.labels
@@ -784,9 +783,6 @@ def apiserver_sample(text: str) -> Result:
                 sample["apf_wait_s"] += metric.value
             elif metric.name == "apiserver_flowcontrol_request_wait_duration_seconds_count":
                 sample["apf_waits"] += metric.value
-            elif metric.name == "apiserver_current_inflight_requests":
-                kind = labels.get("request_kind", "")
-                sample["inflight"][kind] = sample["inflight"].get(kind, 0.0) + metric.value
     return sample
 
 

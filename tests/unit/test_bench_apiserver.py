@@ -25,8 +25,6 @@ apiserver_request_duration_seconds_count{{verb="WATCH",resource="pods"}} 7
 # TYPE apiserver_flowcontrol_request_wait_duration_seconds histogram
 apiserver_flowcontrol_request_wait_duration_seconds_sum{{priority_level="workload-low"}} {wait_seconds}
 apiserver_flowcontrol_request_wait_duration_seconds_count{{priority_level="workload-low"}} {waits}
-# TYPE apiserver_current_inflight_requests gauge
-apiserver_current_inflight_requests{{request_kind="mutating"}} 3
 """
 
 
@@ -36,7 +34,6 @@ def test_the_sample_reads_cpu_requests_by_verb_without_watches_and_queue_waits()
     assert sample["requests"] == {"POST": 5, "LIST": 2}
     assert sample["seconds"] == {"POST": 0.5, "LIST": 0.2}
     assert (sample["apf_waits"], sample["apf_wait_s"]) == (4, 0.04)
-    assert sample["inflight"] == {"mutating": 3}
 
 
 def test_the_load_between_two_samples() -> None:
