@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
-import aiohttp
 from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -33,6 +32,7 @@ from modelfleet.server.registry import ModelRegistry
 from modelfleet.server.scaling import ModelScaler
 from modelfleet.server.services import Services
 from modelfleet.server.settings import RouterSettings
+from modelfleet.server.upstream import UpstreamClient
 from modelfleet.server.workers import WorkerSlot
 
 PROBE_INTERVAL_SECONDS = 10.0
@@ -70,18 +70,16 @@ def create_app(settings: RouterSettings, drain: Drain | None = None, worker: Wor
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # aiohttp rather than httpx: httpx's pool scans every connection on each request, which
-        # made it the router's bottleneck under concurrency (profiled with py-spy; see docs/benchmarks.md).
-        # No total deadline (a stream may run for minutes); a backend silent for the timeout fails.
-        timeout = aiohttp.ClientTimeout(total=None, sock_read=settings.upstream_timeout_seconds,
-                                        sock_connect=settings.upstream_connect_timeout_seconds)  # fmt: skip
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=30, keepalive_timeout=30)
         tasks: list[asyncio.Task[Any]] = []
 
         def background(work: Coroutine[Any, Any, Any]) -> None:
             tasks.append(asyncio.create_task(work))
 
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False) as http:
+        # No total deadline (a stream may run for minutes); a backend silent for the timeout fails.
+        # Why a client of our own rather than aiohttp or httpx: see upstream.py.
+        upstream = UpstreamClient(connect_timeout=settings.upstream_connect_timeout_seconds,
+                                  read_timeout=settings.upstream_timeout_seconds)  # fmt: skip
+        async with contextlib.aclosing(upstream) as http:
             registry = ModelRegistry(metrics, fair_queueing=settings.queue_policy == "fair", worker=worker)
             registry.replace_source("static", [model.spec() for model in settings.all_models()])
             redis: Redis | None = None

@@ -15,14 +15,14 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
-from modelfleet.server.backends.base import UPSTREAM_FAILURES, request_headers
+from modelfleet.server.backends.base import request_headers
 from modelfleet.server.registry import ModelSpec
 from modelfleet.server.services import Services
+from modelfleet.server.upstream import UpstreamError
 
-ASK_TIMEOUT = aiohttp.ClientTimeout(total=3.0)
+ASK_DEADLINE_SECONDS = 3.0
 # Ollama and llama.cpp keep the KV cache in f16 unless told otherwise (OLLAMA_KV_CACHE_TYPE).
 KV_BYTES_PER_ELEMENT = 2
 
@@ -88,13 +88,11 @@ def estimate(weights_bytes: int, architecture: Architecture, context_length: int
 async def ask(services: Services, spec: ModelSpec, method: str, url: str, body: Any = None) -> Any | None:
     """The JSON answer, or None if the server does not answer it (another engine, down, slow)."""
     try:
-        async with services.http.request(method, url, data=None if body is None else orjson.dumps(body),
-                                         headers=request_headers(spec, "application/json"),
-                                         timeout=ASK_TIMEOUT) as response:  # fmt: skip
-            if response.status != 200:
-                return None
-            return orjson.loads(await response.read())
-    except (*UPSTREAM_FAILURES, orjson.JSONDecodeError):
+        status, _, content = await services.http.fetch(method, url, request_headers(spec, "application/json"),
+                                                       None if body is None else orjson.dumps(body),
+                                                       deadline=ASK_DEADLINE_SECONDS)  # fmt: skip
+        return orjson.loads(content) if status == 200 else None
+    except (UpstreamError, orjson.JSONDecodeError):
         return None
 
 

@@ -9,22 +9,20 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
-
-from modelfleet.server.backends.base import UPSTREAM_FAILURES, request_headers
+from modelfleet.server.backends.base import request_headers
 from modelfleet.server.registry import ModelSpec
 from modelfleet.server.services import Services
+from modelfleet.server.upstream import UpstreamClient, UpstreamError
 
 PROBE_PATHS = {"ollama": "/api/version", "openai": "/v1/models"}
 
 
-async def probe_endpoint(session: aiohttp.ClientSession, spec: ModelSpec, endpoint: str) -> str | None:
+async def probe_endpoint(http: UpstreamClient, spec: ModelSpec, endpoint: str) -> str | None:
     """None when the endpoint answered, else a short reason."""
     try:
-        async with session.get(f"{endpoint}{PROBE_PATHS[spec.api]}", timeout=aiohttp.ClientTimeout(total=2.0),
-                               headers=request_headers(spec, "application/json")) as response:  # fmt: skip
-            status = response.status
-    except UPSTREAM_FAILURES as exc:
+        status, _, _ = await http.fetch("GET", f"{endpoint}{PROBE_PATHS[spec.api]}",
+                                        request_headers(spec, "application/json"), deadline=2.0)  # fmt: skip
+    except UpstreamError as exc:
         return type(exc).__name__
     return None if status < 500 else f"HTTP {status}"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import aiohttp
 from redis.asyncio import Redis
 from starlette.requests import Request
 
@@ -17,12 +16,13 @@ from modelfleet.server.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from modelfleet.server.registry import ModelRegistry
 from modelfleet.server.scaling import ModelScaler
 from modelfleet.server.settings import RouterSettings
+from modelfleet.server.upstream import UpstreamClient
 
 
 @dataclass
 class Services:
     settings: RouterSettings
-    http: aiohttp.ClientSession
+    http: UpstreamClient
     registry: ModelRegistry
     backends: dict[str, Backend]  # by ModelSpec.api
     metrics: RouterMetrics

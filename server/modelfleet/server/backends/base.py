@@ -10,11 +10,17 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Literal, Protocol
 
-import aiohttp
 import orjson
 
 from modelfleet.server.errors import BackendUnreachable, RouterError
 from modelfleet.server.registry import ModelSpec
+from modelfleet.server.upstream import (
+    UpstreamClient,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 
 Kind = Literal["chat", "completion"]
 Chunk = dict[str, Any]
@@ -55,15 +61,11 @@ def upstream_error(model: ModelSpec, status: int, reason: str, body: bytes) -> R
     return RouterError(status, message, code="upstream_rejected")
 
 
-# What aiohttp raises when a backend is unreachable, slow or drops the connection.
-UPSTREAM_FAILURES = (aiohttp.ClientError, TimeoutError)
-
-
-def unreachable(model: ModelSpec, exc: BaseException) -> RouterError:
-    if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError):
+def unreachable(model: ModelSpec, exc: UpstreamError) -> RouterError:
+    if isinstance(exc, UpstreamTimeout):
         return RouterError(504, f"The backend for `{model.name}` did not answer in time.", type="upstream_error",
                            code="upstream_timeout")  # fmt: skip
-    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+    if isinstance(exc, UpstreamUnreachable):
         # No connection, so nothing was sent: safe to try another replica (a pod that just stopped).
         return BackendUnreachable(502, f"The backend for `{model.name}` is unreachable.", type="upstream_error",
                                   code="upstream_unavailable")  # fmt: skip
@@ -79,29 +81,29 @@ def request_headers(model: ModelSpec, accept: str) -> dict[str, str]:
 
 
 async def send_streaming(
-    session: aiohttp.ClientSession, model: ModelSpec, url: str, body: dict[str, Any], accept: str
-) -> aiohttp.ClientResponse:
+    http: UpstreamClient, model: ModelSpec, url: str, body: dict[str, Any], accept: str
+) -> UpstreamResponse:
     """The backend's response once its headers arrived; the caller reads the body and closes it."""
     try:
-        response = await session.post(url, data=orjson.dumps(body), headers=request_headers(model, accept))
-    except UPSTREAM_FAILURES as exc:
+        response = await http.request("POST", url, request_headers(model, accept), orjson.dumps(body))
+    except UpstreamError as exc:
         raise unreachable(model, exc) from exc
     if response.status >= 400:
         try:
             content = await response.read()
-        except UPSTREAM_FAILURES:
+        except UpstreamError:
             content = b""
-        response.close()
-        raise upstream_error(model, response.status, response.reason or "", content)
+        finally:
+            response.close()
+        raise upstream_error(model, response.status, response.reason, content)
     return response
 
 
-async def post_json(session: aiohttp.ClientSession, model: ModelSpec, url: str, body: dict[str, Any]) -> dict[str, Any]:
+async def post_json(http: UpstreamClient, model: ModelSpec, url: str, body: dict[str, Any]) -> dict[str, Any]:
     try:
-        async with session.post(url, data=orjson.dumps(body), headers=request_headers(model, "application/json")) as r:
-            content = await r.read()
-            status, reason = r.status, r.reason or ""
-    except UPSTREAM_FAILURES as exc:
+        status, reason, content = await http.fetch("POST", url, request_headers(model, "application/json"),
+                                                   orjson.dumps(body))  # fmt: skip
+    except UpstreamError as exc:
         raise unreachable(model, exc) from exc
     if status >= 400:
         raise upstream_error(model, status, reason, content)
@@ -109,13 +111,13 @@ async def post_json(session: aiohttp.ClientSession, model: ModelSpec, url: str, 
     return result
 
 
-# The longest line read from a backend. aiohttp's own line reader stops at twice its read buffer
-# (128 KiB, or 512 KiB since 3.14), and the last line of Ollama's /api/generate carries the whole
-# `context` array, which can be longer.
+# The longest line read from a backend: the last line of Ollama's /api/generate carries the whole
+# `context` array, which can be long, but a backend that never sends a newline must not grow the
+# router's memory without bound.
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
 
-async def upstream_lines(response: aiohttp.ClientResponse) -> AsyncGenerator[bytes]:
+async def upstream_lines(response: UpstreamResponse) -> AsyncGenerator[bytes]:
     """The body's lines (each with its newline; the last may lack one) as they arrive; a broken
     connection, or a line over MAX_LINE_BYTES, becomes StreamBroken: never a silent end.
 
@@ -123,7 +125,7 @@ async def upstream_lines(response: aiohttp.ClientResponse) -> AsyncGenerator[byt
     """
     pending = bytearray()
     try:
-        async for data in response.content.iter_any():
+        async for data in response:
             pending += data
             start = 0
             while (end := pending.find(b"\n", start)) != -1:
@@ -134,8 +136,8 @@ async def upstream_lines(response: aiohttp.ClientResponse) -> AsyncGenerator[byt
                 raise StreamBroken(f"the backend sent a line longer than {MAX_LINE_BYTES} bytes")
         if pending:
             yield bytes(pending)
-    except UPSTREAM_FAILURES as exc:
-        raise StreamBroken(type(exc).__name__, timed_out=isinstance(exc, TimeoutError)) from exc
+    except UpstreamError as exc:
+        raise StreamBroken(str(exc), timed_out=isinstance(exc, UpstreamTimeout)) from exc
     finally:
         response.close()
 

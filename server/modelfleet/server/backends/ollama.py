@@ -12,7 +12,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
 
 from modelfleet.server.backends.base import (
@@ -26,6 +25,7 @@ from modelfleet.server.backends.base import (
 )
 from modelfleet.server.errors import RouterError
 from modelfleet.server.registry import ModelSpec
+from modelfleet.server.upstream import UpstreamClient, UpstreamResponse
 
 # OpenAI request field -> Ollama option.
 OPTION_NAMES = {
@@ -199,12 +199,12 @@ def finish_reason(answer: dict[str, Any]) -> str:
 
 
 class OllamaBackend:
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self.session = session
+    def __init__(self, http: UpstreamClient) -> None:
+        self.http = http
 
     async def complete(self, endpoint: str, model: ModelSpec, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
         path, request = native_request(kind, body, stream=False)
-        answer = await post_json(self.session, model, f"{endpoint}{path}", request)
+        answer = await post_json(self.http, model, f"{endpoint}{path}", request)
         base = {"created": int(time.time()), "model": body["model"], "usage": usage_of(answer)}
         logprobs = openai_logprobs(answer)
         if kind == "chat":
@@ -224,11 +224,11 @@ class OllamaBackend:
         self, endpoint: str, model: ModelSpec, kind: Kind, body: dict[str, Any]
     ) -> AsyncIterator[Chunk]:
         path, request = native_request(kind, body, stream=True)
-        response = await send_streaming(self.session, model, f"{endpoint}{path}", request, "application/x-ndjson")
+        response = await send_streaming(self.http, model, f"{endpoint}{path}", request, "application/x-ndjson")
         return self._chunks(response, kind, body["model"])
 
     @staticmethod
-    async def _chunks(response: aiohttp.ClientResponse, kind: Kind, model_name: str) -> AsyncIterator[Chunk]:
+    async def _chunks(response: UpstreamResponse, kind: Kind, model_name: str) -> AsyncIterator[Chunk]:
         chat = kind == "chat"
         base = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",

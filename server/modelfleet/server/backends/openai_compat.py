@@ -6,8 +6,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
-
 from modelfleet.server.backends.base import (
     Chunk,
     Kind,
@@ -18,28 +16,29 @@ from modelfleet.server.backends.base import (
     upstream_lines,
 )
 from modelfleet.server.registry import ModelSpec
+from modelfleet.server.upstream import UpstreamClient, UpstreamResponse
 
 PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 
 
 class OpenAICompatBackend:
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self.session = session
+    def __init__(self, http: UpstreamClient) -> None:
+        self.http = http
 
     async def complete(self, endpoint: str, model: ModelSpec, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
-        return await post_json(self.session, model, f"{endpoint}{PATHS[kind]}", {**body, "stream": False})
+        return await post_json(self.http, model, f"{endpoint}{PATHS[kind]}", {**body, "stream": False})
 
     async def open_stream(
         self, endpoint: str, model: ModelSpec, kind: Kind, body: dict[str, Any]
     ) -> AsyncIterator[Chunk]:
         # Usage is always asked for: the router needs it for metrics, token limits and the cache.
         upstream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        response = await send_streaming(self.session, model, f"{endpoint}{PATHS[kind]}", upstream_body,
+        response = await send_streaming(self.http, model, f"{endpoint}{PATHS[kind]}", upstream_body,
                                          "text/event-stream")  # fmt: skip
         return self._chunks(response)
 
     @staticmethod
-    async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
+    async def _chunks(response: UpstreamResponse) -> AsyncIterator[Chunk]:
         async with contextlib.aclosing(upstream_lines(response)) as lines:
             async for line in lines:
                 if not line.startswith(b"data:"):

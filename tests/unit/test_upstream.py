@@ -1,0 +1,272 @@
+"""The router's upstream HTTP client against scripted servers on 127.0.0.1: real sockets, with the
+server misbehaving in the ways a model server or the network can (silence, a close mid-body,
+bytes that are not HTTP), which a real Ollama will not do on demand."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+import uvloop
+
+from modelfleet.server.upstream import (
+    BUFFER_HIGH_WATER,
+    UpstreamBroken,
+    UpstreamClient,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from tests.support.procs import free_port
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+JSON_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+
+
+class Scripted:
+    """A server that runs `handler` on each connection and counts the connections."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.closed_by_client = asyncio.Event()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@asynccontextmanager
+async def scripted(handler: Handler) -> AsyncIterator[tuple[Scripted, str]]:
+    server_state = Scripted(handler)
+    server = await asyncio.start_server(server_state.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield server_state, f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """The request's head and body (by content-length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length)
+
+
+Runner = Callable[[Awaitable[None]], None]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Runner:
+    """Each scenario on both event loops: the router runs on uvloop, whose transports differ."""
+    loop_run = asyncio.run if request.param == "asyncio" else uvloop.run
+
+    def runner(scenario: Awaitable[None]) -> None:
+        async def bounded() -> None:
+            await asyncio.wait_for(scenario, 60)
+
+        loop_run(bounded())
+
+    return runner
+
+
+def client(read_timeout: float = 30.0) -> UpstreamClient:
+    return UpstreamClient(connect_timeout=5.0, read_timeout=read_timeout)
+
+
+def test_answers_are_read_whole_and_the_connection_is_kept_for_the_next_request(run: Runner) -> None:
+    requests: list[tuple[bytes, bytes]] = []
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            requests.append(await read_request(reader))
+            body = b'{"n": %d}' % len(requests)
+            writer.write(JSON_HEAD + b"content-length: %d\r\n\r\n" % len(body) + body)
+
+    async def scenario() -> None:
+        async with scripted(echo) as (server, url):
+            http = client()
+            first = await http.fetch("POST", f"{url}/v1/chat/completions?x=1", {"authorization": "Bearer k"}, b"{}")
+            second = await http.fetch("POST", f"{url}/v1/completions", {}, b'{"a": 1}')
+            await http.aclose()
+        assert first == (200, "OK", b'{"n": 1}')
+        assert second[2] == b'{"n": 2}'
+        assert server.connections == 1
+        head, body = requests[0]
+        assert head.startswith(b"POST /v1/chat/completions?x=1 HTTP/1.1\r\n")
+        assert b"authorization: Bearer k\r\n" in head
+        assert b"content-length: 2\r\n" in head
+        assert body == b"{}"
+        assert requests[1][1] == b'{"a": 1}'
+
+    run(scenario())
+
+
+def test_a_streamed_body_arrives_piece_by_piece_before_it_ends(run: Runner) -> None:
+    first_seen = asyncio.Event()
+
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nline1\n\r\n")
+        await first_seen.wait()  # the rest only once the client has the first piece
+        writer.write(b"6\r\nline2\n\r\n0\r\n\r\n")
+
+    async def scenario() -> None:
+        async with scripted(stream) as (_, url):
+            http = client()
+            response = await http.request("POST", f"{url}/api/chat", {}, b"{}")
+            pieces = []
+            async for piece in response:
+                pieces.append(piece)
+                first_seen.set()
+            await http.aclose()
+        assert pieces == [b"line1\n", b"line2\n"]
+
+    run(scenario())
+
+
+def test_a_port_with_no_listener_is_unreachable(run: Runner) -> None:
+    async def scenario() -> None:
+        with pytest.raises(UpstreamUnreachable):
+            await client().request("POST", f"http://127.0.0.1:{free_port()}/v1/completions", {}, b"{}")
+
+    run(scenario())
+
+
+def test_silence_past_the_read_timeout_is_a_timeout_before_and_after_the_headers(run: Runner) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await reader.read()  # never answers; returns when the client gives up
+
+    async def headers_then_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await reader.read()
+
+    async def scenario() -> None:
+        async with scripted(silent) as (_, url):
+            with pytest.raises(UpstreamTimeout):
+                await client(read_timeout=0.2).request("POST", url, {}, b"{}")
+        async with scripted(headers_then_silent) as (_, url):
+            response = await client(read_timeout=0.2).request("POST", url, {}, b"{}")
+            with pytest.raises(UpstreamTimeout):
+                await response.read()
+
+    run(scenario())
+
+
+def test_a_close_mid_body_or_bytes_that_are_not_http_break_the_response(run: Runner) -> None:
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(JSON_HEAD + b'content-length: 100\r\n\r\n{"partial')
+        await writer.drain()
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        await reader.read()
+
+    async def scenario() -> None:
+        async with scripted(cut) as (_, url):
+            response = await client().request("POST", url, {}, b"{}")
+            with pytest.raises(UpstreamBroken):
+                await response.read()
+        async with scripted(garbage) as (_, url):
+            with pytest.raises(UpstreamBroken):
+                await client().request("POST", url, {}, b"{}")
+
+    run(scenario())
+
+
+def test_closing_an_unfinished_response_closes_its_connection_so_the_backend_stops(run: Runner) -> None:
+    state: dict[str, Scripted] = {}
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\ntoken\n\r\n")
+        await reader.read()  # EOF: the client closed the connection
+        state["server"].closed_by_client.set()
+
+    async def scenario() -> None:
+        async with scripted(endless) as (server, url):
+            state["server"] = server
+            http = client()
+            response = await http.request("POST", url, {}, b"{}")
+            async for _ in response:
+                break
+            response.close()
+            await server.closed_by_client.wait()
+            # The closed connection is not offered again: the next request opens a new one.
+            await http.request("POST", url, {}, b"{}")
+            assert server.connections == 2
+            await http.aclose()
+
+    run(scenario())
+
+
+def test_connection_close_and_bodies_delimited_by_the_close_are_honoured(run: Runner) -> None:
+    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
+        await writer.drain()
+
+    async def scenario() -> None:
+        async with scripted(until_close) as (server, url):
+            http = client()
+            assert (await http.fetch("GET", url, {}))[2] == b"all of it"
+            assert (await http.fetch("GET", url, {}))[2] == b"all of it"
+            assert server.connections == 2
+
+    run(scenario())
+
+
+def test_a_reader_slower_than_the_backend_pauses_the_socket_and_loses_nothing(run: Runner) -> None:
+    size = 4 * BUFFER_HIGH_WATER
+    line = b"x" * 1023 + b"\n"
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(JSON_HEAD + b"content-length: %d\r\n\r\n" % size)
+        for _ in range(size // len(line)):
+            writer.write(line)
+            await writer.drain()
+
+    async def scenario() -> None:
+        async with scripted(flood) as (_, url):
+            response = await client().request("GET", url, {})
+            connection = response._connection
+            assert connection is not None
+            paused = asyncio.Event()
+            pause = connection.pause
+
+            def pause_and_tell() -> None:
+                pause()
+                paused.set()
+
+            connection.pause = pause_and_tell  # type: ignore[method-assign]
+            await paused.wait()  # nobody reads: the buffer fills to its mark
+            assert connection.transport is not None
+            assert not connection.transport.is_reading()
+            # At most one socket read (asyncio's are up to 256 KiB) past the mark.
+            assert response._buffered <= BUFFER_HIGH_WATER + 256 * 1024
+            assert await response.read() == line * (size // len(line))
+
+    run(scenario())
+
+
+def test_a_header_value_with_a_line_break_is_refused_before_anything_is_sent(run: Runner) -> None:
+    async def scenario() -> None:
+        with pytest.raises(ValueError, match="line break"):
+            await client().request("GET", "http://127.0.0.1:1/", {"x-model": "a\r\nx-admin: 1"})
+
+    run(scenario())
