@@ -147,7 +147,9 @@ def create_app(settings: RouterSettings, drain: Drain | None = None, worker: Wor
         inner = CancelOnDisconnect(HotRoutes(framework, routes))
         return CloseWhenDraining(BodySizeLimit(inner, max_bytes=settings.max_body_bytes), drain=app_drain)
 
-    app = RouterApp(layers, title="ModelFleet router", version="0.1.0", lifespan=lifespan)
+    # FastAPI checks the OpenTelemetry providers on every request unless its telemetry is off.
+    telemetry = None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False}
+    app = RouterApp(layers, title="ModelFleet router", version="0.1.0", lifespan=lifespan, telemetry=telemetry)
     app.state.drain = app_drain
     install_error_handlers(app)
     for api in apis:

@@ -126,6 +126,14 @@ class RouterSettings(BaseSettings):
     # Upstreams
     upstream_timeout_seconds: float = Field(300.0, gt=0, description="Deadline of one backend request.")
     upstream_connect_timeout_seconds: float = Field(5.0, gt=0, description="Deadline to connect to a backend.")
+    # Observability
+    opentelemetry: bool = Field(
+        False,
+        description=(
+            "FastAPI's OpenTelemetry spans, metrics and logs, through the globally configured providers (set "
+            "up with opentelemetry-instrument, for example). Off, no request pays for the provider checks."
+        ),
+    )
 
     def all_models(self) -> list[StaticModel]:
         """Models from the environment plus those of the config file."""
