@@ -759,15 +759,20 @@ APISERVER_LABELS = {
     "reads_per_s": "reads per second",
     "read_latency_ms": "mean read latency ms",
     "apf_wait_ms": "mean wait in its fairness queues ms",
+    "etcd_writes_per_s": "its writes to etcd per second",
+    "etcd_write_latency_ms": "mean etcd write latency ms (as the API server waited for it)",
 }
+# The etcd operations of kube-apiserver's storage layer that write (etcd_request_duration_seconds).
+ETCD_WRITES = ("create", "update", "delete")
 
 
 def apiserver_sample(text: str) -> Result:
-    """From kube-apiserver's own /metrics: its CPU seconds, its requests and their time by verb, and
-    its time waiting in API Priority and Fairness queues."""
+    """From kube-apiserver's own /metrics: its CPU seconds, its requests and their time by verb, its
+    time waiting in API Priority and Fairness queues, and its requests to etcd and their time by operation."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    sample: Result = {"cpu_s": 0.0, "requests": {}, "seconds": {}, "apf_wait_s": 0.0, "apf_waits": 0.0}
+    sample: Result = {"cpu_s": 0.0, "requests": {}, "seconds": {}, "apf_wait_s": 0.0, "apf_waits": 0.0,
+                      "etcd_requests": {}, "etcd_seconds": {}}  # fmt: skip
     for family in text_string_to_metric_families(text):
         for metric in family.samples:
             labels = metric.labels
@@ -783,6 +788,10 @@ def apiserver_sample(text: str) -> Result:
                 sample["apf_wait_s"] += metric.value
             elif metric.name == "apiserver_flowcontrol_request_wait_duration_seconds_count":
                 sample["apf_waits"] += metric.value
+            elif metric.name in ("etcd_request_duration_seconds_count", "etcd_request_duration_seconds_sum"):
+                into = sample["etcd_requests" if metric.name.endswith("_count") else "etcd_seconds"]
+                operation = labels.get("operation", "")
+                into[operation] = into.get(operation, 0.0) + metric.value
     return sample
 
 
@@ -797,6 +806,7 @@ def apiserver_load(before: Result, after: Result, seconds: float) -> Result:
 
     writes, reads = APISERVER_WRITES, ("GET", "LIST")
     waits = after["apf_waits"] - before["apf_waits"]
+    etcd_writes = delta("etcd_requests", ETCD_WRITES)
     return {
         "seconds": round(seconds, 1),
         "cpu_cores": round((after["cpu_s"] - before["cpu_s"]) / seconds, 2),
@@ -805,6 +815,8 @@ def apiserver_load(before: Result, after: Result, seconds: float) -> Result:
         "write_latency_ms": round(1000 * delta("seconds", writes) / max(1.0, delta("requests", writes)), 1),
         "read_latency_ms": round(1000 * delta("seconds", reads) / max(1.0, delta("requests", reads)), 1),
         "apf_wait_ms": round(1000 * (after["apf_wait_s"] - before["apf_wait_s"]) / max(1.0, waits), 2),
+        "etcd_writes_per_s": round(etcd_writes / seconds, 1),
+        "etcd_write_latency_ms": round(1000 * delta("etcd_seconds", ETCD_WRITES) / max(1.0, etcd_writes), 1),
     }
 
 

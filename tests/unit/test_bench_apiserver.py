@@ -10,7 +10,7 @@ pytestmark = pytest.mark.unit
 
 
 def exposition(cpu: float, posts: int, post_seconds: float, lists: int, list_seconds: float, waits: int,
-               wait_seconds: float) -> str:  # fmt: skip
+               wait_seconds: float, etcd_writes: int = 0, etcd_write_seconds: float = 0.0) -> str:  # fmt: skip
     return f"""# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.
 # TYPE process_cpu_seconds_total counter
 process_cpu_seconds_total {cpu}
@@ -25,6 +25,13 @@ apiserver_request_duration_seconds_count{{verb="WATCH",resource="pods"}} 7
 # TYPE apiserver_flowcontrol_request_wait_duration_seconds histogram
 apiserver_flowcontrol_request_wait_duration_seconds_sum{{priority_level="workload-low"}} {wait_seconds}
 apiserver_flowcontrol_request_wait_duration_seconds_count{{priority_level="workload-low"}} {waits}
+# TYPE etcd_request_duration_seconds histogram
+etcd_request_duration_seconds_sum{{operation="create",type="services"}} {etcd_write_seconds / 2}
+etcd_request_duration_seconds_count{{operation="create",type="services"}} {etcd_writes // 2}
+etcd_request_duration_seconds_sum{{operation="update",type="pods"}} {etcd_write_seconds / 2}
+etcd_request_duration_seconds_count{{operation="update",type="pods"}} {etcd_writes - etcd_writes // 2}
+etcd_request_duration_seconds_sum{{operation="get",type="pods"}} 500
+etcd_request_duration_seconds_count{{operation="get",type="pods"}} 1000
 """
 
 
@@ -36,9 +43,18 @@ def test_the_sample_reads_cpu_requests_by_verb_without_watches_and_queue_waits()
     assert (sample["apf_waits"], sample["apf_wait_s"]) == (4, 0.04)
 
 
+def test_the_sample_reads_etcd_requests_by_operation() -> None:
+    sample = apiserver_sample(exposition(10.0, 5, 0.5, 2, 0.2, 4, 0.04, etcd_writes=10, etcd_write_seconds=0.3))
+    assert sample["etcd_requests"] == {"create": 5, "update": 5, "get": 1000}
+    assert sample["etcd_seconds"] == {"create": 0.15, "update": 0.15, "get": 500}
+
+
 def test_the_load_between_two_samples() -> None:
-    before = apiserver_sample(exposition(10.0, 5, 0.5, 2, 0.2, 4, 0.04))
-    after = apiserver_sample(exposition(25.0, 205, 20.5, 102, 1.2, 304, 3.04))
+    before = apiserver_sample(exposition(10.0, 5, 0.5, 2, 0.2, 4, 0.04, etcd_writes=10, etcd_write_seconds=0.3))
+    after = apiserver_sample(exposition(25.0, 205, 20.5, 102, 1.2, 304, 3.04, etcd_writes=410,
+                                        etcd_write_seconds=20.3))  # fmt: skip
     load = apiserver_load(before, after, seconds=10.0)
+    # etcd's reads (1,000 gets in both samples) are not writes: 400 writes in 20 s of etcd time.
     assert load == {"seconds": 10.0, "cpu_cores": 1.5, "writes_per_s": 20.0, "reads_per_s": 10.0,
-                    "write_latency_ms": 100.0, "read_latency_ms": 10.0, "apf_wait_ms": 10.0}  # fmt: skip
+                    "write_latency_ms": 100.0, "read_latency_ms": 10.0, "apf_wait_ms": 10.0,
+                    "etcd_writes_per_s": 40.0, "etcd_write_latency_ms": 50.0}  # fmt: skip
