@@ -143,47 +143,51 @@ def test_a_port_with_no_listener_is_unreachable(run: Runner) -> None:
     run(scenario())
 
 
-def test_silence_past_the_read_timeout_is_a_timeout_before_and_after_the_headers(run: Runner) -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        await reader.read()  # never answers; returns when the client gives up
+async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    await reader.read()  # never answers; returns when the client gives up
 
-    async def headers_then_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-        await reader.read()
 
+async def headers_then_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    await reader.read()
+
+
+async def cut_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.write(JSON_HEAD + b'content-length: 100\r\n\r\n{"partial')
+    await writer.drain()
+
+
+async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+    await reader.read()
+
+
+@pytest.mark.parametrize(
+    ("handler", "failure", "stage"),
+    [
+        (silent, UpstreamTimeout, "headers"),
+        (headers_then_silent, UpstreamTimeout, "body"),
+        (cut_mid_body, UpstreamBroken, "body"),
+        (not_http, UpstreamBroken, "headers"),
+    ],
+)
+def test_silence_a_close_mid_body_and_bytes_that_are_not_http_fail_as_what_they_are(
+    run: Runner, handler: Handler, failure: type[Exception], stage: str
+) -> None:
     async def scenario() -> None:
-        async with scripted(silent) as (_, url):
-            with pytest.raises(UpstreamTimeout):
-                await client(read_timeout=0.2).request("POST", url, {}, b"{}")
-        async with scripted(headers_then_silent) as (_, url):
-            response = await client(read_timeout=0.2).request("POST", url, {}, b"{}")
-            with pytest.raises(UpstreamTimeout):
-                await response.read()
-
-    run(scenario())
-
-
-def test_a_close_mid_body_or_bytes_that_are_not_http_break_the_response(run: Runner) -> None:
-    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(JSON_HEAD + b'content-length: 100\r\n\r\n{"partial')
-        await writer.drain()
-
-    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
-        await reader.read()
-
-    async def scenario() -> None:
-        async with scripted(cut) as (_, url):
-            response = await client().request("POST", url, {}, b"{}")
-            with pytest.raises(UpstreamBroken):
-                await response.read()
-        async with scripted(garbage) as (_, url):
-            with pytest.raises(UpstreamBroken):
-                await client().request("POST", url, {}, b"{}")
+        async with scripted(handler) as (_, url):
+            http = client(read_timeout=0.2)
+            if stage == "headers":
+                with pytest.raises(failure):
+                    await http.request("POST", url, {}, b"{}")
+            else:
+                response = await http.request("POST", url, {}, b"{}")
+                with pytest.raises(failure):
+                    await response.read()
 
     run(scenario())
 
