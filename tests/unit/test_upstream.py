@@ -218,6 +218,54 @@ def test_closing_an_unfinished_response_closes_its_connection_so_the_backend_sto
     run(scenario())
 
 
+class Clock:
+    """The client's clock, moved by the test: an idle limit is tens of seconds."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_connections_a_burst_left_idle_are_closed_once_past_the_idle_limit(
+    run: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr("modelfleet.server.upstream.time", clock)
+    opened, closed = [0], [0]
+    burst_arrived, two_closed = asyncio.Event(), asyncio.Event()
+
+    async def answer_until_closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opened[0] += 1
+        if opened[0] == 3:
+            burst_arrived.set()
+        try:
+            while True:
+                await read_request(reader)
+                await burst_arrived.wait()  # the burst's three requests are answered together
+                writer.write(JSON_HEAD + b"content-length: 2\r\n\r\n{}")
+        finally:
+            closed[0] += 1
+            if closed[0] == 2:
+                two_closed.set()
+
+    async def scenario() -> None:
+        async with scripted(answer_until_closed) as (server, url):
+            http = UpstreamClient(connect_timeout=5.0, read_timeout=30.0, idle_seconds=5.0)
+            await asyncio.gather(*(http.fetch("GET", url, {}) for _ in range(3)))  # three connections, idle since 0
+            clock.now = 3.0
+            await http.fetch("GET", url, {})  # reuses the most recent one
+            clock.now = 6.0
+            await http.fetch("GET", url, {})  # again; the two others have now been idle for 6 s
+            await two_closed.wait()
+            assert server.connections == 3
+            assert closed[0] == 2  # the one in use stays
+            await http.aclose()
+
+    run(scenario())
+
+
 def test_connection_close_and_bodies_delimited_by_the_close_are_honoured(run: Runner) -> None:
     async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)

@@ -258,7 +258,8 @@ class UpstreamClient:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.idle_seconds = idle_seconds
-        self._idle: dict[Origin, list[_Connection]] = {}
+        # Most recently used last: reuse takes from the right, expiry trims from the left.
+        self._idle: dict[Origin, deque[_Connection]] = {}
         self._ssl: ssl.SSLContext | None = None
 
     async def request(
@@ -344,8 +345,13 @@ class UpstreamClient:
         return connection
 
     def _release(self, connection: _Connection) -> None:
-        connection.idle_since = time.monotonic()
-        self._idle.setdefault(connection.origin, []).append(connection)
+        connection.idle_since = now = time.monotonic()
+        idle = self._idle.setdefault(connection.origin, deque())
+        idle.append(connection)
+        # A burst leaves many connections behind; those unused for idle_seconds are closed here, as
+        # reuse only ever takes the most recent ones.
+        while idle and now - idle[0].idle_since > self.idle_seconds:
+            idle.popleft().close()
 
     async def aclose(self) -> None:
         for idle in self._idle.values():
