@@ -160,6 +160,15 @@ def test_gpu_shortage_is_reported_and_recovers_when_fixed(
         == get_model(cluster, namespace, "huge")["metadata"]["generation"]
     )
 
+    def events() -> list[client.CoreV1Event]:
+        return list(core.list_namespaced_event(namespace, field_selector="involvedObject.name=huge").items)
+
+    # Events tell what changed, not that a handler ran: Kopf's own INFO records ("Handler 'create'
+    # succeeded.", reason Logging), queued before the Ready=True transition, were never posted.
+    wait_for(lambda: any((e.message or "").startswith("Ready=True") for e in events()), what="the Ready=True event",
+             timeout=30)  # fmt: skip
+    assert [e.message for e in events() if e.reason == "Logging"] == []
+
 
 def test_drift_is_corrected_and_deleted_children_come_back(
     cluster: Cluster,

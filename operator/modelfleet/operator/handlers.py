@@ -223,7 +223,11 @@ def configure(settings: kopf.OperatorSettings, operator: OperatorSettings) -> No
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="modelfleet.io", key="last-handled-configuration"
     )
-    settings.posting.level = logging.INFO
+    # Events for warnings and errors only. At INFO, Kopf posted two Events per handled change
+    # ("Handler 'create' succeeded.", "Creation is processed: ...") and one more for each transition the
+    # handler logged, which the reconcile already posts as an Event with its own reason: three writes
+    # per new model that told the user nothing new, while 200 new models wait on the API server.
+    settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     # The children are watched by label on the API server's side: a client-side filter (the handlers'
     # `labels=`) would still stream every pod, Job and Service of the cluster to the operator.
