@@ -20,6 +20,8 @@ from modelfleet.server.upstream import (
 )
 from tests.support.procs import free_port
 
+# Long enough that a busy machine's stalls stay well below it, short enough to wait out in a test.
+READ_TIMEOUT = 0.5
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 JSON_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
 
@@ -192,6 +194,28 @@ def test_silence_a_close_mid_body_and_bytes_that_are_not_http_fail_as_what_they_
     run(scenario())
 
 
+def test_a_body_that_keeps_coming_is_never_cut_however_long_it_lasts(run: Runner) -> None:
+    """The read timeout bounds each silence, not the stream: a line every fifth of the timeout, for
+    four timeouts, arrives whole."""
+    lines = 20
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for i in range(lines):
+            writer.write(b"4\r\n%03d\n\r\n" % i)
+            await writer.drain()
+            await asyncio.sleep(READ_TIMEOUT / 5)
+        writer.write(b"0\r\n\r\n")
+
+    async def scenario() -> None:
+        async with scripted(trickle) as (_, url):
+            response = await client(read_timeout=READ_TIMEOUT).request("POST", url, {}, b"{}")
+            assert await response.read() == b"".join(b"%03d\n" % i for i in range(lines))
+
+    run(scenario())
+
+
 def test_closing_an_unfinished_response_closes_its_connection_so_the_backend_stops(run: Runner) -> None:
     state: dict[str, Scripted] = {}
 
@@ -295,7 +319,7 @@ def test_a_reader_slower_than_the_backend_pauses_the_socket_and_loses_nothing(ru
 
     async def scenario() -> None:
         async with scripted(flood) as (_, url):
-            response = await client().request("GET", url, {})
+            response = await client(read_timeout=READ_TIMEOUT).request("GET", url, {})
             connection = response._connection
             assert connection is not None
             paused = asyncio.Event()
@@ -312,6 +336,49 @@ def test_a_reader_slower_than_the_backend_pauses_the_socket_and_loses_nothing(ru
             # At most one socket read (asyncio's are up to 256 KiB) past the mark.
             assert response._buffered <= BUFFER_HIGH_WATER + 256 * 1024
             assert await response.read() == line * (size // len(line))
+
+    run(scenario())
+
+
+def test_a_pause_longer_than_the_read_timeout_is_not_the_backends_silence(run: Runner) -> None:
+    """The backend sends just past the mark and waits for more reading; the reader takes twice the read
+    timeout to come back. From the resume, the backend has a whole read timeout again."""
+    line = b"x" * 1023 + b"\n"
+    lines = BUFFER_HIGH_WATER // len(line) + 1
+    resumed = asyncio.Event()
+
+    async def past_the_mark_then_wait(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(JSON_HEAD + b"content-length: %d\r\n\r\n" % ((lines + 1) * len(line)))
+        for _ in range(lines):
+            writer.write(line)
+            await writer.drain()
+        await resumed.wait()
+        await asyncio.sleep(READ_TIMEOUT / 2)
+        writer.write(line)
+
+    async def scenario() -> None:
+        async with scripted(past_the_mark_then_wait) as (_, url):
+            response = await client(read_timeout=READ_TIMEOUT).request("GET", url, {})
+            connection = response._connection
+            assert connection is not None
+            paused = asyncio.Event()
+            pause, resume = connection.pause, connection.resume
+
+            def pause_and_tell() -> None:
+                pause()
+                paused.set()
+
+            def resume_and_tell() -> None:
+                if connection.paused:
+                    resumed.set()
+                resume()
+
+            connection.pause = pause_and_tell  # type: ignore[method-assign]
+            connection.resume = resume_and_tell  # type: ignore[method-assign]
+            await paused.wait()
+            await asyncio.sleep(2 * READ_TIMEOUT)  # the reader is away
+            assert await response.read() == line * (lines + 1)
 
     run(scenario())
 

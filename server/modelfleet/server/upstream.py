@@ -98,11 +98,11 @@ class UpstreamResponse:
             connection = self._connection
             assert connection is not None
             self._waiter = waiter = connection.loop.create_future()
-            timer = connection.loop.call_later(connection.read_timeout, _expire, waiter)
+            connection.watch(waiter)
             try:
                 await waiter
             finally:
-                timer.cancel()
+                connection.watched = None
                 self._waiter = None
         piece = self._pieces.popleft()
         self._buffered -= len(piece)
@@ -132,11 +132,6 @@ class UpstreamResponse:
         self._pieces.clear()
 
 
-def _expire(waiter: asyncio.Future[Any]) -> None:
-    if not waiter.done():
-        waiter.set_exception(UpstreamTimeout("the backend sent nothing within the read timeout"))
-
-
 class _Connection(asyncio.Protocol):
     """One socket to one origin, carrying one request at a time; llhttp's callbacks land here."""
 
@@ -150,6 +145,12 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.paused = False
         self.idle_since = 0.0
+        # The read timeout: one timer per connection, re-armed only when it fires, against the time
+        # of the last byte (or of the request, or of resumed reading). A timer per wait cost more
+        # than the rest of a streamed chunk's bookkeeping (uvloop starts a libuv timer for each).
+        self.activity = 0.0
+        self.watched: asyncio.Future[Any] | None = None  # failed with UpstreamTimeout on silence
+        self.silence_timer: asyncio.TimerHandle | None = None
         # The request in flight: first its headers, then its body.
         self.head: asyncio.Future[UpstreamResponse] | None = None
         self.response: UpstreamResponse | None = None
@@ -162,6 +163,7 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
 
     def data_received(self, data: bytes) -> None:
+        self.activity = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -170,6 +172,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._stop_watching()
         if self.response is not None and self.body_until_close and exc is None:
             response, self.response = self.response, None
             response._finish()
@@ -216,8 +219,31 @@ class _Connection(asyncio.Protocol):
         self.header_pairs = []
         self.body_until_close = False
         self.head = self.loop.create_future()
+        self.activity = self.loop.time()
         self.transport.write(message)
         return self.head
+
+    def watch(self, waiter: asyncio.Future[Any]) -> None:
+        """Fail `waiter` with UpstreamTimeout once the server has been silent for the read timeout."""
+        self.watched = waiter
+        if self.silence_timer is None:
+            self.silence_timer = self.loop.call_at(self.activity + self.read_timeout, self._check_silence)
+
+    def _stop_watching(self) -> None:
+        if self.silence_timer is not None:
+            self.silence_timer.cancel()
+            self.silence_timer = None
+
+    def _check_silence(self) -> None:
+        self.silence_timer = None
+        waiter = self.watched
+        if waiter is None or waiter.done():
+            return  # nobody waits; the next wait arms the timer again
+        silent_until = self.activity + self.read_timeout
+        if self.loop.time() >= silent_until:
+            waiter.set_exception(UpstreamTimeout("the backend sent nothing within the read timeout"))
+        else:
+            self.silence_timer = self.loop.call_at(silent_until, self._check_silence)
 
     def fail(self, error: UpstreamError) -> None:
         if self.head is not None and not self.head.done():
@@ -234,6 +260,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self._stop_watching()
         if self.transport is not None:
             self.transport.close()
 
@@ -245,6 +272,7 @@ class _Connection(asyncio.Protocol):
     def resume(self) -> None:
         if self.paused and self.transport is not None:
             self.paused = False
+            self.activity = self.loop.time()  # the server could not send while we did not read
             self.transport.resume_reading()
 
 
@@ -288,7 +316,7 @@ class UpstreamClient:
             message += body
         connection = self._reuse(origin) or await self._connect(origin)
         head = connection.send(message)
-        timer = connection.loop.call_later(self.read_timeout, _expire, head)
+        connection.watch(head)
         try:
             return await head
         except BaseException:
@@ -296,7 +324,7 @@ class UpstreamClient:
             connection.abandon()
             raise
         finally:
-            timer.cancel()
+            connection.watched = None
 
     async def fetch(
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None = None,
