@@ -673,6 +673,7 @@ def bench_operator(work: Path, models: int, steady_seconds: float) -> Result:
             env=env,
         ) as operator:
             apiserver_before = apiserver_metrics()
+            cpu_before, operator_cpu_before = cpu_sample(), operator.cpu_seconds()
             applied = time.monotonic()
             kubectl("apply", "--server-side", "-f", "-", input_text="\n---\n".join(json.dumps(d) for d in documents))
             result["apply_s"] = round(time.monotonic() - applied, 2)
@@ -693,6 +694,11 @@ def bench_operator(work: Path, models: int, steady_seconds: float) -> Result:
                     result["children_s"] = now
                     # The API server's own view of those seconds: is it the limit?
                     result["apiserver_until_children"] = apiserver_load(apiserver_before, apiserver_metrics(), now)
+                    # And the machine's: is the cluster out of CPU, and who spends it?
+                    result["cpu_cores_until_children"] = cpu_load(
+                        cpu_before, cpu_sample(), now, operator=operator.cpu_seconds() - operator_cpu_before
+                    )
+                    result["operator_requests_until_children"] = operator_requests(metrics_port)
                 if not milestones["deployments_s"] and count_ready(namespace, "deployments", kube)[0] >= models:
                     milestones["deployments_s"] = True
                     result["deployments_s"] = now
@@ -820,6 +826,42 @@ def apiserver_load(before: Result, after: Result, seconds: float) -> Result:
     }
 
 
+# The local cluster's processes by their command name (/proc/PID/stat's, at most 15 characters).
+CLUSTER_COMMANDS = ("kube-apiserver", "etcd", "kube-controller", "kube-scheduler", "kwok", "kubelet", "containerd")
+
+
+def cpu_sample(proc: Path = Path("/proc")) -> Result:
+    """The machine's busy CPU seconds (/proc/stat) and each cluster process's own, summed by command."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = (proc / "stat").read_text().splitlines()[0].split()[1:]
+    # user nice system idle iowait irq softirq steal: all but idle and iowait is work.
+    values = [int(value) for value in fields[:8]]
+    sample: Result = {"machine_s": (sum(values) - values[3] - values[4]) / ticks, "by_command": {}}
+    for stat_path in proc.glob("[0-9]*/stat"):
+        try:
+            text = stat_path.read_text()
+        except OSError:
+            continue  # gone since the listing
+        command = text.split("(", 1)[1].rsplit(")", 1)[0]
+        if command in CLUSTER_COMMANDS:
+            stat = parse_proc_stat(text)
+            seconds = (stat.user_ticks + stat.system_ticks) / ticks
+            sample["by_command"][command] = sample["by_command"].get(command, 0.0) + seconds
+    return sample
+
+
+def cpu_load(before: Result, after: Result, seconds: float, **own: float) -> Result:
+    """Cores used between two samples: the whole machine, each cluster command, and `own` (CPU seconds
+    of processes the caller measured itself, such as the operator)."""
+    cores = {"machine": round((after["machine_s"] - before["machine_s"]) / seconds, 2),
+             "machine_cores": os.cpu_count()}  # fmt: skip
+    for command, spent in sorted(after["by_command"].items()):
+        cores[command] = round((spent - before["by_command"].get(command, 0.0)) / seconds, 2)
+    for name, spent in own.items():
+        cores[name] = round(spent / seconds, 2)
+    return cores
+
+
 def apiserver_metrics() -> Result:
     return apiserver_sample(kubectl("get", "--raw", "/metrics"))
 
@@ -925,6 +967,14 @@ def markdown(results: Result) -> str:
                 f"| kube-apiserver until then: {label} | {o['apiserver_until_children'][key]} |"
                 for key, label in APISERVER_LABELS.items()
                 if "apiserver_until_children" in o
+            ),
+            *(
+                f"| cores used until then: {name} | {cores} |"
+                for name, cores in o.get("cpu_cores_until_children", {}).items()
+            ),
+            *(
+                f"| operator until then: {verb} | {count:.0f} |"
+                for verb, count in o.get("operator_requests_until_children", {}).items()
             ),
             f"| all Deployments exist (after the prefetch Jobs) | {o.get('deployments_s', 'not reached')} s |",
             f"| all Ready | {o.get('ready_s', 'not reached')} s ({o['ready_models']} ready) |",

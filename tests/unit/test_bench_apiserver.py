@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from hack.bench.run import apiserver_load, apiserver_sample
+from hack.bench.run import apiserver_load, apiserver_sample, cpu_load, cpu_sample
 
 pytestmark = pytest.mark.unit
 
@@ -58,3 +61,31 @@ def test_the_load_between_two_samples() -> None:
     assert load == {"seconds": 10.0, "cpu_cores": 1.5, "writes_per_s": 20.0, "reads_per_s": 10.0,
                     "write_latency_ms": 100.0, "read_latency_ms": 10.0, "apf_wait_ms": 10.0,
                     "etcd_writes_per_s": 40.0, "etcd_write_latency_ms": 50.0}  # fmt: skip
+
+
+def fake_proc(root: Path, busy_ticks: int, processes: dict[int, tuple[str, int, int]]) -> Path:
+    """A /proc with its stat line (user nice system idle iowait irq softirq steal) and per-PID stats."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "stat").write_text(f"cpu  {busy_ticks} 0 0 5000 300 0 0 0 0 0\ncpu0 0 0 0 0\n")
+    for pid, (command, user, system) in processes.items():
+        (root / str(pid)).mkdir(exist_ok=True)
+        fields = ["S", "1", *["0"] * 9, str(user), str(system), "7", "7"]  # fields 3 to 17 of proc(5)
+        (root / str(pid) / "stat").write_text(f"{pid} ({command}) {' '.join(fields)} 0 0\n")
+    return root
+
+
+def test_cpu_by_cluster_command_and_the_whole_machine(tmp_path: Path) -> None:
+    ticks = os.sysconf("SC_CLK_TCK")
+    before = cpu_sample(fake_proc(tmp_path / "a", 10 * ticks, {
+        10: ("kube-apiserver", 2 * ticks, ticks), 11: ("etcd", ticks, 0), 12: ("kwok", 0, 0),
+        13: ("kwok", 0, 0), 14: ("bash", 50 * ticks, 0),
+    }))  # fmt: skip
+    after = cpu_sample(fake_proc(tmp_path / "b", 30 * ticks, {
+        10: ("kube-apiserver", 10 * ticks, 3 * ticks), 11: ("etcd", 3 * ticks, ticks), 12: ("kwok", ticks, 0),
+        13: ("kwok", ticks, ticks), 14: ("bash", 90 * ticks, 0),
+    }))  # fmt: skip
+    # Idle and iowait are not work; two kwok processes add up; commands outside the cluster are not listed.
+    assert cpu_load(before, after, 10.0, operator=4.0) == {
+        "machine": 2.0, "machine_cores": os.cpu_count(), "etcd": 0.3, "kube-apiserver": 1.0, "kwok": 0.3,
+        "operator": 0.4,
+    }  # fmt: skip
