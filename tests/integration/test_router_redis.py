@@ -141,6 +141,9 @@ def test_redis_sigkilled_under_load_costs_no_request(ollama_server: OllamaServer
     phase = "before"
     stop = threading.Event()
 
+    def seen(name: str, outcome: str, at_least: int = 1) -> bool:
+        return sum(1 for r in list(results) if r[0] == name and f"{r[1]} {r[2]}" == outcome) >= at_least
+
     def client(router: RouterServer) -> None:
         with httpx.Client(timeout=60) as http:
             while not stop.is_set():
@@ -160,16 +163,17 @@ def test_redis_sigkilled_under_load_costs_no_request(ollama_server: OllamaServer
             threads = [threading.Thread(target=client, args=(router,)) for _ in range(8)]
             for thread in threads:
                 thread.start()
-            time.sleep(2)
+            # Each phase lasts until it has shown what it is for; the bounds are only for a hang.
+            wait_until(lambda: seen("before", "200 hit"), timeout=60)
             phase = "down"
             redis.process.kill()
             redis.process.wait(timeout=5)
-            time.sleep(3)
+            wait_until(lambda: seen("down", "200 bypass", at_least=8), timeout=120)
         with redis_process(tmp_path / "redis-again", port):
             phase = "restarted"
             wait_until(lambda: redis_health(router), timeout=10)
             phase = "recovered"
-            time.sleep(2)
+            wait_until(lambda: seen("recovered", "200 hit", at_least=8), timeout=120)
             stop.set()
             for thread in threads:
                 thread.join(60)
