@@ -90,7 +90,7 @@ def requests_by_resource(metrics_url: str, verb: str) -> dict[str, float]:
     }
 
 
-def test_steady_state_reconciles_and_writes_nothing(
+def test_steady_state_reconciles_and_sends_nothing(
     cluster: Cluster, inferencemodel_crd: str, namespace: str, tmp_path: Path, record_property: pytest.RecordProperty
 ) -> None:
     names = ["quiet-a", "quiet-b"]
@@ -141,8 +141,10 @@ def test_steady_state_reconciles_and_writes_nothing(
     assert failures == 0, "a reconcile that fails writes nothing, but is not quiet"
     assert len(before) == 4 * len(names) + len(names)
     assert changed == [], f"objects written in steady state: {changed}"
-    # Not only nothing stored: nothing sent.  An apply that would change nothing is skipped.
+    # Not only nothing stored: nothing sent.  An apply that would change nothing is skipped, and a
+    # resync reads the model and its children from what the watches have seen.
     assert patches == 0, f"{patches:.0f} PATCH requests in steady state: {patched}"
+    assert reads == 0, f"{reads:.0f} GET and LIST requests in {resyncs:.0f} resyncs"
 
 
 def test_killed_mid_reconcile_the_operator_converges_without_duplicates(

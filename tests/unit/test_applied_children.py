@@ -112,3 +112,45 @@ def test_a_child_already_gone_is_not_deleted_again_until_the_watch_sees_it() -> 
     applied.observe({"kind": "HorizontalPodAutoscaler", "metadata": {"namespace": "ai", "name": "im-m"}})
     kube.delete("HorizontalPodAutoscaler", "ai", "im-m")
     assert len(kube.sent) == 3, "created again by someone: deleted again"
+
+
+def pod(name: str, model: str, namespace: str = "ai") -> dict[str, Any]:
+    labels = {"modelfleet.io/model": model, "app.kubernetes.io/component": "model-server"}
+    return {"kind": "Pod", "metadata": {"name": name, "namespace": namespace, "labels": labels}}
+
+
+def test_a_view_from_the_watch_answers_reads_of_watched_children_without_a_request() -> None:
+    applied = AppliedChildren()
+    kube = CountingKube(applied)
+    kube.watched_kinds = frozenset({"Deployment", "Pod", "PersistentVolumeClaim"})
+    applied.observe(live("3"))
+    for body in (pod("m-1", "m"), pod("m-2", "m"), pod("n-1", "n"), pod("m-1", "m", namespace="other")):
+        applied.observe(body)
+    cached = kube.from_watch()
+    assert cached.get("Deployment", "ai", "im-m") == live("3")
+    selector = "modelfleet.io/model=m,app.kubernetes.io/component=model-server"
+    assert sorted(p["metadata"]["name"] for p in cached.list("Pod", "ai", selector)) == ["m-1", "m-2"]
+    assert kube.sent == [], "answered from the watch"
+
+    assert cached.get("PersistentVolumeClaim", "ai", "users-own-claim") is not None
+    assert kube.sent == ["GET /api/v1/namespaces/ai/persistentvolumeclaims/users-own-claim"], (
+        "a child the watch has not seen (a claim without the operator's label) is asked for"
+    )
+    cached.get("Service", "ai", "im-m")
+    assert len(kube.sent) == 2, "a kind nobody watches is asked for"
+    kube.get("Deployment", "ai", "im-m")
+    kube.list("Pod", "ai", selector)
+    assert len(kube.sent) == 4, "the client itself still asks the API server"
+
+
+def test_a_deleted_pod_is_forgotten_and_a_deleted_applied_child_is_remembered_as_gone() -> None:
+    applied = AppliedChildren()
+    kube = CountingKube(applied)
+    kube.watched_kinds = frozenset({"Pod"})
+    applied.observe(pod("m-1", "m"))
+    applied.observe(pod("m-1", "m"), deleted=True)
+    assert kube.from_watch().list("Pod", "ai", "modelfleet.io/model=m") == []
+    assert not applied.absent(("Pod", "ai", "m-1")), "pod names never come back: nothing kept"
+    kube.apply(DESIRED)
+    applied.observe(live("9"), deleted=True)
+    assert applied.absent(("Deployment", "ai", "im-m"))

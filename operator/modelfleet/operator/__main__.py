@@ -31,7 +31,7 @@ def main() -> None:
     api_client = load_api_client()
     metrics = handlers.ReconcileMetrics.create()
     kube = Kube(api_client, count_request=metrics.count_request, applied=AppliedChildren(),
-                count_skipped=metrics.count_skipped)  # fmt: skip
+                count_skipped=metrics.count_skipped, watched_kinds=handlers.WATCHED_KINDS)  # fmt: skip
     runtime = handlers.Runtime(
         settings=settings,
         kube=kube,

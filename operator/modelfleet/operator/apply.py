@@ -2,11 +2,13 @@
 
 Every write is a server-side apply with one field manager, so the API server merges what we own
 and leaves alone what others own (the HPA's replicas, defaults, other controllers' fields).
-An apply that would change nothing is not sent at all (`AppliedChildren`).
+An apply that would change nothing is not sent at all (`AppliedChildren`), and a periodic resync
+reads the children from what the watch has seen rather than from the API server (`Kube.from_watch`).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -117,11 +119,28 @@ class AppliedChildren:
         with self._lock:
             if deleted:
                 self._seen.pop(key, None)
-                self._applied.pop(key, None)
-                self._absent.add(key)
+                # Only what the operator applies comes back under the same name; a pod's name never
+                # does, and remembering every deleted pod would grow without end.
+                if self._applied.pop(key, None) is not None:
+                    self._absent.add(key)
             else:
                 self._seen[key] = body
                 self._absent.discard(key)
+
+    def seen(self, kind: str, namespace: str, name: str) -> Manifest | None:
+        with self._lock:
+            return self._seen.get((kind, namespace, name))
+
+    def seen_matching(self, kind: str, namespace: str, labels: dict[str, str]) -> list[Manifest]:
+        with self._lock:
+            candidates = [body for (k, ns, _), body in self._seen.items() if k == kind and ns == namespace]
+        return [
+            body
+            for body in candidates
+            if all(
+                ((body.get("metadata") or {}).get("labels") or {}).get(key) == value for key, value in labels.items()
+            )
+        ]
 
     def absent(self, key: ChildKey) -> bool:
         with self._lock:
@@ -171,12 +190,29 @@ class Kube:
         count_request: Callable[[str, str], None] = count_nothing,
         applied: AppliedChildren | None = None,
         count_skipped: Callable[[str, str], None] = count_nothing,
+        watched_kinds: frozenset[str] = frozenset(),
     ) -> None:
         self.api_client = api_client
         self.count_request = count_request
         self.count_skipped = count_skipped
         # None: every apply is sent (tests that count applies, one-off tools).
         self.applied = applied
+        # The kinds whose children (by the managed-by label) the watch brings to `applied`; reads of
+        # them come from there in a `from_watch` view.
+        self.watched_kinds = watched_kinds
+        self.reads_from_watch = False
+
+    def from_watch(self) -> Kube:
+        """This client, reading watched children from what the watch has seen (as controller-runtime's
+        informer caches do). A child the watch has not seen is still asked for; a listing is not."""
+        view = copy.copy(self)
+        view.reads_from_watch = self.applied is not None
+        return view
+
+    def _watched(self, kind_name: str) -> AppliedChildren | None:
+        if self.reads_from_watch and kind_name in self.watched_kinds:
+            return self.applied
+        return None
 
     def _call(
         self,
@@ -227,6 +263,12 @@ class Kube:
 
     def get(self, kind_name: str, namespace: str, name: str) -> Manifest | None:
         kind = KINDS[kind_name]
+        watched = self._watched(kind_name)
+        if watched is not None:
+            body = watched.seen(kind_name, namespace, name)
+            if body is not None:
+                self.count_skipped("get", kind.plural)
+                return body
         try:
             return self._call("GET", kind.plural, f"{kind.collection(namespace)}/{name}")
         except ApiException as exc:
@@ -235,7 +277,14 @@ class Kube:
             raise
 
     def list(self, kind_name: str, namespace: str, label_selector: str) -> list[Manifest]:
+        """The objects matching an equality selector (`key=value,...`, the only kind the operator uses)."""
         kind = KINDS[kind_name]
+        watched = self._watched(kind_name)
+        if watched is not None:
+            self.count_skipped("list", kind.plural)
+            return watched.seen_matching(
+                kind_name, namespace, dict(term.split("=", 1) for term in label_selector.split(","))
+            )
         result = self._call("GET", kind.plural, kind.collection(namespace), query=[("labelSelector", label_selector)],
                             verb="list")  # fmt: skip
         return cast(list[Manifest], result.get("items") or [])

@@ -20,7 +20,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from modelfleet.api import v1alpha1
-from modelfleet.operator.apply import Kube
+from modelfleet.operator.apply import KINDS, Kube
 from modelfleet.operator.builders.common import MANAGED_BY, MODEL_LABEL
 from modelfleet.operator.reconcile import namespace_terminating, reconcile, status_changed
 from modelfleet.operator.settings import OperatorSettings
@@ -28,10 +28,6 @@ from modelfleet.operator.warmup import WarmUps
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
-# The kinds the operator applies (pods it only reads, and a Job is only applied when it is missing).
-APPLIED_KINDS = {
-    "Deployment", "Service", "PersistentVolumeClaim", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
-}  # fmt: skip
 # (group, version, plural) of every kind whose changes can change a model's desired or observed state.
 CHILD_RESOURCES = [
     ("apps", "v1", "deployments"),
@@ -43,6 +39,10 @@ CHILD_RESOURCES = [
     ("policy", "v1", "poddisruptionbudgets"),
     ("networking.k8s.io", "v1", "networkpolicies"),
 ]
+# Their kinds: the watch keeps the newest of each child, which a resync reads instead of the API server.
+WATCHED_KINDS = frozenset(
+    kind for kind, path in KINDS.items() if (path.group, path.version, path.plural) in CHILD_RESOURCES
+)
 
 
 @dataclass
@@ -72,8 +72,8 @@ class ReconcileMetrics:
             ),
             skipped_requests=Counter(
                 "modelfleet_operator_skipped_requests_total",
-                "Requests not sent because they would have changed nothing (applies of unchanged children, "
-                "deletes of children already gone)",
+                "Requests not sent: applies that would have changed nothing, deletes of children already "
+                "gone, and a resync's reads, answered from what the watches have seen",
                 ["verb", "resource"],
                 registry=registry,
             ),
@@ -98,6 +98,12 @@ class Runtime:
     _guard: threading.Lock = field(default_factory=threading.Lock)
     _running: set[tuple[str, str]] = field(default_factory=set)
     _pending: set[tuple[str, str]] = field(default_factory=set)
+    started: float = field(default_factory=time.monotonic)
+
+    def watch_is_warm(self) -> bool:
+        """Whether the watches have had a resync interval to list every child. Until then (at start-up,
+        when the first resync of each model runs at once), a resync reads from the API server."""
+        return time.monotonic() - self.started >= self.settings.resync_seconds
 
     def read_model(self, namespace: str, name: str) -> dict[str, Any] | None:
         self.metrics.count_request("get", v1alpha1.PLURAL)
@@ -114,8 +120,14 @@ class Runtime:
             raise
         return body
 
-    def reconcile_model(self, namespace: str, name: str, trigger: str, logger: logging.Logger | Any) -> None:
-        """Reconcile now, or, if a reconcile of this model is running, once more right after it."""
+    def reconcile_model(
+        self, namespace: str, name: str, trigger: str, logger: logging.Logger | Any, seen: dict[str, Any] | None = None
+    ) -> None:
+        """Reconcile now, or, if a reconcile of this model is running, once more right after it.
+
+        `seen`: the model as Kopf's watch last saw it, given by the resync. With it, and once the
+        watches are warm, the reconcile sends no reads at all: a steady state costs the API server
+        nothing. Event-driven reconciles read the model and its children afresh."""
         key = (namespace, name)
         with self._guard:
             if key in self._running:
@@ -124,28 +136,35 @@ class Runtime:
             self._running.add(key)
         try:
             while True:
-                self._reconcile_once(namespace, name, trigger, logger)
+                self._reconcile_once(namespace, name, trigger, logger, seen)
                 with self._guard:
                     if key not in self._pending:
                         self._running.discard(key)
                         return
                     self._pending.discard(key)
-                trigger = "coalesced"
+                trigger, seen = "coalesced", None
         except BaseException:
             with self._guard:
                 self._running.discard(key)
                 self._pending.discard(key)
             raise
 
-    def _reconcile_once(self, namespace: str, name: str, trigger: str, logger: logging.Logger | Any) -> None:
-        body = self.read_model(namespace, name)
+    def _reconcile_once(
+        self, namespace: str, name: str, trigger: str, logger: logging.Logger | Any, seen: dict[str, Any] | None
+    ) -> None:
+        kube = self.kube
+        body: dict[str, Any] | None
+        if seen is not None and self.watch_is_warm():
+            body, kube = seen, kube.from_watch()
+        else:
+            body = self.read_model(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return  # owner references let the garbage collector remove the children
         self.metrics.total.labels(trigger=trigger).inc()
         started = time.monotonic()
         try:
             outcome = reconcile(
-                self.kube,
+                kube,
                 body,
                 self.settings.images,
                 self.settings.endpoint_probe_timeout_seconds,
@@ -193,15 +212,16 @@ def on_model_changed(name: str, namespace: str, memo: Any, logger: logging.Logge
     runtime_of(memo).reconcile_model(namespace, name, "model", logger)
 
 
-def on_resync(name: str, namespace: str, memo: Any, logger: logging.Logger, **_: Any) -> None:
-    runtime_of(memo).reconcile_model(namespace, name, "resync", logger)
+def on_resync(name: str, namespace: str, body: kopf.Body, memo: Any, logger: logging.Logger, **_: Any) -> None:
+    # Copied: Kopf's body is a live view of its own.
+    runtime_of(memo).reconcile_model(namespace, name, "resync", logger, seen=copy.deepcopy(dict(body)))
 
 
 def on_child_event(
     body: dict[str, Any], namespace: str, memo: Any, logger: logging.Logger, type: str | None = None, **_: Any
 ) -> None:
     applied = runtime_of(memo).kube.applied
-    if applied is not None and body.get("kind") in APPLIED_KINDS:
+    if applied is not None:
         # Copied: Kopf's body is a view of its own, and the reconcile reads this one later.
         applied.observe(copy.deepcopy(dict(body)), deleted=type == "DELETED")
     model = (body.get("metadata", {}).get("labels") or {}).get(MODEL_LABEL)
