@@ -715,6 +715,10 @@ def bench_operator(work: Path, models: int, steady_seconds: float) -> Result:
                     result["ready_s"] = now
                 time.sleep(0.5)
             result["ready_models"] = ready
+            # Steady means settled: the last pods' and status changes still bring child events (and
+            # reconciles that read) for a while after every model is Ready. Measure once a whole
+            # resync interval has passed without any.
+            result["settled_s"] = settle(metrics_port, quiet_seconds=30.0, limit_seconds=180.0, since=applied)
             versions_before = resource_versions(namespace)
             requests_before = operator_requests(metrics_port)
             time.sleep(steady_seconds)
@@ -735,6 +739,26 @@ def bench_operator(work: Path, models: int, steady_seconds: float) -> Result:
             kubectl("delete", "namespace", namespace, "--wait=false")
     log(f"operator: {result}")
     return result
+
+
+def settle(metrics_port: int, quiet_seconds: float, limit_seconds: float, since: float) -> float | None:
+    """Seconds from `since` until the operator's event-driven reconciles (child, model, coalesced) have
+    stopped for `quiet_seconds`; None if they did not within `limit_seconds`."""
+
+    def event_driven() -> float:
+        counts = operator_requests(metrics_port)
+        return sum(value for key, value in counts.items() if key.startswith("reconciles") and "resync" not in key)
+
+    deadline = time.monotonic() + limit_seconds
+    last, quiet_since = event_driven(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        current = event_driven()
+        if current != last:
+            last, quiet_since = current, time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_seconds:
+            return round(quiet_since - since, 1)
+    return None
 
 
 def operator_requests(metrics_port: int) -> dict[str, float]:
@@ -826,12 +850,9 @@ def apiserver_load(before: Result, after: Result, seconds: float) -> Result:
     }
 
 
-# The local cluster's processes by their command name (/proc/PID/stat's, at most 15 characters).
-CLUSTER_COMMANDS = ("kube-apiserver", "etcd", "kube-controller", "kube-scheduler", "kwok", "kubelet", "containerd")
-
-
 def cpu_sample(proc: Path = Path("/proc")) -> Result:
-    """The machine's busy CPU seconds (/proc/stat) and each cluster process's own, summed by command."""
+    """The machine's busy CPU seconds (/proc/stat) and every process's own, summed by command name
+    (/proc/PID/stat's, at most 15 characters)."""
     ticks = os.sysconf("SC_CLK_TCK")
     fields = (proc / "stat").read_text().splitlines()[0].split()[1:]
     # user nice system idle iowait irq softirq steal: all but idle and iowait is work.
@@ -843,22 +864,25 @@ def cpu_sample(proc: Path = Path("/proc")) -> Result:
         except OSError:
             continue  # gone since the listing
         command = text.split("(", 1)[1].rsplit(")", 1)[0]
-        if command in CLUSTER_COMMANDS:
-            stat = parse_proc_stat(text)
-            seconds = (stat.user_ticks + stat.system_ticks) / ticks
-            sample["by_command"][command] = sample["by_command"].get(command, 0.0) + seconds
+        stat = parse_proc_stat(text)
+        seconds = (stat.user_ticks + stat.system_ticks) / ticks
+        sample["by_command"][command] = sample["by_command"].get(command, 0.0) + seconds
     return sample
 
 
 def cpu_load(before: Result, after: Result, seconds: float, **own: float) -> Result:
-    """Cores used between two samples: the whole machine, each cluster command, and `own` (CPU seconds
-    of processes the caller measured itself, such as the operator)."""
-    cores = {"machine": round((after["machine_s"] - before["machine_s"]) / seconds, 2),
-             "machine_cores": os.cpu_count()}  # fmt: skip
-    for command, spent in sorted(after["by_command"].items()):
-        cores[command] = round((spent - before["by_command"].get(command, 0.0)) / seconds, 2)
+    """Cores used between two samples: the whole machine, `own` (CPU seconds of processes the caller
+    measured itself, such as the operator), and each command that used at least 0.01 cores, busiest
+    first (processes that exited in between are not counted)."""
+    cores: Result = {"machine": round((after["machine_s"] - before["machine_s"]) / seconds, 2),
+                     "machine_cores": os.cpu_count()}  # fmt: skip
     for name, spent in own.items():
         cores[name] = round(spent / seconds, 2)
+    used = {command: (spent - before["by_command"].get(command, 0.0)) / seconds
+            for command, spent in after["by_command"].items()}  # fmt: skip
+    for command, busy in sorted(used.items(), key=lambda item: -item[1]):
+        if busy >= 0.01:
+            cores[f"{command} (all)" if command in own else command] = round(busy, 2)
     return cores
 
 
@@ -978,6 +1002,7 @@ def markdown(results: Result) -> str:
             ),
             f"| all Deployments exist (after the prefetch Jobs) | {o.get('deployments_s', 'not reached')} s |",
             f"| all Ready | {o.get('ready_s', 'not reached')} s ({o['ready_models']} ready) |",
+            f"| no more event-driven reconciles (settled) | {o.get('settled_s') or 'not within 180 s'} s |",
             f"| operator peak RSS | {o['operator_peak_rss_mb']} MB |",
             f"| objects written in {o['steady_state_seconds']:.0f} s of steady state | {o['steady_state_writes']} |",
             *(
