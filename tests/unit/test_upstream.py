@@ -17,6 +17,7 @@ from modelfleet.server.upstream import (
     UpstreamClient,
     UpstreamTimeout,
     UpstreamUnreachable,
+    _Connection,
 )
 from tests.support.procs import free_port
 
@@ -306,6 +307,23 @@ def test_connection_close_and_bodies_delimited_by_the_close_are_honoured(run: Ru
     run(scenario())
 
 
+def tell_when_reading_stops_and_starts(connection: _Connection, paused: asyncio.Event, resumed: asyncio.Event) -> None:
+    """Set `paused` when the client stops reading the connection's socket, `resumed` when it starts again."""
+    pause, resume = connection.pause, connection.resume
+
+    def pause_and_tell() -> None:
+        pause()
+        paused.set()
+
+    def resume_and_tell() -> None:
+        if connection.paused:
+            resumed.set()
+        resume()
+
+    connection.pause = pause_and_tell  # type: ignore[method-assign]
+    connection.resume = resume_and_tell  # type: ignore[method-assign]
+
+
 def test_a_reader_slower_than_the_backend_pauses_the_socket_and_loses_nothing(run: Runner) -> None:
     size = 4 * BUFFER_HIGH_WATER
     line = b"x" * 1023 + b"\n"
@@ -323,13 +341,7 @@ def test_a_reader_slower_than_the_backend_pauses_the_socket_and_loses_nothing(ru
             connection = response._connection
             assert connection is not None
             paused = asyncio.Event()
-            pause = connection.pause
-
-            def pause_and_tell() -> None:
-                pause()
-                paused.set()
-
-            connection.pause = pause_and_tell  # type: ignore[method-assign]
+            tell_when_reading_stops_and_starts(connection, paused, asyncio.Event())
             await paused.wait()  # nobody reads: the buffer fills to its mark
             assert connection.transport is not None
             assert not connection.transport.is_reading()
@@ -363,19 +375,7 @@ def test_a_pause_longer_than_the_read_timeout_is_not_the_backends_silence(run: R
             connection = response._connection
             assert connection is not None
             paused = asyncio.Event()
-            pause, resume = connection.pause, connection.resume
-
-            def pause_and_tell() -> None:
-                pause()
-                paused.set()
-
-            def resume_and_tell() -> None:
-                if connection.paused:
-                    resumed.set()
-                resume()
-
-            connection.pause = pause_and_tell  # type: ignore[method-assign]
-            connection.resume = resume_and_tell  # type: ignore[method-assign]
+            tell_when_reading_stops_and_starts(connection, paused, resumed)
             await paused.wait()
             await asyncio.sleep(2 * READ_TIMEOUT)  # the reader is away
             assert await response.read() == line * (lines + 1)
