@@ -882,7 +882,7 @@ def cpu_load(before: Result, after: Result, seconds: float, **own: float) -> Res
             for command, spent in after["by_command"].items()}  # fmt: skip
     for command, busy in sorted(used.items(), key=lambda item: -item[1]):
         if busy >= 0.01:
-            cores[f"{command} (all)" if command in own else command] = round(busy, 2)
+            cores[command] = round(busy, 2)
     return cores
 
 

@@ -15,6 +15,7 @@ from modelfleet.server.upstream import (
     BUFFER_HIGH_WATER,
     UpstreamBroken,
     UpstreamClient,
+    UpstreamResponse,
     UpstreamTimeout,
     UpstreamUnreachable,
     _Connection,
@@ -307,8 +308,13 @@ def test_connection_close_and_bodies_delimited_by_the_close_are_honoured(run: Ru
     run(scenario())
 
 
-def tell_when_reading_stops_and_starts(connection: _Connection, paused: asyncio.Event, resumed: asyncio.Event) -> None:
-    """Set `paused` when the client stops reading the connection's socket, `resumed` when it starts again."""
+async def unread_until_paused(url: str, resumed: asyncio.Event) -> tuple[UpstreamResponse, _Connection]:
+    """A GET whose body nobody reads until the client has stopped reading the socket; `resumed` is set
+    once the client reads it again."""
+    response = await client(read_timeout=READ_TIMEOUT).request("GET", url, {})
+    connection = response._connection
+    assert connection is not None
+    paused = asyncio.Event()
     pause, resume = connection.pause, connection.resume
 
     def pause_and_tell() -> None:
@@ -322,6 +328,8 @@ def tell_when_reading_stops_and_starts(connection: _Connection, paused: asyncio.
 
     connection.pause = pause_and_tell  # type: ignore[method-assign]
     connection.resume = resume_and_tell  # type: ignore[method-assign]
+    await paused.wait()
+    return response, connection
 
 
 def test_a_reader_slower_than_the_backend_pauses_the_socket_and_loses_nothing(run: Runner) -> None:
@@ -337,12 +345,7 @@ def test_a_reader_slower_than_the_backend_pauses_the_socket_and_loses_nothing(ru
 
     async def scenario() -> None:
         async with scripted(flood) as (_, url):
-            response = await client(read_timeout=READ_TIMEOUT).request("GET", url, {})
-            connection = response._connection
-            assert connection is not None
-            paused = asyncio.Event()
-            tell_when_reading_stops_and_starts(connection, paused, asyncio.Event())
-            await paused.wait()  # nobody reads: the buffer fills to its mark
+            response, connection = await unread_until_paused(url, asyncio.Event())
             assert connection.transport is not None
             assert not connection.transport.is_reading()
             # At most one socket read (asyncio's are up to 256 KiB) past the mark.
@@ -371,12 +374,7 @@ def test_a_pause_longer_than_the_read_timeout_is_not_the_backends_silence(run: R
 
     async def scenario() -> None:
         async with scripted(past_the_mark_then_wait) as (_, url):
-            response = await client(read_timeout=READ_TIMEOUT).request("GET", url, {})
-            connection = response._connection
-            assert connection is not None
-            paused = asyncio.Event()
-            tell_when_reading_stops_and_starts(connection, paused, resumed)
-            await paused.wait()
+            response, _ = await unread_until_paused(url, resumed)
             await asyncio.sleep(2 * READ_TIMEOUT)  # the reader is away
             assert await response.read() == line * (lines + 1)
 
