@@ -137,15 +137,15 @@ autoscaling-plot: ## Draw .cache/autoscaling/timeline.json (from test-autoscalin
 
 .PHONY: test-unit
 test-unit: ## Pure-logic tests
-	$(PYTEST) -m unit tests/unit
+	$(PYTEST) -m unit --fail-on-deselected tests/unit
 
 .PHONY: test-integration
 test-integration: install-litellm ## Tests against real local services (Redis, Prometheus) on 127.0.0.1
-	$(PYTEST) -m integration tests/integration
+	$(PYTEST) -m integration --fail-on-deselected tests/integration
 
 .PHONY: test-e2e
 test-e2e: ## Tests against the local kwok cluster (brought up if needed)
-	$(PYTEST) -m e2e tests/e2e
+	$(PYTEST) -m e2e --fail-on-deselected tests/e2e
 
 .PHONY: cluster-up
 cluster-up: ## Start the local cluster modelfleet-dev with its real node (kubeconfig: .cache/kubeconfig)

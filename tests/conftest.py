@@ -24,12 +24,21 @@ import pytest
 import yaml
 
 from hack import ollama_model
+from tests.support.markers import DESELECTED_ITEMS, KIND_COUNTS, refuse_tests_without_their_kind
+
+# The marker plugin's hooks, re-exported so that pytest finds them in this conftest.
+from tests.support.markers import pytest_addoption as pytest_addoption
+from tests.support.markers import pytest_collection_finish as pytest_collection_finish
+from tests.support.markers import pytest_deselected as pytest_deselected
+from tests.support.markers import pytest_sessionfinish as pytest_sessionfinish
 from tests.support.procs import LOOPBACK, RunningProcess, free_port, running_process, wait_until
 
 HARNESS_ITEMS = pytest.StashKey[set[str]]()
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    refuse_tests_without_their_kind(config, items)
     config.stash[HARNESS_ITEMS] = {item.nodeid for item in items if item.get_closest_marker("harness")}
 
 
@@ -50,6 +59,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         return ", ".join(f"{n} {outcome}" for outcome, n in group.items()) or "none run"
 
     terminalreporter.write_sep("-", "ModelFleet tests and harness checks")
+    selected = config.stash.get(KIND_COUNTS, {})
+    terminalreporter.write_line(
+        "selected by kind: " + (", ".join(f"{n} {kind}" for kind, n in selected.items()) or "none")
+    )
+    deselected = config.stash.get(DESELECTED_ITEMS, [])
+    terminalreporter.write_line(f"deselected: {len(deselected)}")
+    if deselected and config.getoption("--fail-on-deselected"):
+        terminalreporter.write_line("error: --fail-on-deselected, and these tests were deselected:", red=True)
+        for nodeid in deselected:
+            terminalreporter.write_line(f"  {nodeid}")
     terminalreporter.write_line(f"tests of ModelFleet: {said(counts[False])}")
     terminalreporter.write_line(f"harness checks (Redis, Prometheus, promtool, kwok, the real node, Ollama): "
                                 f"{said(counts[True])}")  # fmt: skip

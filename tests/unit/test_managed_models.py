@@ -15,6 +15,8 @@ from modelfleet.operator.status import Observed, conditions_for, phase_for
 from modelfleet.operator.warmup import WarmUpRequest, WarmUps, warmup_request
 from modelfleet.server.discovery import models_from_cluster
 
+pytestmark = pytest.mark.unit
+
 
 def context(spec: dict[str, Any], **extra: Any) -> ModelContext:
     return ModelContext(

@@ -22,6 +22,8 @@ from modelfleet.server.upstream import (
 )
 from tests.support.procs import free_port
 
+pytestmark = pytest.mark.unit
+
 # Long enough that a busy machine's stalls stay well below it, short enough to wait out in a test.
 READ_TIMEOUT = 0.5
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
