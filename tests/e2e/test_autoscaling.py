@@ -35,12 +35,12 @@ from tests.support.managed import (
     PLURAL,
     VERSION,
     RegistryModel,
+    assert_warmed_up_before_any_routed_request,
     blob_bytes,
     chat_loop,
     downloaded_since,
     get_model,
     managed_model,
-    model_requests,
     openai_client,
     patch_spec,
     serving_pods,
@@ -336,7 +336,10 @@ class Timeline:
 
 
 def failures(records: list[RequestRecord]) -> list[str]:
-    return [f"{r.router}: {r.error}" for r in records if r.error is not None]
+    """Requests that failed, and requests still running: a stream whose thread outlived its join has no
+    answer yet (the router's heartbeats keep its read timeout from firing), so it must not count as one."""
+    return [f"{r.router}: {r.error if r.ended is not None else 'still running'}" for r in records
+            if r.error is not None or r.ended is None]  # fmt: skip
 
 
 def set_autoscaling(stack: Release, **autoscaling: Any) -> None:
@@ -382,7 +385,7 @@ def test_two_routers_share_the_cap_and_their_queues_add_up(
         )
         REPORT["queue per router under 6 clients"] = {ip: router_metrics(ip)["queue"] for ip in ips}
     assert not failures(load.records), failures(load.records)
-    assert sum(1 for r in load.records if r.error is None) >= 6
+    assert sum(1 for r in load.records if r.error is None and r.first_token is not None) >= 6
 
 
 def test_queue_depth_scales_up_and_a_missing_metric_holds_the_replicas(
@@ -415,6 +418,8 @@ def test_queue_depth_scales_up_and_a_missing_metric_holds_the_replicas(
         run([str(MONITORING), "stop", "adapter"], "stopping prometheus-adapter")
         timeline.mark("prometheus-adapter stopped")
         held = deployment(stack).spec.replicas
+        # The hold below means something only if the load's replicas are still there to be held.
+        assert (held or 0) >= 2, held
     load_ended = timeline.mark("load stopped")
     try:
         assert not failures(load.records), failures(load.records)
@@ -427,11 +432,8 @@ def test_queue_depth_scales_up_and_a_missing_metric_holds_the_replicas(
         # New replicas loaded the model from the volume: nothing was downloaded.
         assert sum(downloaded_since(before).values()) == 0, downloaded_since(before)
         # And they warmed up before any request of the router reached them.
-        operator_ips = {p.status.pod_ip for p in stack.pods("operator")}
-        for pod in serving_pods(stack, NAME):
-            requests = model_requests(stack, pod.metadata.name)
-            assert requests, pod.metadata.name
-            assert requests[0][0] in operator_ips, (pod.metadata.name, requests[:3], operator_ips)
+        routed = [assert_warmed_up_before_any_routed_request(stack, pod) for pod in serving_pods(stack, NAME)]
+        assert sum(routed) >= 1, routed
 
         # No metric: idle now, the HPA would scale down after 60 s, but it cannot read the queue, so it
         # holds. Six failed looks (15 s apart) span the 60 s stabilization window and more. (Not many

@@ -13,6 +13,7 @@ from typing import Any
 import openai
 from kubernetes import client
 
+from tests.support.gin import EngineRequest, engine_requests
 from tests.support.procs import wait_for
 from tests.support.realnode import BRIDGE_ADDRESS, NETWORK, Release, RequestLoop, api_key, node_port_url, pod_report
 
@@ -158,18 +159,32 @@ def streamed_chat(stack: Release, prompt: str, max_tokens: int = 24) -> str:
     return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
 
 
-# Ollama's request log: [GIN] 2026/11/30 - 22:59:01 | 200 |  1.2s |  10.244.0.15 | POST  "/api/chat"
-GIN_LINE = re.compile(r"\[GIN\].*\|\s*(\d{3})\s*\|[^|]*\|\s*([0-9a-f.:]+)\s*\|\s*(\w+)\s+\"([^\"]+)\"")
+def model_requests(stack: Release, pod: str) -> list[EngineRequest]:
+    """Every generation request in a serving pod's Ollama log, in the order they ended, each dated."""
+    return engine_requests(stack.cluster.kubectl("-n", stack.namespace, "logs", "--timestamps", pod).stdout)
 
 
-def model_requests(stack: Release, pod: str) -> list[tuple[str, str]]:
-    """(client address, path) of every generation request in a serving pod's Ollama log, in order."""
-    log = stack.cluster.kubectl("-n", stack.namespace, "logs", pod).stdout
-    return [
-        (match.group(2), match.group(4))
-        for match in map(GIN_LINE.search, log.splitlines())
-        if match and match.group(4) in ("/api/chat", "/api/generate")
-    ]
+def assert_warmed_up_before_any_routed_request(stack: Release, pod: Any) -> int:
+    """The pod's first generation is the operator's warm-up; every request from a router started after the
+    warm-up ended, and the readiness gate turned True only then.  Returns how many routed requests there were.
+
+    Ollama logs a request when it ends, so the order of its lines proves nothing: a routed request that
+    arrived during a short warm-up would still be logged after it.  The start times do."""
+    requests = model_requests(stack, pod.metadata.name)
+    operator_ips = {p.status.pod_ip for p in stack.pods("operator")}
+    router_ips = {p.status.pod_ip for p in stack.pods("router")}
+    assert requests, f"{pod.metadata.name} served no generation"
+    warm_up = min(requests, key=lambda request: request.started)
+    assert (warm_up.address in operator_ips, warm_up.path, warm_up.status) == (True, "/api/generate", 200), (
+        warm_up, operator_ips)  # fmt: skip
+    routed = [request for request in requests if request.address in router_ips]
+    early = [request for request in routed if request.started < warm_up.ended]
+    assert not early, f"routed requests started before the warm-up ({warm_up}) ended: {early[:3]}"
+    gate = next(c for c in pod.status.conditions if c.type == WARMED_UP)
+    assert (gate.status, gate.reason) == ("True", "WarmedUp"), gate
+    # The condition's time has one-second resolution.
+    assert gate.last_transition_time >= warm_up.ended.replace(microsecond=0), (gate.last_transition_time, warm_up)
+    return len(routed)
 
 
 def chat_loop(stack: Release) -> RequestLoop:

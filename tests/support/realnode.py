@@ -195,13 +195,24 @@ class RequestLoop:
                 self.failures.append(failure)
             self.stop.wait(0.8)
 
-    def __enter__(self) -> RequestLoop:
+    def start(self) -> RequestLoop:
+        """Start sending without waiting for an answer (for a model that does not serve yet)."""
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
+        return self
+
+    def __enter__(self) -> RequestLoop:
+        self.start()
         wait_for(lambda: self.answered >= 2 or bool(self.failures), "the request loop's first answers", timeout=120)
         return self
 
     def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout=150)
+            if self.thread.is_alive():
+                # A request that never ended is not an answer.
+                self.failures.append("a request was still running when the loop stopped")
