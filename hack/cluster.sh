@@ -39,6 +39,8 @@ render_config() {
     -e "s|@KUBERNETES_SERVICE_IP@|$kubernetes_service_ip|g" \
     -e "s|@SERVICE_SUBNET@|$service_subnet|g" \
     -e "s|@PKI_DIR@|$KWOK_WORKDIR/clusters/$cluster_name/pki|g" \
+    -e "s|@CLUSTER_DIR@|$KWOK_WORKDIR/clusters/$cluster_name|g" \
+    -e "s|@REPO_ROOT@|$repo_root|g" \
     "$repo_root/hack/cluster/kwokctl.yaml"
 }
 

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import urllib.request
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelfleet.api import v1alpha1
-from tests.e2e.conftest import Cluster, start_operator, wait_for
+from tests.e2e.conftest import OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, Cluster, start_operator, wait_for
+from tests.support.cluster import OPERATOR_AUDIT_LOG
 
 pytestmark = pytest.mark.e2e
 
 SELECTOR = "app.kubernetes.io/managed-by=modelfleet-operator"
+OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
 
 
 def model(name: str) -> dict[str, object]:
@@ -37,6 +41,9 @@ def resource_versions(cluster: Cluster, namespace: str) -> dict[str, str]:
         "service": core.list_namespaced_service(namespace, label_selector=SELECTOR).items,
         "pvc": core.list_namespaced_persistent_volume_claim(namespace, label_selector=SELECTOR).items,
         "job": batch.list_namespaced_job(namespace, label_selector=SELECTOR).items,
+        "networkpolicy": client.NetworkingV1Api(cluster.api)
+        .list_namespaced_network_policy(namespace, label_selector=SELECTOR)
+        .items,
     }
     for kind, items in listings.items():
         for item in items:
@@ -90,11 +97,43 @@ def requests_by_resource(metrics_url: str, verb: str) -> dict[str, float]:
     }
 
 
+WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
+READ_VERBS = {"get", "list"}
+
+
+class AuditTail:
+    """The API server's record of the operator account's requests, from the moment it was made on.
+
+    The operator's own counters see only the requests of its own client; this sees every request its
+    process sends, Kopf's included, as the API server received it."""
+
+    def __init__(self, path: Path = OPERATOR_AUDIT_LOG) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+
+    def requests(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as log:
+            log.seek(self.offset)
+            lines = log.read().splitlines()
+        return [event for event in map(json.loads, lines) if event.get("user", {}).get("username") == OPERATOR_USER]
+
+
+def by_verb(events: list[dict[str, Any]]) -> Counter[str]:
+    return Counter(event["verb"] for event in events)
+
+
+def described(events: list[dict[str, Any]]) -> list[str]:
+    return [f"{event['verb']} {event.get('requestURI')}" for event in events[:10]]
+
+
 def test_steady_state_reconciles_and_sends_nothing(
     cluster: Cluster, inferencemodel_crd: str, namespace: str, tmp_path: Path, record_property: pytest.RecordProperty
 ) -> None:
     names = ["quiet-a", "quiet-b"]
     # Only this namespace: models other tests left behind (in namespaces being deleted) are not steady.
+    since_start = AuditTail()
     servers = start_operator(cluster, tmp_path, resync_seconds=5, namespaces=[namespace])
     operator = next(servers)
     try:
@@ -110,6 +149,7 @@ def test_steady_state_reconciles_and_sends_nothing(
         wait_for(lambda: reconciles(operator.metrics_url, "resync") >= settled, what="the models to settle",
                  timeout=60)  # fmt: skip
         before = resource_versions(cluster, namespace)
+        steady = AuditTail()
         resyncs_before = reconciles(operator.metrics_url, "resync")
         failures_before = operator_metric(operator.metrics_url, "modelfleet_operator_reconcile_errors_total")
         patches_before = api_requests(operator.metrics_url, "patch")
@@ -128,9 +168,15 @@ def test_steady_state_reconciles_and_sends_nothing(
         patched = {resource: count - patched_before.get(resource, 0)
                    for resource, count in requests_by_resource(operator.metrics_url, "patch").items()}  # fmt: skip
         reads = api_requests(operator.metrics_url, "get") + api_requests(operator.metrics_url, "list") - reads_before
+        steady_requests = steady.requests()
         assert operator.process.process.poll() is None, "the operator exited"
     finally:
         servers.close()
+    # The audit log does see the operator: it created the children of both models before.
+    created = [
+        e for e in since_start.requests() if e["verb"] == "create" and e["objectRef"].get("namespace") == namespace
+    ]
+    assert {e["objectRef"]["resource"] for e in created} >= {"deployments", "services"}, described(created)
     changed = sorted(key for key in before if after.get(key) != before[key])
     record_property("steady_state_resync_reconciles", resyncs)
     record_property("steady_state_writes", len(changed))
@@ -139,12 +185,21 @@ def test_steady_state_reconciles_and_sends_nothing(
     print(f"steady state: {resyncs:.0f} resyncs, {patches:.0f} PATCH requests, {reads / resyncs:.1f} reads per resync")
     assert resyncs >= 10 * len(names)
     assert failures == 0, "a reconcile that fails writes nothing, but is not quiet"
-    assert len(before) == 4 * len(names) + len(names)
+    # Each model and its Deployment, Service, cache claim, prefetch Job and NetworkPolicy. (An HPA or a
+    # PDB, whose status other controllers write, is covered by the audit log's count of every write.)
+    assert len(before) == 5 * len(names) + len(names), sorted(before)
     assert changed == [], f"objects written in steady state: {changed}"
     # Not only nothing stored: nothing sent.  An apply that would change nothing is skipped, and a
     # resync reads the model and its children from what the watches have seen.
     assert patches == 0, f"{patches:.0f} PATCH requests in steady state: {patched}"
     assert reads == 0, f"{reads:.0f} GET and LIST requests in {resyncs:.0f} resyncs"
+    # And by the API server's count, every request of the operator's process (Kopf's too): no write of
+    # any verb and no read; only its watches, which a steady state keeps open or renews.
+    verbs = by_verb(steady_requests)
+    record_property("steady_state_audited_requests", dict(verbs))
+    print(f"steady state, by the API server's audit log: {dict(verbs) or 'no request'}")
+    sent = [e for e in steady_requests if e["verb"] in WRITE_VERBS | READ_VERBS]
+    assert sent == [], f"{len(sent)} requests in steady state: {described(sent)}"
 
 
 def test_killed_mid_reconcile_the_operator_converges_without_duplicates(

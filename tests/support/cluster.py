@@ -99,6 +99,9 @@ def load_guarded_context(
 # The control plane's processes, for the API server restart fault -------------------------------
 
 KWOK_CLUSTER_DIR = CACHE_DIR / "kwok" / "clusters" / "modelfleet-dev"
+# The API server's audit log: every request of the e2e tests' operator account, one JSON line each
+# (hack/cluster/audit-policy.yaml).
+OPERATOR_AUDIT_LOG = KWOK_CLUSTER_DIR / "logs" / "operator-audit.log"
 # The binary each kwokctl component runs (its pid file is named after the component).
 COMPONENT_BINARIES = {
     "kube-apiserver": "kube-apiserver",
