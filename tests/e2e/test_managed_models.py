@@ -13,15 +13,20 @@ left, as a user's cluster would.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from kubernetes import client
@@ -277,6 +282,9 @@ def test_sse_streams_through_a_real_ingress(stack: Release) -> None:
         return "gemma" in [model.id for model in sdk.models.list()]
 
     wait_for(routed, "the ingress controller to route modelfleet.local to the router", timeout=120, interval=1)
+    # Only what Traefik logs from here on: its log is kept across runs.
+    access_log_path = Path(__file__).resolve().parents[2] / ".cache" / "ingress" / "traefik.log"
+    access_log_start = access_log_path.stat().st_size
     stream = sdk.chat.completions.create(
         model="gemma", messages=[{"role": "user", "content": "Tell a story about a lighthouse."}], max_tokens=48,
         stream=True, extra_body={"use_cache": False},
@@ -293,9 +301,114 @@ def test_sse_streams_through_a_real_ingress(stack: Release) -> None:
     assert len(contents) > 1, contents
     assert running_at_first_chunk == 1, f"the router ran {running_at_first_chunk} requests at the first chunk"
     wait_for(lambda: router_in_flight(stack) == 0, "the request to end in the router", timeout=30)
-    access_log = (Path(__file__).resolve().parents[2] / ".cache" / "ingress" / "traefik.log").read_text()
-    assert '"POST /v1/chat/completions HTTP/1.1" 200' in access_log, access_log[-2000:]
+    with access_log_path.open("rb") as access_log:
+        access_log.seek(access_log_start)
+        this_run = access_log.read().decode(errors="replace")
+    assert '"POST /v1/chat/completions HTTP/1.1" 200' in this_run, this_run[-2000:]
     REPORT["streamed through the Ingress (chunks)"] = len(contents)
+
+
+@dataclass
+class StreamRecord:
+    started: datetime
+    ended: datetime | None = None
+    chunks: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+def stream_one_after_another(url: str, key: str, client_id: int, stop: threading.Event,
+                             records: list[StreamRecord]) -> None:  # fmt: skip
+    """`openai` SDK streams, back to back, on the SDK's own keep-alive connections, until stopped."""
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+    for turn in itertools.count():
+        if stop.is_set():
+            return
+        record = StreamRecord(started=datetime.now(UTC))
+        records.append(record)
+        try:
+            prompt = f"Client {client_id}, story {turn}: a lighthouse."
+            stream = sdk.chat.completions.create(
+                model="gemma", messages=[{"role": "user", "content": prompt}], max_tokens=32, stream=True,
+                extra_body={"use_cache": False},
+            )  # fmt: skip
+            for chunk in stream:
+                for choice in chunk.choices:
+                    record.chunks += 1
+                    record.finish_reason = choice.finish_reason or record.finish_reason
+            if record.finish_reason is None:
+                record.error = f"the stream ended without a finish_reason after {record.chunks} chunks"
+        except Exception as exc:  # every failure counts, whatever its kind
+            record.error = repr(exc)
+        record.ended = datetime.now(UTC)
+        stop.wait(0.5)
+
+
+def test_helm_upgrade_rolls_the_routers_under_keep_alive_clients_and_streams(stack: Release) -> None:
+    """Both router pods are replaced while real clients keep their connections open: the SDK streams back to
+    back and a keep-alive client lists models. Every connection was opened to an old pod, so each client
+    meets a drain; every stream completes and no request fails."""
+    url, key = node_port_url(stack), api_key(stack)
+    old_pods = {pod.metadata.name for pod in stack.pods("router")}
+    deletions: dict[str, datetime] = {}
+    stop = threading.Event()
+    streams: list[StreamRecord] = []
+    listed, list_failures = 0, []
+
+    def watch_deletions() -> None:
+        while not stop.wait(0.25):
+            for pod in stack.pods("router"):
+                if pod.metadata.name in old_pods and pod.metadata.deletion_timestamp is not None:
+                    deletions.setdefault(pod.metadata.name, pod.metadata.deletion_timestamp)
+
+    streamers = [threading.Thread(target=stream_one_after_another, args=(url, key, i, stop, streams), daemon=True)
+                 for i in range(2)]  # fmt: skip
+    watcher = threading.Thread(target=watch_deletions, daemon=True)
+    for thread in (*streamers, watcher):
+        thread.start()
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as keep_alive:
+
+            def list_models() -> None:
+                nonlocal listed
+                try:
+                    response = keep_alive.get("/v1/models")
+                    if response.status_code == 200:
+                        listed += 1
+                    else:
+                        list_failures.append(f"{response.status_code}: {response.text[:200]}")
+                except httpx.HTTPError as exc:
+                    list_failures.append(repr(exc))
+
+            wait_for(lambda: (list_models(), len([r for r in streams if r.ended]) >= 2)[1],
+                     "the first streams to complete", timeout=120, interval=1.5)  # fmt: skip
+            upgrade = threading.Thread(target=stack.run, args=(
+                "upgrade", stack.name, str(CHART), "--reuse-values", "--set", "router.defaultMaxTokens=200",
+                "--wait", "--timeout", f"{ROLLOUT}s"), daemon=True)  # fmt: skip
+            upgrade.start()
+            while upgrade.is_alive() or not old_pods.isdisjoint(p.metadata.name for p in stack.pods("router")):
+                list_models()
+                upgrade.join(timeout=1.5)
+            # And some after the rollout, from the new pods.
+            for _ in range(5):
+                list_models()
+                stop.wait(1.5)
+    finally:
+        stop.set()
+        for thread in (*streamers, watcher):
+            thread.join(timeout=150)
+    assert not any(thread.is_alive() for thread in streamers), "a stream was still running when the clients stopped"
+    assert set(deletions) == old_pods, (deletions, old_pods)
+    failed = [r for r in streams if r.error is not None or r.ended is None]
+    assert failed == [], f"{len(failed)} of {len(streams)} streams failed: {failed[:5]}"
+    assert list_failures == [], f"{len(list_failures)} of {listed + len(list_failures)} failed: {list_failures[:5]}"
+    # The streams crossed the rollout: some were running when an old pod was told to stop (the deletion
+    # time has one-second resolution).
+    crossing = [r for r in streams for at in deletions.values()
+                if r.ended is not None and r.started <= at and r.ended >= at + timedelta(seconds=1)]  # fmt: skip
+    assert crossing, (streams, deletions)
+    REPORT["helm upgrade: streams, of them crossing a router pod's deletion, keep-alive lists"] = (
+        len(streams), len(crossing), listed)  # fmt: skip
 
 
 def test_a_restart_a_second_replica_and_an_operator_restart_download_nothing(
