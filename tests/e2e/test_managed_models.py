@@ -147,6 +147,8 @@ def test_a_managed_model_is_prefetched_served_and_streams_through_the_router(
 # NetworkPolicies, with packets: kube-router enforces them on the real node (hack/node.sh) --------
 
 # Run inside a pod: "open" when a TCP connection to host:port succeeds within 3 s, else why not.
+# GET a URL from inside a pod (the router's image has Python, and the policies admit the router).
+FETCH = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
 # A refusal must hold this many times in a row once seen.
 CONSECUTIVE_TRIES = 3
 CONNECT = """
@@ -606,6 +608,12 @@ def test_changing_the_model_keeps_answering_until_the_new_one_is_ready(
         answered_at_switch = loop.answered
         wait_for(lambda: loop.answered >= answered_at_switch + 3 or bool(loop.failures),
                  "answers from the new model", timeout=120)  # fmt: skip
+
+        def only_the_new_model_serves() -> bool:
+            served = [p.metadata.annotations.get("modelfleet.io/served-model") for p in serving_pods(stack, "gemma")]
+            return bool(served) and set(served) == {VARIANT}
+
+        wait_for(only_the_new_model_serves, "only pods of the new model to serve", timeout=ROLLOUT)
     assert loop.failures == [], (
         f"{len(loop.failures)} failed of {loop.answered + len(loop.failures)}: {loop.failures[:5]}"
     )
@@ -618,6 +626,18 @@ def test_changing_the_model_keeps_answering_until_the_new_one_is_ready(
     assert job.status.completion_time <= new_set.metadata.creation_timestamp, (job.status, new_set.metadata)
     (pod,) = serving_pods(stack, "gemma")
     assert pod.metadata.annotations["modelfleet.io/served-model"] == VARIANT
+    # The answers after the switch came from the new model: the router's requests reached the new pod,
+    # and what that pod's engine has loaded is the variant, not the model it replaced.
+    router_ips = {p.status.pod_ip for p in stack.pods("router")}
+    routed = [r for r in model_requests(stack, pod.metadata.name) if r.address in router_ips]
+    assert len(routed) >= 3, routed
+    (router, *_) = stack.pods("router")
+    port = pod.spec.containers[0].ports[0].container_port
+    loaded = json.loads(stack.cluster.kubectl("-n", stack.namespace, "exec", router.metadata.name, "--", "python", "-c",
+                                              FETCH, f"http://{pod.status.pod_ip}:{port}/api/ps").stdout)  # fmt: skip
+    names = [model["name"] for model in loaded["models"]]
+    assert names, loaded
+    assert all(VARIANT in name for name in names), names
     REPORT["bytes downloaded: model change (same weights, new parameters)"] = sum(downloaded_since(before).values())
     REPORT["requests answered during the model change"] = loop.answered
 
