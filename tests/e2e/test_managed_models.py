@@ -628,9 +628,11 @@ def test_changing_the_model_keeps_answering_until_the_new_one_is_ready(
     assert pod.metadata.annotations["modelfleet.io/served-model"] == VARIANT
     # The answers after the switch came from the new model: the router's requests reached the new pod,
     # and what that pod's engine has loaded is the variant, not the model it replaced.
+    for turn in range(2):
+        assert streamed_chat(stack, f"After the change, chat {turn}: say hi.", max_tokens=8)
     router_ips = {p.status.pod_ip for p in stack.pods("router")}
     routed = [r for r in model_requests(stack, pod.metadata.name) if r.address in router_ips]
-    assert len(routed) >= 3, routed
+    assert len(routed) >= 2, routed
     (router, *_) = stack.pods("router")
     port = pod.spec.containers[0].ports[0].container_port
     loaded = json.loads(stack.cluster.kubectl("-n", stack.namespace, "exec", router.metadata.name, "--", "python", "-c",
