@@ -8,6 +8,7 @@ Helm 3 and with Helm 4 into a namespace that enforces Pod Security "restricted".
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -220,6 +221,50 @@ def test_upgrade_rolls_the_router_without_a_failed_request(release: Release, clu
     keys_after = cluster.kubectl("-n", release.namespace, "get", "secret", f"{release.fullname}-api-keys",
                                  "-o", "jsonpath={.data}").stdout  # fmt: skip
     assert keys_after == keys_before
+
+
+def test_the_standby_operator_takes_over_when_the_active_one_is_killed(release: Release, cluster: Cluster) -> None:
+    """The active operator (priority 100) is killed without a goodbye, and its replacement cannot start (the
+    node is cordoned): the standby (99) must notice the silent peer and reconcile a change made right after."""
+    namespace = release.namespace
+    core = client.CoreV1Api(cluster.api)
+    custom = client.CustomObjectsApi(cluster.api)
+    active, standby = (f"{release.fullname}-operator-{ordinal}" for ordinal in (0, 1))
+    old_uid = core.read_namespaced_pod(active, namespace).metadata.uid
+    standby_log_before = cluster.kubectl("-n", namespace, "logs", standby).stdout
+    cluster.kubectl("cordon", NODE_NAME)
+    try:
+        killed = time.monotonic()
+        core.delete_namespaced_pod(active, namespace, grace_period_seconds=0)
+        change = {"spec": {"serving": {"maxInFlightPerReplica": 3}}}
+        changed = custom.patch_namespaced_custom_object("modelfleet.io", "v1alpha1", namespace, "inferencemodels",
+                                                        "echo", change)  # fmt: skip
+        generation = changed["metadata"]["generation"]
+
+        def reconciled() -> bool:
+            found = custom.get_namespaced_custom_object("modelfleet.io", "v1alpha1", namespace, "inferencemodels",
+                                                        "echo")  # fmt: skip
+            return (found.get("status") or {}).get("observedGeneration") == generation
+
+        wait_for(reconciled, "the standby operator to reconcile the change", timeout=ROLLOUT)
+        took_over = time.monotonic() - killed
+        # Nobody else could have: the active one's replacement is still waiting for the cordoned node.
+        replacement = core.read_namespaced_pod(active, namespace)
+        assert replacement.metadata.uid != old_uid
+        assert replacement.status.phase == "Pending", replacement.status
+        standby_log = cluster.kubectl("-n", namespace, "logs", standby).stdout
+        assert f"[{namespace}/echo]" not in standby_log_before, standby_log_before[-2000:]
+        assert f"[{namespace}/echo]" in standby_log, standby_log[-3000:]
+        assert "[ERROR" not in standby_log, standby_log[-3000:]
+    finally:
+        cluster.kubectl("uncordon", NODE_NAME)
+    print(f"\noperator takeover: the standby reconciled a change {took_over:.1f}s after the active one was killed")
+
+    def active_again() -> bool:
+        pod = core.read_namespaced_pod(active, namespace)
+        return pod.status.phase == "Running" and all(status.ready for status in pod.status.container_statuses or [])
+
+    wait_for(active_again, "the active operator's replacement to run", timeout=ROLLOUT)
 
 
 def test_uninstall_leaves_nothing_but_the_crds_and_the_kept_key_secret(release: Release, cluster: Cluster) -> None:
