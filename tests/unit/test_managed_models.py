@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from modelfleet.api import v1alpha1
+from modelfleet.api.naming import SERVED_MODEL_ANNOTATION, WARMED_UP_CONDITION
 from modelfleet.operator.builders import cache, workload
 from modelfleet.operator.builders.common import ModelContext
 from modelfleet.operator.reconcile import rollout_complete, served_model, volume_node
@@ -120,8 +121,8 @@ def test_serving_pods_are_gated_on_the_warm_up_and_name_the_model_they_serve(run
     spec = {"runtime": runtime, "model": "gemma3:270m" if runtime == "ollama" else "Qwen/Qwen2.5-0.5B"}
     deployment = workload.build_deployment(context(spec))
     template = deployment["spec"]["template"]
-    assert template["spec"]["readinessGates"] == [{"conditionType": workload.WARMED_UP_CONDITION}]
-    served = template["metadata"]["annotations"][workload.SERVED_MODEL_ANNOTATION]
+    assert template["spec"]["readinessGates"] == [{"conditionType": WARMED_UP_CONDITION}]
+    served = template["metadata"]["annotations"][SERVED_MODEL_ANNOTATION]
     assert served == ("gemma3:270m" if runtime == "ollama" else "gemma")
     # A new model changes the pod template, so the pods roll (Ollama's args do not name the model).
     changed = workload.build_deployment(context({**spec, "model": "other:1b"}))
@@ -165,8 +166,8 @@ def test_vllm_runs_as_a_uid_without_a_passwd_entry_and_writes_caches_outside_the
 def pod(uid: str = "p1", **conditions: str) -> dict[str, Any]:
     return {
         "metadata": {"name": f"pod-{uid}", "namespace": "models", "uid": uid,
-                     "annotations": {workload.SERVED_MODEL_ANNOTATION: "gemma3:270m"}},
-        "spec": {"readinessGates": [{"conditionType": workload.WARMED_UP_CONDITION}], "nodeName": "n"},
+                     "annotations": {SERVED_MODEL_ANNOTATION: "gemma3:270m"}},
+        "spec": {"readinessGates": [{"conditionType": WARMED_UP_CONDITION}], "nodeName": "n"},
         "status": {"phase": "Running", "podIP": "10.244.0.12",
                    "conditions": [{"type": kind.replace("_", "."), "status": value}
                                   for kind, value in conditions.items()]},
@@ -181,7 +182,7 @@ def test_a_pod_is_warmed_up_once_its_engine_answers_health_checks_and_only_then(
     assert request.body["model"] == "gemma3:270m"
     assert request.body["options"] == {"num_predict": 1}, "one token: a real generation, as short as it gets"
     done = pod(ContainersReady="True")
-    done["status"]["conditions"].append({"type": workload.WARMED_UP_CONDITION, "status": "True"})
+    done["status"]["conditions"].append({"type": WARMED_UP_CONDITION, "status": "True"})
     assert warmup_request(done, "ollama", 11434) is None, "warmed up once is enough"
     vllm = warmup_request(pod(ContainersReady="True"), "vllm", 8000)
     assert vllm is not None
@@ -289,7 +290,7 @@ def test_an_engine_killed_for_memory_shows_as_degraded_with_the_reason() -> None
     for engine_says in ollama_errors:
         killed = pod(ContainersReady="True")
         killed["status"]["conditions"].append(
-            {"type": workload.WARMED_UP_CONDITION, "status": "False", "reason": "WarmUpFailed",
+            {"type": WARMED_UP_CONDITION, "status": "False", "reason": "WarmUpFailed",
              "message": f"the warm-up generation failed: HTTP 500: {engine_says}"})  # fmt: skip
         observed = Observed(deployment=deployment, pods=[killed], prefetch_job=COMPLETE_JOB)
         found = by_type(conditions_for(observed, memory="300Mi"))
@@ -306,7 +307,7 @@ def test_a_pod_still_warming_up_is_loading_and_a_failing_warm_up_says_why() -> N
     assert (warming["Ready"].reason, warming["Degraded"].status) == ("Loading", "False")
     failing = pod(ContainersReady="True")
     failing["status"]["conditions"].append(
-        {"type": workload.WARMED_UP_CONDITION, "status": "False", "reason": "WarmUpFailed",
+        {"type": WARMED_UP_CONDITION, "status": "False", "reason": "WarmUpFailed",
          "message": "the warm-up generation failed: HTTP 404: model 'x' not found"})  # fmt: skip
     found = by_type(conditions_for(Observed(deployment=deployment, pods=[failing], prefetch_job=COMPLETE_JOB)))
     assert found["Ready"].reason == "WarmUpFailed"
@@ -328,7 +329,7 @@ def deployment(model: str, *, generation: int = 2, observed: int = 2, updated: i
     return {
         "metadata": {"generation": generation},
         "spec": {"replicas": replicas,
-                 "template": {"metadata": {"annotations": {workload.SERVED_MODEL_ANNOTATION: model}}}},
+                 "template": {"metadata": {"annotations": {SERVED_MODEL_ANNOTATION: model}}}},
         "status": {"observedGeneration": observed, "updatedReplicas": updated, "replicas": total,
                    "readyReplicas": ready},
     }  # fmt: skip

@@ -20,13 +20,12 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from modelfleet.api import v1alpha1
+from modelfleet.api.naming import FINALIZER, MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL
 from modelfleet.operator.apply import KINDS, Kube
-from modelfleet.operator.builders.common import MANAGED_BY, MODEL_LABEL
 from modelfleet.operator.reconcile import namespace_terminating, reconcile, status_changed
 from modelfleet.operator.settings import OperatorSettings
 from modelfleet.operator.warmup import WarmUps
 
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
 # (group, version, plural) of every kind whose changes can change a model's desired or observed state.
 CHILD_RESOURCES = [
@@ -238,7 +237,7 @@ def configure(settings: kopf.OperatorSettings, operator: OperatorSettings) -> No
     settings.peering.name = operator.peering_name
     settings.peering.priority = operator.peering_priority()
     settings.peering.clusterwide = not operator.namespaces
-    settings.persistence.finalizer = "modelfleet.io/finalizer"
+    settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="modelfleet.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="modelfleet.io", key="last-handled-configuration"

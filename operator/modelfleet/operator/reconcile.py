@@ -17,10 +17,10 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from modelfleet.api import v1alpha1
+from modelfleet.api.naming import COMPONENT_LABEL, MODEL_LABEL, MODEL_PREFETCH, SERVED_MODEL_ANNOTATION
 from modelfleet.operator.apply import Kube, Manifest
 from modelfleet.operator.builders import autoscaling, cache, networkpolicy, service, workload
 from modelfleet.operator.builders.common import (
-    MODEL_LABEL,
     ModelContext,
     NetworkPeers,
     RuntimeImages,
@@ -198,7 +198,7 @@ def served_model(deployment: Manifest | None, previous: str | None) -> str | Non
     if deployment is None:
         return previous
     template = (deployment.get("spec") or {}).get("template") or {}
-    current = ((template.get("metadata") or {}).get("annotations") or {}).get(workload.SERVED_MODEL_ANNOTATION)
+    current = ((template.get("metadata") or {}).get("annotations") or {}).get(SERVED_MODEL_ANNOTATION)
     if current is not None and (previous is None or rollout_complete(deployment)):
         return str(current)
     return previous
@@ -231,7 +231,7 @@ def reconcile_managed(kube: Kube, context: ModelContext) -> Observed:
         observed_job = kube.get("Job", context.namespace, job["metadata"]["name"]) or kube.apply(job)
     # Jobs of earlier models or volumes have served their purpose; the volume keeps their weights.
     for stale in kube.list(
-        "Job", context.namespace, f"{MODEL_LABEL}={context.name},app.kubernetes.io/component=model-prefetch"
+        "Job", context.namespace, f"{MODEL_LABEL}={context.name},{COMPONENT_LABEL}={MODEL_PREFETCH}"
     ):
         if job is None or stale["metadata"]["name"] != job["metadata"]["name"]:
             kube.delete("Job", context.namespace, stale["metadata"]["name"])

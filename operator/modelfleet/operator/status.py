@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from modelfleet.operator.builders.workload import WARMED_UP_CONDITION
+from modelfleet.api.conditions import FAILED_READY_REASONS, ConditionType, Reason
+from modelfleet.api.naming import WARMED_UP_CONDITION
 
 Manifest = dict[str, Any]
 
@@ -133,15 +134,15 @@ def out_of_memory(pods: list[Manifest], memory: str | None) -> tuple[str, list[s
         if memory and warm.get("status") == "False" and any(text in message for text in LOAD_FAILURES):
             failed.append(f"{name}: the engine could not load the model, most likely for exceeding {limit} ({message})")
     if killed:
-        return "OOMKilled", sorted(set(killed))
-    return ("OutOfMemory", sorted(set(failed))) if failed else ("", [])
+        return Reason.OOM_KILLED, sorted(set(killed))
+    return (Reason.OUT_OF_MEMORY, sorted(set(failed))) if failed else ("", [])
 
 
 def warmup_failures(pods: list[Manifest]) -> list[str]:
     failures = []
     for pod in pods:
         warm = pod_condition(pod, WARMED_UP_CONDITION) or {}
-        if warm.get("status") == "False" and warm.get("reason") == "WarmUpFailed":
+        if warm.get("status") == "False" and warm.get("reason") == Reason.WARM_UP_FAILED:
             failures.append(f"{pod['metadata']['name']}: {warm.get('message', '')}")
     return failures
 
@@ -155,9 +156,9 @@ def rejected_conditions(reason: str) -> list[ConditionState]:
     if len(message) > MAX_MESSAGE_LENGTH:
         message = message[: MAX_MESSAGE_LENGTH - 3] + "..."
     return [
-        ConditionState("Ready", "False", "InvalidSpec", message),
-        ConditionState("Degraded", "True", "InvalidSpec", message),
-        ConditionState("Progressing", "False", "InvalidSpec", "stopped until the spec is changed"),
+        ConditionState(ConditionType.READY, "False", Reason.INVALID_SPEC, message),
+        ConditionState(ConditionType.DEGRADED, "True", Reason.INVALID_SPEC, message),
+        ConditionState(ConditionType.PROGRESSING, "False", Reason.INVALID_SPEC, "stopped until the spec is changed"),
     ]
 
 
@@ -172,17 +173,22 @@ def conditions_for(
             "namespace: create it, or remove existingClaim to let the operator create one"
         )
         return [
-            ConditionState("ModelCached", "False", "ClaimNotFound", message),
-            ConditionState("Degraded", "True", "ClaimNotFound", message),
-            ConditionState("Ready", "False", "ClaimNotFound", message),
-            ConditionState("Progressing", "False", "ClaimNotFound", "waiting for the claim"),
+            ConditionState(ConditionType.MODEL_CACHED, "False", Reason.CLAIM_NOT_FOUND, message),
+            ConditionState(ConditionType.DEGRADED, "True", Reason.CLAIM_NOT_FOUND, message),
+            ConditionState(ConditionType.READY, "False", Reason.CLAIM_NOT_FOUND, message),
+            ConditionState(ConditionType.PROGRESSING, "False", Reason.CLAIM_NOT_FOUND, "waiting for the claim"),
         ]
     if not observed.managed:
         if observed.endpoint_reachable:
-            ready = ConditionState("Ready", "True", "EndpointReachable", f"{observed.endpoint_url} answers")
+            ready = ConditionState(
+                ConditionType.READY, "True", Reason.ENDPOINT_REACHABLE, f"{observed.endpoint_url} answers"
+            )
         else:
             ready = ConditionState(
-                "Ready", "False", "EndpointUnreachable", f"{observed.endpoint_url}: {observed.endpoint_error}".strip()
+                ConditionType.READY,
+                "False",
+                Reason.ENDPOINT_UNREACHABLE,
+                f"{observed.endpoint_url}: {observed.endpoint_error}".strip(),
             )
         return [ready]
 
@@ -193,10 +199,10 @@ def conditions_for(
         else ("Complete", "no download")
     )
     cached = {
-        "Complete": ConditionState("ModelCached", "True", "Prefetched", job_message),
-        "Failed": ConditionState("ModelCached", "False", "PrefetchFailed", job_message),
-        "Running": ConditionState("ModelCached", "False", "Downloading", job_message),
-        "Missing": ConditionState("ModelCached", "False", "Pending", job_message),
+        "Complete": ConditionState(ConditionType.MODEL_CACHED, "True", Reason.PREFETCHED, job_message),
+        "Failed": ConditionState(ConditionType.MODEL_CACHED, "False", Reason.PREFETCH_FAILED, job_message),
+        "Running": ConditionState(ConditionType.MODEL_CACHED, "False", Reason.DOWNLOADING, job_message),
+        "Missing": ConditionState(ConditionType.MODEL_CACHED, "False", Reason.PENDING, job_message),
     }[job]
     states.append(cached)
 
@@ -211,66 +217,85 @@ def conditions_for(
     if unschedulable:
         states.append(
             ConditionState(
-                "Scheduled", "False", "Unschedulable", explain_unschedulable(unschedulable[0], gpu_resource, gpus)
+                ConditionType.SCHEDULED,
+                "False",
+                Reason.UNSCHEDULABLE,
+                explain_unschedulable(unschedulable[0], gpu_resource, gpus),
             )
         )
     elif observed.pods:
-        states.append(ConditionState("Scheduled", "True", "Scheduled", f"{len(observed.pods)} pod(s) placed on nodes"))
+        states.append(
+            ConditionState(
+                ConditionType.SCHEDULED, "True", Reason.SCHEDULED, f"{len(observed.pods)} pod(s) placed on nodes"
+            )
+        )
     elif job != "Complete":
         states.append(
-            ConditionState("Scheduled", "Unknown", "WaitingForCache", "pods start once the weights are cached")
+            ConditionState(
+                ConditionType.SCHEDULED, "Unknown", Reason.WAITING_FOR_CACHE, "pods start once the weights are cached"
+            )
         )
     else:
-        states.append(ConditionState("Scheduled", "Unknown", "NoPods", "no pods exist yet"))
+        states.append(ConditionState(ConditionType.SCHEDULED, "Unknown", Reason.NO_PODS, "no pods exist yet"))
 
     memory_advice = "; raise spec.resources.memory"
     if oom:
         states.append(ConditionState("Degraded", "True", oom_reason, "; ".join(oom) + memory_advice))
     elif crashes:
-        states.append(ConditionState("Degraded", "True", "ContainersFailing", "; ".join(crashes)))
+        states.append(ConditionState(ConditionType.DEGRADED, "True", Reason.CONTAINERS_FAILING, "; ".join(crashes)))
     elif warmups_failing:
-        states.append(ConditionState("Degraded", "True", "WarmUpFailed", "; ".join(warmups_failing)))
+        states.append(ConditionState(ConditionType.DEGRADED, "True", Reason.WARM_UP_FAILED, "; ".join(warmups_failing)))
     elif job == "Failed":
-        states.append(ConditionState("Degraded", "True", "PrefetchFailed", job_message))
+        states.append(ConditionState(ConditionType.DEGRADED, "True", Reason.PREFETCH_FAILED, job_message))
     else:
-        states.append(ConditionState("Degraded", "False", "AsExpected", "no failures observed"))
+        states.append(ConditionState(ConditionType.DEGRADED, "False", Reason.AS_EXPECTED, "no failures observed"))
 
     if ready_replicas > 0 and not crashes:
         states.append(
-            ConditionState("Ready", "True", "ReplicasReady", f"{ready_replicas}/{desired} replica(s) ready to serve")
+            ConditionState(
+                ConditionType.READY,
+                "True",
+                Reason.REPLICAS_READY,
+                f"{ready_replicas}/{desired} replica(s) ready to serve",
+            )
         )
     elif oom:
         states.append(ConditionState("Ready", "False", oom_reason, "; ".join(oom) + memory_advice))
     elif job == "Failed":
-        states.append(ConditionState("Ready", "False", "PrefetchFailed", job_message))
+        states.append(ConditionState(ConditionType.READY, "False", Reason.PREFETCH_FAILED, job_message))
     elif unschedulable:
-        states.append(ConditionState("Ready", "False", "Unschedulable", states[1].message))
+        states.append(ConditionState(ConditionType.READY, "False", Reason.UNSCHEDULABLE, states[1].message))
     elif crashes:
-        states.append(ConditionState("Ready", "False", "ContainersFailing", "; ".join(crashes)))
+        states.append(ConditionState(ConditionType.READY, "False", Reason.CONTAINERS_FAILING, "; ".join(crashes)))
     elif job != "Complete":
-        states.append(ConditionState("Ready", "False", "Downloading", job_message))
+        states.append(ConditionState(ConditionType.READY, "False", Reason.DOWNLOADING, job_message))
     elif observed.unloaded:
         states.append(
             ConditionState(
-                "Ready",
+                ConditionType.READY,
                 "False",
-                "Unloaded",
+                Reason.UNLOADED,
                 "spec.replicas is 0: the model is unloaded and its requests fail; load it with `kubectl scale "
                 "inferencemodel <name> --replicas=N` or the router's POST /v1/admin/models/<name>/load",
             )
         )
     elif observed.deployment is not None and desired == 0:
         states.append(
-            ConditionState("Ready", "False", "ScaledToZero", "0 replicas are wanted; scale up to serve the model")
+            ConditionState(
+                ConditionType.READY,
+                "False",
+                Reason.SCALED_TO_ZERO,
+                "0 replicas are wanted; scale up to serve the model",
+            )
         )
     elif warmups_failing:
-        states.append(ConditionState("Ready", "False", "WarmUpFailed", "; ".join(warmups_failing)))
+        states.append(ConditionState(ConditionType.READY, "False", Reason.WARM_UP_FAILED, "; ".join(warmups_failing)))
     else:
         states.append(
             ConditionState(
-                "Ready",
+                ConditionType.READY,
                 "False",
-                "Loading",
+                Reason.LOADING,
                 f"0/{desired} replica(s) ready; the model is loading (a pod is Ready once it answers a warm-up)",
             )
         )
@@ -278,9 +303,9 @@ def conditions_for(
     if observed.scale_to_zero_refused:
         states.append(
             ConditionState(
-                "ScaleToZero",
+                ConditionType.SCALE_TO_ZERO,
                 "False",
-                "NotSupportedByCluster",
+                Reason.NOT_SUPPORTED_BY_CLUSTER,
                 "the HPA keeps 1 replica: this API server refuses minReplicas 0 (HPAScaleToZero is on by default "
                 f"from Kubernetes 1.37): {observed.scale_to_zero_refused}",
             )
@@ -289,9 +314,9 @@ def conditions_for(
     progressing = observed.deployment is None or ready_replicas < desired or job in {"Running", "Missing"}
     states.append(
         ConditionState(
-            "Progressing",
+            ConditionType.PROGRESSING,
             "True" if progressing else "False",
-            "Reconciling" if progressing else "Stable",
+            Reason.RECONCILING if progressing else Reason.STABLE,
             "rolling out" if progressing else "all replicas are up to date",
         )
     )
@@ -337,24 +362,20 @@ def phase_timings(observed: Observed) -> dict[str, float]:
 
 def phase_for(states: list[ConditionState]) -> str:
     by_type = {state.type: state for state in states}
-    if by_type["Ready"].status == "True":
-        return "Degraded" if by_type.get("Degraded", by_type["Ready"]).status == "True" else "Ready"
-    reason = by_type["Ready"].reason
-    if reason in {
-        "PrefetchFailed",
-        "ContainersFailing",
-        "InvalidSpec",
-        "OOMKilled",
-        "OutOfMemory",
-        "ClaimNotFound",
-        "WarmUpFailed",
-    }:
+    if by_type[ConditionType.READY].status == "True":
+        return (
+            "Degraded"
+            if by_type.get(ConditionType.DEGRADED, by_type[ConditionType.READY]).status == "True"
+            else "Ready"
+        )
+    reason = by_type[ConditionType.READY].reason
+    if reason in FAILED_READY_REASONS:
         return "Failed"
-    if reason == "Downloading":
+    if reason == Reason.DOWNLOADING:
         return "Downloading"
-    if reason == "Loading":
+    if reason == Reason.LOADING:
         return "Loading"
-    if reason in {"ScaledToZero", "Unloaded"}:
+    if reason in {Reason.SCALED_TO_ZERO, Reason.UNLOADED}:
         return "Idle"
     return "Pending"
 

@@ -28,15 +28,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from modelfleet.operator.builders.workload import SERVED_MODEL_ANNOTATION, WARMED_UP_CONDITION
+from modelfleet.api.conditions import Reason
+from modelfleet.api.naming import SERVED_MODEL_ANNOTATION, WARMED_UP_CONDITION
 
 Manifest = dict[str, Any]
 logger = logging.getLogger(__name__)
 
 PROMPT = "Hello"
-REASON_WARMED_UP = "WarmedUp"
-REASON_FAILED = "WarmUpFailed"
-REASON_WAITING = "WaitingForEngine"
 FIRST_RETRY_SECONDS = 10.0
 MAX_RETRY_SECONDS = 300.0
 
@@ -189,14 +187,14 @@ class WarmUps:
                     self._backoff[request.uid] = (self.clock() + delay, min(delay * 2, MAX_RETRY_SECONDS))
                 logger.warning("warm-up of %s/%s failed: %s", request.namespace, request.pod, error)
                 message = f"the warm-up generation failed: {error}; retrying in {delay:.0f}s"
-                self._set(request, condition("False", REASON_FAILED, message))
+                self._set(request, condition("False", Reason.WARM_UP_FAILED, message))
                 return
             seconds = self.clock() - started
             with self._guard:
                 self._backoff.pop(request.uid, None)
             logger.info("%s/%s answered its warm-up in %.1fs", request.namespace, request.pod, seconds)
             message = f"answered a 1-token warm-up generation in {seconds:.1f}s"
-            self._set(request, condition("True", REASON_WARMED_UP, message))
+            self._set(request, condition("True", Reason.WARMED_UP, message))
         finally:
             with self._guard:
                 self._running.discard(request.uid)

@@ -23,15 +23,12 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from modelfleet.api.naming import COLLECTION_PATH, PORT_NAME, SERVICE_NAME_LABEL, child_base_name, is_child_name
 from modelfleet.server.registry import Api, Management, ModelSpec
 
 logger = logging.getLogger(__name__)
 
 SOURCE = "cluster"
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-# The operator names a managed model's Service im-<model> (operator builders/common.child_name).
-SERVICE_PREFIX = "im-"
-PORT_NAME = "http"
 
 # A key that identifies one warning about one object's state, so it is logged once, not on every event.
 WarningKey = tuple[str, ...]
@@ -186,7 +183,7 @@ def _spec_for(
         endpoints: tuple[str, ...] = (base,)
     elif spec.get("runtime") in ("ollama", "vllm"):
         api = "ollama" if spec["runtime"] == "ollama" else "openai"
-        endpoints = ready.get((candidate.namespace, SERVICE_PREFIX + candidate.name), ())
+        endpoints = ready.get((candidate.namespace, child_base_name(candidate.name)), ())
         # The operator names the model its pods answer to: while spec.model changes, the old pods keep
         # serving (under the old name) until the new ones are all Ready.
         status: Mapping[str, Any] = candidate.body.get("status") or {}
@@ -279,7 +276,7 @@ def _keep_all(body: Mapping[str, Any]) -> bool:
 
 def _is_model_slice(body: Mapping[str, Any]) -> bool:
     service = ((body.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL, "")
-    return str(service).startswith(SERVICE_PREFIX)
+    return is_child_name(str(service))
 
 
 @dataclass(frozen=True)
@@ -300,7 +297,7 @@ class _Kind:
 
 
 ROUTER_SLICES = "router-endpointslices"
-INFERENCE_MODELS = _Kind("inferencemodels", "/apis/modelfleet.io/v1alpha1/inferencemodels")
+INFERENCE_MODELS = _Kind("inferencemodels", COLLECTION_PATH)
 # A label selector cannot match a prefix: the server sends Service-owned slices only, and we keep im-*.
 ENDPOINT_SLICES = _Kind(
     "endpointslices", "/apis/discovery.k8s.io/v1/endpointslices", SERVICE_NAME_LABEL, keeps=_is_model_slice

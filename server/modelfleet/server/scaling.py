@@ -12,10 +12,9 @@ import asyncio
 import httpx
 import orjson
 
+from modelfleet.api.naming import scale_path
 from modelfleet.server.discovery import ApiServer, load_api_server
 from modelfleet.server.errors import RouterError
-
-SCALE_PATH = "/apis/modelfleet.io/v1alpha1/namespaces/{namespace}/inferencemodels/{name}/scale"
 
 
 class ModelScaler:
@@ -42,7 +41,7 @@ class ModelScaler:
             options = server.request_options()
             options["headers"]["Content-Type"] = "application/merge-patch+json"
             response = await http.patch(
-                SCALE_PATH.format(namespace=namespace, name=name),
+                scale_path(namespace, name),
                 content=orjson.dumps({"spec": {"replicas": replicas}}),
                 **options,
             )

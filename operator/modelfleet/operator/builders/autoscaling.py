@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from modelfleet.api.naming import MODEL_SERVER
 from modelfleet.operator.builders.common import Manifest, ModelContext, child_name, metadata, selector_labels
 from modelfleet.operator.builders.workload import max_replicas
 
@@ -75,6 +76,6 @@ def build_pdb(context: ModelContext) -> Manifest | None:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": metadata(context, child_name(context), "model-server"),
+        "metadata": metadata(context, child_name(context), MODEL_SERVER),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(context)}},
     }

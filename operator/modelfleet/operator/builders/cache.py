@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+from modelfleet.api.naming import MODEL_PREFETCH, PREFETCH_MODEL_ANNOTATION, child_base_name
 from modelfleet.operator.builders.common import (
     Manifest,
     ModelContext,
@@ -52,14 +53,14 @@ MAX_JOB_NAME_LENGTH = 63
 
 
 def prefetch_job_name(context: ModelContext) -> str:
-    """im-<model>-prefetch-<key>; a long model name is shortened and made unique by a digest of it."""
+    """The Job's name, im-<model>-prefetch-<key>; a long model name is shortened and made unique by a digest of it."""
     suffix = f"prefetch-{prefetch_key(context)}"
     name = child_name(context, suffix)
     if len(name) <= MAX_JOB_NAME_LENGTH:
         return name
     digest = hashlib.sha256(context.name.encode()).hexdigest()[:6]
-    room = MAX_JOB_NAME_LENGTH - len(f"im--{digest}-{suffix}")
-    return f"im-{context.name[:room].rstrip('-')}-{digest}-{suffix}"
+    room = MAX_JOB_NAME_LENGTH - len(child_base_name(f"-{digest}-{suffix}"))
+    return child_base_name(f"{context.name[:room].rstrip('-')}-{digest}-{suffix}")
 
 
 # Exit code of a pull that cannot succeed on retry (no such model, or a name Ollama refuses): the Job's pod
@@ -196,8 +197,8 @@ def build_prefetch_job(context: ModelContext) -> Manifest | None:
         "securityContext": pod_security_context(),
         **{k: v for k, v in placement.items() if k in ("nodeSelector", "tolerations", "priorityClassName", "affinity")},
     }
-    job_metadata = metadata(context, prefetch_job_name(context), "model-prefetch")
-    job_metadata["annotations"] = {"modelfleet.io/prefetch-model": context.spec.model}
+    job_metadata = metadata(context, prefetch_job_name(context), MODEL_PREFETCH)
+    job_metadata["annotations"] = {PREFETCH_MODEL_ANNOTATION: context.spec.model}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

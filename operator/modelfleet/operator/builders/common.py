@@ -6,12 +6,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelfleet.api import v1alpha1
+from modelfleet.api.naming import (
+    COMPONENT_LABEL,
+    INSTANCE_LABEL,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    MODEL_LABEL,
+    MODEL_SERVER,
+    NAME_LABEL,
+    child_base_name,
+)
 
 Manifest = dict[str, Any]
-
-MANAGED_BY = "modelfleet-operator"
-MODEL_LABEL = "modelfleet.io/model"
-COMPONENT_LABEL = "app.kubernetes.io/component"
 
 
 @dataclass(frozen=True)
@@ -31,11 +37,11 @@ class NetworkPeers:
 
     router_namespace: str = "modelfleet-system"
     router_pod_labels: dict[str, str] = field(
-        default_factory=lambda: {"app.kubernetes.io/name": "modelfleet", "app.kubernetes.io/component": "router"}
+        default_factory=lambda: {NAME_LABEL: "modelfleet", COMPONENT_LABEL: "router"}
     )
     # The operator sends each new pod a warm-up generation before the pod may count as Ready.
     operator_pod_labels: dict[str, str] = field(
-        default_factory=lambda: {"app.kubernetes.io/name": "modelfleet", "app.kubernetes.io/component": "operator"}
+        default_factory=lambda: {NAME_LABEL: "modelfleet", COMPONENT_LABEL: "operator"}
     )
     monitoring_namespace_labels: dict[str, str] = field(default_factory=dict)
     monitoring_pod_labels: dict[str, str] = field(default_factory=dict)
@@ -116,20 +122,20 @@ class ModelContext:
 
 def child_name(context: ModelContext, suffix: str = "") -> str:
     """Children are named after the model; suffixes tell the kinds that share a namespace apart."""
-    base = f"im-{context.name}"
+    base = child_base_name(context.name)
     return f"{base}-{suffix}" if suffix else base
 
 
 def selector_labels(context: ModelContext) -> dict[str, str]:
     """Labels that select the model's serving pods; immutable once a Deployment exists."""
-    return {MODEL_LABEL: context.name, COMPONENT_LABEL: "model-server"}
+    return {MODEL_LABEL: context.name, COMPONENT_LABEL: MODEL_SERVER}
 
 
 def labels(context: ModelContext, component: str) -> dict[str, str]:
     return {
-        "app.kubernetes.io/name": "modelfleet-model",
-        "app.kubernetes.io/instance": context.name,
-        "app.kubernetes.io/managed-by": MANAGED_BY,
+        NAME_LABEL: "modelfleet-model",
+        INSTANCE_LABEL: context.name,
+        MANAGED_BY_LABEL: MANAGED_BY,
         COMPONENT_LABEL: component,
         MODEL_LABEL: context.name,
     }

@@ -10,9 +10,8 @@ need cannot be named portably. Kubelet probes are not subject to NetworkPolicy.
 
 from __future__ import annotations
 
+from modelfleet.api.naming import MANAGED_BY, MANAGED_BY_LABEL, MODEL_LABEL, MODEL_SERVER
 from modelfleet.operator.builders.common import (
-    MANAGED_BY,
-    MODEL_LABEL,
     Manifest,
     ModelContext,
     NetworkPeers,
@@ -27,7 +26,7 @@ NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 
 def model_pod_labels(context: ModelContext) -> dict[str, str]:
     """Every pod the operator runs for this model: the serving Deployment's and the prefetch Job's."""
-    return {MODEL_LABEL: context.name, "app.kubernetes.io/managed-by": MANAGED_BY}
+    return {MODEL_LABEL: context.name, MANAGED_BY_LABEL: MANAGED_BY}
 
 
 def allowed_sources(context: ModelContext, peers: NetworkPeers) -> list[Manifest]:
@@ -57,7 +56,7 @@ def build_network_policy(context: ModelContext) -> Manifest | None:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": metadata(context, child_name(context), "model-server"),
+        "metadata": metadata(context, child_name(context), MODEL_SERVER),
         "spec": {
             "podSelector": {"matchLabels": model_pod_labels(context)},
             "policyTypes": ["Ingress"],

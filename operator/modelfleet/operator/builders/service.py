@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from modelfleet.api.naming import MODEL_SERVER, PORT_NAME
 from modelfleet.operator.builders.common import Manifest, ModelContext, child_name, metadata, selector_labels
 from modelfleet.operator.builders.workload import serving_port
 
@@ -14,10 +15,10 @@ def build_service(context: ModelContext) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": metadata(context, child_name(context), "model-server"),
+        "metadata": metadata(context, child_name(context), MODEL_SERVER),
         "spec": {
             "type": "ClusterIP",
             "selector": selector_labels(context),
-            "ports": [{"name": "http", "port": serving_port(context), "targetPort": "http", "protocol": "TCP"}],
+            "ports": [{"name": PORT_NAME, "port": serving_port(context), "targetPort": PORT_NAME, "protocol": "TCP"}],
         },
     }

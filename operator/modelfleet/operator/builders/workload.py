@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from modelfleet.api.naming import MODEL_SERVER, PORT_NAME, SERVED_MODEL_ANNOTATION, WARMED_UP_CONDITION
 from modelfleet.operator.builders.common import (
     Manifest,
     ModelContext,
@@ -17,12 +18,10 @@ from modelfleet.operator.builders.common import (
 
 MODELS_MOUNT = "/models"
 HOME = "/home/modelfleet"
-# A pod counts as Ready only once this condition is True: the operator sets it after the pod has
+# A pod counts as Ready only once WARMED_UP_CONDITION is True: the operator sets it after the pod has
 # answered a warm-up generation, so the router never sends a request to a pod still loading weights.
-WARMED_UP_CONDITION = "modelfleet.io/warmed-up"
-# The model name a pod answers to, on the pod template: what the warm-up asks for, and what
-# changes the template (and so rolls the pods) when spec.model changes.
-SERVED_MODEL_ANNOTATION = "modelfleet.io/served-model"
+# SERVED_MODEL_ANNOTATION, on the pod template, is the model name a pod answers to: what the warm-up
+# asks for, and what changes the template (and so rolls the pods) when spec.model changes.
 # How long a stopping pod keeps serving before the engine gets SIGTERM (within its grace period).
 PRE_STOP_SECONDS = 10
 OLLAMA_PORT = 11434
@@ -173,7 +172,7 @@ def build_deployment(context: ModelContext) -> Manifest:
     def probe(period: int, failures: int) -> Manifest:
         # Health endpoints answer without running the model, so probes never cost a generation.
         return {
-            "httpGet": {"path": health_path, "port": "http"},
+            "httpGet": {"path": health_path, "port": PORT_NAME},
             "periodSeconds": period,
             "timeoutSeconds": 5,
             "failureThreshold": failures,
@@ -184,7 +183,7 @@ def build_deployment(context: ModelContext) -> Manifest:
         "image": context.image,
         "args": args,
         "env": env,
-        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "ports": [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}],
         "resources": resource_requirements(context),
         # The engine's health endpoint answers before the model is loaded (Ollama loads on the first
         # request): readiness also waits for the warm-up condition (readinessGates below).
@@ -228,7 +227,7 @@ def build_deployment(context: ModelContext) -> Manifest:
         "strategy": rollout_strategy(context),
         "template": {
             "metadata": {
-                "labels": labels(context, "model-server"),
+                "labels": labels(context, MODEL_SERVER),
                 "annotations": {SERVED_MODEL_ANNOTATION: context.served_model},
             },
             "spec": pod_spec,
@@ -242,6 +241,6 @@ def build_deployment(context: ModelContext) -> Manifest:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": metadata(context, child_name(context), "model-server"),
+        "metadata": metadata(context, child_name(context), MODEL_SERVER),
         "spec": spec,
     }
