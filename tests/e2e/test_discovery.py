@@ -25,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from modelfleet.api import v1alpha1
 from modelfleet.server.discovery import ClusterWatcher
-from modelfleet.server.registry import ModelSpec
+from modelfleet.server.model_spec import ModelSpec
 from tests.e2e.conftest import Cluster, client_with_token, service_account_kubeconfig, wait_for
 from tests.support.procs import LOOPBACK
 

@@ -19,7 +19,8 @@ import pytest
 import uvicorn
 
 from modelfleet.server.app import create_app
-from modelfleet.server.registry import ModelRegistry, ModelSpec
+from modelfleet.server.model_spec import ModelSpec
+from modelfleet.server.registry import ModelRegistry
 from modelfleet.server.settings import RouterSettings
 from tests.conftest import OllamaServer, running_router, start_ollama
 from tests.support.procs import LOOPBACK, free_port, wait_until

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from modelfleet.server.discovery import RouterPeers, is_cluster_internal_host, models_from_cluster
-from modelfleet.server.registry import ModelSpec
+from modelfleet.server.model_spec import ModelSpec
 
 pytestmark = pytest.mark.unit
 

@@ -22,8 +22,9 @@ from modelfleet.server.cache import cache_key
 from modelfleet.server.errors import RouterError
 from modelfleet.server.lifecycle import Drain
 from modelfleet.server.metrics import RouterMetrics
+from modelfleet.server.model_spec import Management, ModelSpec
 from modelfleet.server.pipeline import first_set, prompt_chars, upstream_body
-from modelfleet.server.registry import Management, ModelRegistry, ModelSpec
+from modelfleet.server.registry import ModelRegistry
 from modelfleet.server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, ResponsesRequest
 from modelfleet.server.services import Services
 from modelfleet.server.settings import RouterSettings, StaticModel

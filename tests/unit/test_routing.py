@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 
 from modelfleet.server.metrics import RouterMetrics
-from modelfleet.server.registry import ModelRegistry, ModelSpec, ServedModel
+from modelfleet.server.model_spec import ModelSpec
+from modelfleet.server.registry import ModelRegistry, ServedModel
 from modelfleet.server.routing import AFFINITY_CHARS, affinity_key, bounded_choice, load_limit, ranked, stable_prefix
 from modelfleet.server.settings import StaticModel
 

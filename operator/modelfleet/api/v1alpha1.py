@@ -7,6 +7,7 @@ these models into the CustomResourceDefinition; nothing else describes the schem
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
@@ -440,6 +441,27 @@ class Serving(Model):
     )
     cache: ResponseCache | None = Field(None, description="Response cache settings.")
     rate_limit: RateLimit | None = Field(None, description="Rate limits per API key.")
+
+
+@dataclass(frozen=True)
+class ServingDefaults:
+    """What the router does for a model whose spec.serving says nothing: the defaults of the fields above,
+    read off the types so that they are written once. The router's static models default to them too."""
+
+    max_in_flight_per_replica: int
+    max_queue: int
+    request_timeout_seconds: int
+    routing: Literal["prefix", "leastLoaded"]
+    cache_enabled: bool
+
+
+SERVING_DEFAULTS = ServingDefaults(
+    max_in_flight_per_replica=Serving().max_in_flight_per_replica,
+    max_queue=Serving().max_queue,
+    request_timeout_seconds=Serving().request_timeout_seconds,
+    routing=Serving().routing,
+    cache_enabled=ResponseCache().enabled,
+)
 
 
 class Endpoint(Model):

@@ -23,8 +23,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from modelfleet.api import v1alpha1
 from modelfleet.api.naming import COLLECTION_PATH, PORT_NAME, SERVICE_NAME_LABEL, child_base_name, is_child_name
-from modelfleet.server.registry import Api, Management, ModelSpec
+from modelfleet.api.reading import read_spec
+from modelfleet.server.model_spec import Api, Management, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -145,20 +147,21 @@ def _generation(body: Mapping[str, Any]) -> str:
 def _spec_for(
     candidate: _Candidate, ready: Mapping[tuple[str, str], tuple[str, ...]], notes: dict[WarningKey, str]
 ) -> ModelSpec | None:
-    spec: Mapping[str, Any] = candidate.body.get("spec") or {}
-    serving: Mapping[str, Any] = spec.get("serving") or {}
-    cache: Mapping[str, Any] = serving.get("cache") or {}
-    rate_limit: Mapping[str, Any] = serving.get("rateLimit") or {}
-    endpoint: Mapping[str, Any] = spec.get("endpoint") or {}
     where = f"{candidate.namespace}/{candidate.name}"
     generation = _generation(candidate.body)
+    # Typed with the CRD's own models; what a newer CRD added is left out, so that it never stops an
+    # older router from serving the model.
+    spec, ignored = read_spec(candidate.body.get("spec") or {})
+    serving = spec.serving or v1alpha1.Serving()
+    cache = serving.cache or v1alpha1.ResponseCache()
+    rate_limit = serving.rate_limit or v1alpha1.RateLimit()
 
     api: Api
     remote = False
     managed: Management | None = None
-    upstream = str(spec["model"])
-    if endpoint.get("url"):
-        url = str(endpoint["url"])
+    upstream = spec.model
+    if spec.endpoint is not None:
+        url = spec.endpoint.url
         host = urlsplit(url).hostname
         if not host:
             notes[("invalid", candidate.namespace, candidate.name, generation)] = (
@@ -166,36 +169,36 @@ def _spec_for(
             )
             return None
         remote = not is_cluster_internal_host(host)
-        if remote and not endpoint.get("allowRemote", False):
+        if remote and not spec.endpoint.allow_remote:
             notes[("remote", candidate.namespace, candidate.name, generation)] = (
                 f"InferenceModel {where} is not served: {host} is outside the cluster and "
                 "spec.endpoint.allowRemote is not true"
             )
             return None
-        if endpoint.get("apiKeySecretRef"):
+        if spec.endpoint.api_key_secret_ref is not None:
             # The router may not read Secrets (least privilege); the key has to reach it another way.
             notes[("api-key", candidate.namespace, candidate.name, generation)] = (
                 f"InferenceModel {where}: spec.endpoint.apiKeySecretRef is not read by discovery; "
                 "requests go to the endpoint without an API key"
             )
-        api = "ollama" if endpoint.get("api") == "ollama" else "openai"
+        api = spec.endpoint.api
         base = url.rstrip("/").removesuffix("/v1").rstrip("/")
         endpoints: tuple[str, ...] = (base,)
-    elif spec.get("runtime") in ("ollama", "vllm"):
-        api = "ollama" if spec["runtime"] == "ollama" else "openai"
+    elif spec.runtime is not None:
+        api = "ollama" if spec.runtime == "ollama" else "openai"
         endpoints = ready.get((candidate.namespace, child_base_name(candidate.name)), ())
         # The operator names the model its pods answer to: while spec.model changes, the old pods keep
         # serving (under the old name) until the new ones are all Ready.
         status: Mapping[str, Any] = candidate.body.get("status") or {}
         upstream = str(status.get("servedModel") or upstream)
-        resources: Mapping[str, Any] = spec.get("resources") or {}
+        resources = spec.resources or v1alpha1.Resources()
         managed = Management(
-            replicas=int(spec.get("replicas", 1)),
-            autoscaled=bool((spec.get("autoscaling") or {}).get("enabled", False)),
+            replicas=spec.replicas,
+            autoscaled=spec.autoscaling is not None and spec.autoscaling.enabled,
             load_replicas=int(status.get("loadReplicas") or 1),
             pods=int(status.get("replicas") or 0),
-            gpus_per_replica=int(resources.get("gpu", 1)),
-            gpu_resource=str(resources.get("gpuResource", "nvidia.com/gpu")),
+            gpus_per_replica=resources.gpu,
+            gpu_resource=resources.gpu_resource,
             phase=str(status.get("phase") or ""),
         )
     else:
@@ -204,25 +207,29 @@ def _spec_for(
         )
         return None
 
-    ttl = cache.get("ttlSeconds")
-    rpm = rate_limit.get("requestsPerMinute")
-    tpm = rate_limit.get("tokensPerMinute")
+    if ignored:
+        notes[("ignored", candidate.namespace, candidate.name, generation)] = (
+            f"InferenceModel {where}: this router does not know {', '.join(f'spec.{path}' for path in ignored)}, "
+            "and serves the model without it"
+        )
+    # A TTL the spec does not set is the router's default, not the CRD's.
+    ttl = cache.ttl_seconds if "ttl_seconds" in cache.model_fields_set else None
     return ModelSpec(
         name=candidate.name,
         api=api,
         upstream_model=upstream,
         endpoints=endpoints,
-        aliases=tuple(str(alias) for alias in serving.get("aliases") or ()),
-        max_in_flight_per_replica=int(serving.get("maxInFlightPerReplica", 4)),
-        max_queue=int(serving.get("maxQueue", 64)),
-        request_timeout_seconds=float(serving.get("requestTimeoutSeconds", 300)),
+        aliases=tuple(serving.aliases or ()),
+        max_in_flight_per_replica=serving.max_in_flight_per_replica,
+        max_queue=serving.max_queue,
+        request_timeout_seconds=float(serving.request_timeout_seconds),
         remote=remote,
-        cache_enabled=bool(cache.get("enabled", True)),
+        cache_enabled=cache.enabled,
         cache_ttl_seconds=None if ttl is None else float(ttl),
-        requests_per_minute=None if rpm is None else int(rpm),
-        tokens_per_minute=None if tpm is None else int(tpm),
+        requests_per_minute=rate_limit.requests_per_minute,
+        tokens_per_minute=rate_limit.tokens_per_minute,
         source=SOURCE,
-        routing="leastLoaded" if serving.get("routing") == "leastLoaded" else "prefix",
+        routing=serving.routing,
         managed=managed,
         namespace=candidate.namespace,
     )

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from modelfleet.server.backends.base import request_headers
-from modelfleet.server.registry import ModelSpec
+from modelfleet.server.model_spec import ModelSpec
 from modelfleet.server.services import Services
 from modelfleet.server.upstream import UpstreamError
 

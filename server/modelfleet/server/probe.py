@@ -10,7 +10,7 @@ import asyncio
 import time
 
 from modelfleet.server.backends.base import request_headers
-from modelfleet.server.registry import ModelSpec
+from modelfleet.server.model_spec import ModelSpec
 from modelfleet.server.services import Services
 from modelfleet.server.upstream import UpstreamClient, UpstreamError
 

@@ -9,7 +9,8 @@ import yaml
 from pydantic import BaseModel, Field, HttpUrl, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from modelfleet.server.registry import ModelSpec
+from modelfleet.api.v1alpha1 import SERVING_DEFAULTS
+from modelfleet.server.model_spec import ModelSpec
 from modelfleet.server.routing import Routing
 
 
@@ -24,17 +25,25 @@ class StaticModel(BaseModel):
     api: Literal["openai", "ollama"] = Field("openai", description="openai (/v1/...) or ollama (/api/chat).")
     upstream_model: str | None = Field(None, description="Model name at the backend, if it differs.")
     aliases: list[str] = Field(default_factory=list, description="Other names for this model.")
-    max_in_flight: int = Field(4, ge=1, description="Requests each replica runs at once; more wait in the queue.")
-    max_queue: int = Field(64, ge=0, description="Requests that may wait; beyond this the router answers 429.")
-    request_timeout_seconds: float = Field(300.0, gt=0, description="Longest wait in the queue.")
+    max_in_flight: int = Field(
+        SERVING_DEFAULTS.max_in_flight_per_replica,
+        ge=1,
+        description="Requests each replica runs at once; more wait in the queue.",
+    )
+    max_queue: int = Field(
+        SERVING_DEFAULTS.max_queue, ge=0, description="Requests that may wait; beyond this the router answers 429."
+    )
+    request_timeout_seconds: float = Field(
+        SERVING_DEFAULTS.request_timeout_seconds, gt=0, description="Longest wait in the queue."
+    )
     remote: bool = Field(False, description="A remote provider: used only by requests that set allow_remote.")
-    cache_enabled: bool = Field(True, description="Cache this model's deterministic answers.")
+    cache_enabled: bool = Field(SERVING_DEFAULTS.cache_enabled, description="Cache this model's deterministic answers.")
     cache_ttl_seconds: float | None = Field(None, gt=0, description="Cache TTL for this model (default: the router's).")
     requests_per_minute: int | None = Field(None, ge=0, description="Per-key request limit (default: the router's).")
     tokens_per_minute: int | None = Field(None, ge=0, description="Per-key token limit (default: the router's).")
     api_key: SecretStr | None = Field(None, description="Bearer token the backend expects.")
     routing: Routing = Field(
-        "prefix",
+        SERVING_DEFAULTS.routing,
         description="prefix: requests sharing a prompt prefix go to the same replica (its KV cache), within a load "
         "bound; leastLoaded: the replica with the fewest requests.",
     )

@@ -13,7 +13,7 @@ from typing import Any, Literal, Protocol
 import orjson
 
 from modelfleet.server.errors import BackendUnreachable, RouterError
-from modelfleet.server.registry import ModelSpec
+from modelfleet.server.model_spec import ModelSpec
 from modelfleet.server.upstream import (
     UpstreamClient,
     UpstreamError,

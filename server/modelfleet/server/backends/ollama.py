@@ -24,7 +24,7 @@ from modelfleet.server.backends.base import (
     upstream_lines,
 )
 from modelfleet.server.errors import RouterError
-from modelfleet.server.registry import ModelSpec
+from modelfleet.server.model_spec import ModelSpec
 from modelfleet.server.upstream import UpstreamClient, UpstreamResponse
 
 # OpenAI request field -> Ollama option.

@@ -15,7 +15,7 @@ from modelfleet.server.backends.base import (
     send_streaming,
     upstream_lines,
 )
-from modelfleet.server.registry import ModelSpec
+from modelfleet.server.model_spec import ModelSpec
 from modelfleet.server.upstream import UpstreamClient, UpstreamResponse
 
 PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
