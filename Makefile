@@ -82,10 +82,11 @@ images: ## Build the router and operator images (and their stand-in base images)
 	hack/images.sh build
 
 .PHONY: lint
-lint: ## ruff check, ruff format --check, mypy, shellcheck, hadolint, helm lint --strict
+lint: ## ruff check (with complexity limits), ruff format --check, mypy, the import contracts, shellcheck, hadolint, helm lint --strict
 	$(VENV_BIN)/ruff check $(PY_SOURCES)
 	$(VENV_BIN)/ruff format --check $(PY_SOURCES)
 	$(VENV_BIN)/mypy $(MYPY_TARGETS)
+	PYTHONPATH=. $(VENV_BIN)/lint-imports
 	shellcheck hack/*.sh .ci/run
 	$(VENV_BIN)/hadolint Dockerfile.operator Dockerfile.server
 	.cache/bin/helm lint --strict charts/modelfleet
