@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from modelfleet.server.discovery import RouterPeers, is_cluster_internal_host, models_from_cluster
+from modelfleet.server.cluster_models import RouterPeers, is_cluster_internal_host, models_from_cluster
 from modelfleet.server.model_spec import ModelSpec
 
 pytestmark = pytest.mark.unit
@@ -259,7 +259,7 @@ def test_remote_hosts(host: str) -> None:
 
 
 def test_a_remote_endpoint_is_not_served_without_allow_remote(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="modelfleet.server.discovery"):
+    with caplog.at_level(logging.WARNING, logger="modelfleet.server.cluster_models"):
         specs = models_from_cluster([endpoint_model("gpt", "https://api.openai.com/v1")], [])
     assert specs == []
     assert "ai/gpt is not served" in caplog.text
@@ -279,7 +279,7 @@ def test_allow_remote_does_not_mark_an_internal_endpoint_remote() -> None:
 def test_refusal_is_logged_once_per_generation(caplog: pytest.LogCaptureFixture) -> None:
     warned: set[tuple[str, ...]] = set()
     remote = endpoint_model("gpt", "https://api.openai.com")
-    with caplog.at_level(logging.WARNING, logger="modelfleet.server.discovery"):
+    with caplog.at_level(logging.WARNING, logger="modelfleet.server.cluster_models"):
         for _ in range(3):
             assert models_from_cluster([remote], [], warned=warned) == []
         assert len(caplog.records) == 1
@@ -307,7 +307,7 @@ def test_name_clash_across_namespaces(
         model("phi", {"model": "phi3:mini", "endpoint": {"url": f"http://phi.{ns}.svc"}}, namespace=ns, created=ts)
         for ns, ts in (first, second)
     ]
-    with caplog.at_level(logging.WARNING, logger="modelfleet.server.discovery"):
+    with caplog.at_level(logging.WARNING, logger="modelfleet.server.cluster_models"):
         for order in (bodies, list(reversed(bodies))):
             spec = only(models_from_cluster(order, []))
             assert spec.endpoints == (f"http://phi.{winner}.svc",)
@@ -351,7 +351,7 @@ def test_a_malformed_model_is_skipped_and_the_others_still_served(caplog: pytest
     broken = model("broken", {"endpoint": {"url": "http://llm.ai.svc"}})  # no spec.model
     bad_number = model("bad", {"model": "x", "endpoint": {"url": "http://llm.ai.svc"}, "serving": {"maxQueue": "lots"}})
     neither = model("neither", {"model": "x"})  # no runtime, no endpoint
-    with caplog.at_level(logging.WARNING, logger="modelfleet.server.discovery"):
+    with caplog.at_level(logging.WARNING, logger="modelfleet.server.cluster_models"):
         specs = models_from_cluster([broken, bad_number, neither, endpoint_model("fine", "http://llm.ai.svc")], [])
     assert [spec.name for spec in specs] == ["fine"]
     assert "ai/broken is not served" in caplog.text

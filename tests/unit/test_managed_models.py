@@ -14,7 +14,7 @@ from modelfleet.operator.builders.common import ModelContext
 from modelfleet.operator.reconcile import rollout_complete, served_model, volume_node
 from modelfleet.operator.status import Observed, conditions_for, phase_for
 from modelfleet.operator.warmup import WarmUpRequest, WarmUps, warmup_request
-from modelfleet.server.discovery import models_from_cluster
+from modelfleet.server.cluster_models import models_from_cluster
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from modelfleet.api.reading import read_spec
-from modelfleet.server.discovery import models_from_cluster
+from modelfleet.server.cluster_models import models_from_cluster
 
 pytestmark = pytest.mark.unit
 
@@ -59,7 +59,7 @@ def test_the_router_serves_a_newer_versions_model_and_says_what_it_left_out(capl
         "metadata": {"name": "llama", "namespace": "ai", "generation": 3},
         "spec": {**ENDPOINT, "serving": {"maxQueue": 7, "routing": "kvAware"}},
     }
-    with caplog.at_level(logging.WARNING, logger="modelfleet.server.discovery"):
+    with caplog.at_level(logging.WARNING, logger="modelfleet.server.cluster_models"):
         (spec,) = models_from_cluster([body], [])
     assert (spec.name, spec.max_queue, spec.routing) == ("llama", 7, "prefix")
     assert "this router does not know spec.serving.routing" in caplog.text

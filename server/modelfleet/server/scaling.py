@@ -13,7 +13,7 @@ import httpx
 import orjson
 
 from modelfleet.api.naming import scale_path
-from modelfleet.server.discovery import ApiServer, load_api_server
+from modelfleet.server.kube_api import ApiServer, load_api_server
 from modelfleet.server.errors import RouterError
 
 
