@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hack import ollama_model
-from hack.bench.run import BENCH_MODEL, Result, log, p90, router
+from hack.bench.harness import BENCH_MODEL, Result, log, p90, router
 
 MODES = ("leastLoaded", "prefix")
 PARALLEL = 4  # requests per replica at once: the CRD's default maxInFlightPerReplica

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import yaml
 
-from hack.bench.run import (
+from hack.bench.harness import (
     CHAT,
     LOOPBACK,
     REPO,

@@ -23,8 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hack.bench.harness import CHAT, REPO, Result, build_go_tools, loadgen, log, router, upstream
 from hack.bench.peers import CpuMeter, pinned_here, pinning
-from hack.bench.run import CHAT, REPO, Result, build_go_tools, loadgen, log, router, stop_on_sigterm, upstream
+from hack.bench.run import stop_on_sigterm
 
 FIGURES = {
     "cpu_ms_per_request": "CPU ms / request, 32 clients",

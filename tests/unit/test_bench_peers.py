@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from hack.bench import peers
-from hack.bench.run import ProcStat, markdown, parse_proc_stat, pinned_argv
+from hack.bench.harness import ProcStat, parse_proc_stat, pinned_argv
+from hack.bench.run import markdown
 
 pytestmark = pytest.mark.unit
 

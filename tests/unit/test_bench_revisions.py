@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hack.bench import revisions
-from hack.bench.run import REPO
+from hack.bench.harness import REPO
 
 pytestmark = pytest.mark.unit
 
