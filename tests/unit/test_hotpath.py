@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from modelfleet.server import pipeline
+from modelfleet.server import admission
 from modelfleet.server.api import admin, compat, health, openai, responses
 from modelfleet.server.app import create_app
 from modelfleet.server.hotpath import hot_routes, json_content
@@ -89,7 +89,7 @@ def test_a_failure_inside_the_endpoint_is_a_500_in_the_one_format(
             ResponsesRequest.model_validate({})
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(pipeline, "prepare", broken)
+    monkeypatch.setattr(admission, "prepare", broken)
     response = client.post("/v1/chat/completions", content=CHAT, headers={"content-type": "application/json"})
     assert response.status_code == 500
     assert response.json()["error"] == {"message": "The router failed to handle the request.",

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from starlette.requests import Request
 
+from modelfleet.server.admission import first_set, prompt_chars, upstream_body
 from modelfleet.server.api.admin import model_state
 from modelfleet.server.api.compat import as_chat_request as generate_as_chat
 from modelfleet.server.api.responses import as_chat_request as responses_as_chat
@@ -23,7 +24,6 @@ from modelfleet.server.errors import RouterError
 from modelfleet.server.lifecycle import Drain
 from modelfleet.server.metrics import RouterMetrics
 from modelfleet.server.model_spec import Management, ModelSpec
-from modelfleet.server.pipeline import first_set, prompt_chars, upstream_body
 from modelfleet.server.registry import ModelRegistry
 from modelfleet.server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, ResponsesRequest
 from modelfleet.server.services import Services

@@ -18,10 +18,11 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from modelfleet.server.admission import Generation
 from modelfleet.server.api.responses import response_events
 from modelfleet.server.app import create_app
 from modelfleet.server.errors import RouterError
-from modelfleet.server.pipeline import Generation, StreamEvent, StreamFailure, StreamPlan
+from modelfleet.server.relay import StreamEvent, StreamFailure, StreamPlan
 from modelfleet.server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, ResponsesRequest
 from modelfleet.server.settings import RouterSettings
 

@@ -19,8 +19,8 @@ from modelfleet.server.auth import KeyRing
 from modelfleet.server.backends.ollama import OllamaBackend
 from modelfleet.server.backends.openai_compat import OpenAICompatBackend
 from modelfleet.server.cache import CacheStore, MemoryStore, RedisCircuit, RedisStore, ResponseCache
-from modelfleet.server.disconnect import CancelOnDisconnect
 from modelfleet.server.cluster_models import RouterPeers
+from modelfleet.server.disconnect import CancelOnDisconnect
 from modelfleet.server.discovery import ClusterWatcher
 from modelfleet.server.errors import install_error_handlers
 from modelfleet.server.hotpath import HotRoutes, hot_routes

@@ -13,8 +13,8 @@ import httpx
 import orjson
 
 from modelfleet.api.naming import scale_path
-from modelfleet.server.kube_api import ApiServer, load_api_server
 from modelfleet.server.errors import RouterError
+from modelfleet.server.kube_api import ApiServer, load_api_server
 
 
 class ModelScaler:

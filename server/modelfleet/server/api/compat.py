@@ -14,10 +14,11 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from modelfleet.server import pipeline
+from modelfleet.server import admission, relay
+from modelfleet.server.admission import Generation
 from modelfleet.server.api.openai import SSE_HEADERS
 from modelfleet.server.errors import GENERATION_ERRORS, OrjsonResponse, RouterError, error_body
-from modelfleet.server.pipeline import Generation, Heartbeat, StreamFailure, StreamPlan
+from modelfleet.server.relay import Heartbeat, StreamFailure, StreamPlan
 from modelfleet.server.schemas import (
     ERROR_DETAIL_REF,
     ChatCompletionRequest,
@@ -78,7 +79,7 @@ def as_chat_request(request: GenerateRequest, services: Services) -> ChatComplet
 
 async def start(http_request: Request, request: GenerateRequest, route: str) -> Generation:
     services = services_of(http_request)
-    return await pipeline.prepare(services, http_request, as_chat_request(request, services), "chat", route,
+    return await admission.prepare(services, http_request, as_chat_request(request, services), "chat", route,
                                   use_cache=request.use_cache)  # fmt: skip
 
 
@@ -94,7 +95,7 @@ def answer_text(result: dict[str, Any]) -> str:
 @router.post("/v1/generate", responses={200: {"model": GenerateAnswer}, **GENERATION_ERRORS})
 async def generate(request: GenerateRequest, http_request: Request) -> OrjsonResponse:
     generation = await start(http_request, request, "/v1/generate")
-    result, lookup = await pipeline.complete(generation)
+    result, lookup = await relay.complete(generation)
     usage = result.get("usage") or {}
     body = {
         "text": answer_text(result),
@@ -143,7 +144,7 @@ async def token_events(plan: StreamPlan, generation: Generation) -> AsyncIterato
 )
 async def generate_stream(request: GenerateRequest, http_request: Request) -> StreamingResponse:
     generation = await start(http_request, request, "/v1/generate/stream")
-    plan = await pipeline.stream(generation)
+    plan = await relay.stream(generation)
     return StreamingResponse(token_events(plan, generation), media_type="text/event-stream",
                              headers={**generation.response_headers(), **SSE_HEADERS})  # fmt: skip
 
@@ -151,7 +152,7 @@ async def generate_stream(request: GenerateRequest, http_request: Request) -> St
 @router.post("/infer", responses={200: {"model": InferAnswer}, **GENERATION_ERRORS})
 async def infer(request: InferRequest, http_request: Request) -> OrjsonResponse:
     generation = await start(http_request, request, "/infer")
-    result, lookup = await pipeline.complete(generation)
+    result, lookup = await relay.complete(generation)
     body = {"response": answer_text(result), "latency_ms": latency_ms(generation),
             "cached": lookup in ("hit", "coalesced"), "model": generation.name}  # fmt: skip
     return OrjsonResponse(body, headers=generation.response_headers())

@@ -9,10 +9,10 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from modelfleet.server import pipeline
+from modelfleet.server import admission, relay
 from modelfleet.server.backends.base import Kind
 from modelfleet.server.errors import GENERATION_ERRORS, OrjsonResponse, error_body, error_responses
-from modelfleet.server.pipeline import Heartbeat, StreamFailure, StreamPlan
+from modelfleet.server.relay import Heartbeat, StreamFailure, StreamPlan
 from modelfleet.server.schemas import (
     OPENAI_STREAM,
     ChatCompletion,
@@ -46,16 +46,16 @@ async def openai_events(plan: StreamPlan, include_usage: bool) -> AsyncIterator[
 
 async def answer(http_request: Request, request: SamplingFields, kind: Kind, route: str) -> Any:
     services = services_of(http_request)
-    generation = await pipeline.prepare(services, http_request, request, kind, route, use_cache=request.use_cache,
+    generation = await admission.prepare(services, http_request, request, kind, route, use_cache=request.use_cache,
                                         allow_remote=request.allow_remote)  # fmt: skip
     headers = generation.response_headers()
     if request.stream:
-        plan = await pipeline.stream(generation)
+        plan = await relay.stream(generation)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         headers.update(SSE_HEADERS)
         headers["x-modelfleet-cache"] = "hit" if plan.cached else "miss"
         return StreamingResponse(openai_events(plan, include_usage), media_type="text/event-stream", headers=headers)
-    result, lookup = await pipeline.complete(generation)
+    result, lookup = await relay.complete(generation)
     headers["x-modelfleet-cache"] = lookup
     return OrjsonResponse(result, headers=headers)
 

@@ -15,10 +15,11 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from modelfleet.server import pipeline
+from modelfleet.server import admission, relay
+from modelfleet.server.admission import Generation
 from modelfleet.server.api.openai import SSE_HEADERS
 from modelfleet.server.errors import GENERATION_ERRORS, OrjsonResponse
-from modelfleet.server.pipeline import Generation, Heartbeat, StreamFailure, StreamPlan
+from modelfleet.server.relay import Heartbeat, StreamFailure, StreamPlan
 from modelfleet.server.schemas import ChatCompletionRequest, ResponseObject, ResponsesRequest, event_stream, json_data
 from modelfleet.server.services import services_of
 from modelfleet.server.streaming import PING, sse
@@ -223,14 +224,14 @@ async def response_events(plan: StreamPlan, generation: Generation, request: Res
 )
 async def create_response(request: ResponsesRequest, http_request: Request) -> Any:
     services = services_of(http_request)
-    generation = await pipeline.prepare(services, http_request, as_chat_request(request), "chat", "/v1/responses",
+    generation = await admission.prepare(services, http_request, as_chat_request(request), "chat", "/v1/responses",
                                         use_cache=request.use_cache, allow_remote=request.allow_remote)  # fmt: skip
     headers = generation.response_headers()
     if request.stream:
-        plan = await pipeline.stream(generation)
+        plan = await relay.stream(generation)
         return StreamingResponse(response_events(plan, generation, request), media_type="text/event-stream",
                                  headers={**headers, **SSE_HEADERS})  # fmt: skip
-    result, lookup = await pipeline.complete(generation)
+    result, lookup = await relay.complete(generation)
     choice = result["choices"][0]
     body = response_object(
         f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", generation, request,
