@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,14 +17,16 @@ from typing import Any
 
 from tests.support.procs import LOOPBACK
 
-# Given a request body: the answer body (non-streamed) or the list of SSE events (streamed).
-Script = Callable[[dict[str, Any]], dict[str, Any] | list[dict[str, Any]]]
+# Given a request body: the answer body (non-streamed), or the SSE events (streamed), written as the
+# iterable gives them (a generator may pause between events, as an engine does between tokens).
+Script = Callable[[dict[str, Any]], dict[str, Any] | Iterable[dict[str, Any]]]
 
 
 @dataclass
 class RecordingBackend:
     base_url: str
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    hung_up: int = 0
 
 
 @contextmanager
@@ -64,11 +66,14 @@ def recording_backend(script: Script) -> Iterator[RecordingBackend]:
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Connection", "close")
             self.end_headers()
-            for event in answer:
-                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-                self.wfile.flush()
-            self.wfile.write(b"data: [DONE]\n\n")
             self.close_connection = True
+            try:
+                for event in answer:
+                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
+            except (BrokenPipeError, ConnectionResetError):
+                backend.hung_up += 1  # the router closed the stream: how a backend learns the client left
 
     server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
     server.daemon_threads = True

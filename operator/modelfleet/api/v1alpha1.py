@@ -398,6 +398,14 @@ class ResponseCache(Model):
     ttl_seconds: int = Field(
         3600, ge=1, le=31536000, description="How long a cached response is served (a year at most)."
     )
+    share_across_keys: bool = Field(
+        False,
+        description=(
+            "Serve one API key's cached answers to other keys' identical requests. Off by default: a shared "
+            "cache tells a caller what others asked (a hit is faster), so share only a model whose prompts "
+            "are not private."
+        ),
+    )
 
 
 class RateLimit(Model):

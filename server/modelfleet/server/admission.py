@@ -50,6 +50,8 @@ class Generation:
     # (a whole answer arrives at once: no first token of its own).
     backend_started: float | None = None
     first_token_seconds: float | None = None
+    # Chunks of text relayed to a streaming client, what it is charged at least if it leaves early.
+    relayed_text_chunks: int = 0
 
     @property
     def name(self) -> str:
@@ -147,7 +149,9 @@ async def prepare(
                          settings.rate_limit_tokens_per_minute),
         window_seconds=settings.rate_limit_window_seconds,
     )  # fmt: skip
-    namespace = principal.subject if settings.cache_per_key else ""
+    # Per key unless the model shares its answers: a shared hit would tell one caller what another asked.
+    shared = model.spec.cache_shared_across_keys or not settings.cache_per_key
+    namespace = "" if shared else principal.subject
     key = cache_key(model.name, kind, body, namespace) if wants_cache(http_request, services, model, body,
                                                                       use_cache, route) else None  # fmt: skip
     affinity = affinity_key(body) if model.spec.routing == "prefix" else None
@@ -170,11 +174,14 @@ def first_set(*values: int | None) -> int | None:
 CHARS_PER_TOKEN = 4
 
 
+def prompt_tokens_estimate(body: dict[str, Any]) -> int:
+    field_name = "messages" if "messages" in body else "prompt"
+    return -(-prompt_chars(body.get(field_name)) // CHARS_PER_TOKEN)
+
+
 def tokens_to_reserve(body: dict[str, Any]) -> int:
     """The most a request may cost: its prompt's estimated tokens plus its max_tokens."""
-    field_name = "messages" if "messages" in body else "prompt"
-    prompt = -(-prompt_chars(body.get(field_name)) // CHARS_PER_TOKEN)
-    return prompt + int(body.get("max_tokens") or 0)
+    return prompt_tokens_estimate(body) + int(body.get("max_tokens") or 0)
 
 
 async def admit_rate(generation: Generation) -> None:
@@ -229,7 +236,7 @@ async def account(generation: Generation, usage: dict[str, Any] | None) -> None:
 
 async def settle(generation: Generation, used: int) -> None:
     """Replace the request's token reservation by what it used, once; 0 refunds it all (an answer from
-    the cache, a failure, a client that left)."""
+    the cache, a failure, a client that left before its stream began)."""
     reservation, generation.reservation = generation.reservation, None
     if reservation is not None:
         await generation.services.limiter.settle(reservation, generation.limits, used)

@@ -217,6 +217,7 @@ def _spec_for(
         request_timeout_seconds=float(serving.request_timeout_seconds),
         remote=remote,
         cache_enabled=cache.enabled,
+        cache_shared_across_keys=cache.share_across_keys,
         cache_ttl_seconds=None if ttl is None else float(ttl),
         requests_per_minute=rate_limit.requests_per_minute,
         tokens_per_minute=rate_limit.tokens_per_minute,

@@ -49,6 +49,8 @@ class ModelSpec:
     remote: bool = False
     cache_enabled: bool = SERVING_DEFAULTS.cache_enabled
     cache_ttl_seconds: float | None = None  # None: the router's default
+    # One key's cached answers served to other keys (opt-in per model: see docs/architecture.md).
+    cache_shared_across_keys: bool = False
     requests_per_minute: int | None = None  # None: the router's default
     tokens_per_minute: int | None = None
     upstream_api_key: str | None = field(default=None, repr=False)

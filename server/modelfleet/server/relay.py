@@ -17,14 +17,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from modelfleet.server.admission import Generation, account, observe, settle, status_class_of
+from modelfleet.server.admission import (
+    Generation,
+    account,
+    observe,
+    prompt_tokens_estimate,
+    settle,
+    status_class_of,
+)
 from modelfleet.server.backends.base import Backend, Chunk, StreamBroken
 from modelfleet.server.cache import Lookup
 from modelfleet.server.errors import BackendUnreachable, RouterError
 from modelfleet.server.queue import Ticket
 from modelfleet.server.registry import ServedModel
 from modelfleet.server.services import Services
-from modelfleet.server.streaming import Assembler, replay_chunks
+from modelfleet.server.streaming import Assembler, replay_chunks, replayable
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +146,19 @@ async def stream(generation: Generation) -> StreamPlan:
 
 
 async def settled_at_end(generation: Generation, events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+    used = 0
     try:
         async for event in events:
             yield event
+    except (GeneratorExit, asyncio.CancelledError):
+        # The client left mid-stream. The backend generated for it until then: it is charged its prompt and
+        # the tokens relayed (engines stream about one a chunk), never nothing, or leaving just before the
+        # end would dodge the token budget. A client that left while it waited in line used nothing.
+        if generation.backend_started is not None:
+            used = prompt_tokens_estimate(generation.body) + generation.relayed_text_chunks
+        raise
     finally:
-        await settle(generation, 0)
+        await settle(generation, used)
 
 
 async def plan_stream(generation: Generation) -> StreamPlan:
@@ -157,7 +172,7 @@ async def plan_stream(generation: Generation) -> StreamPlan:
     model = generation.model
     if generation.cache_key is not None and services.cache is not None:
         cached, _lookup = await services.cache.get(generation.name, generation.cache_key)
-        if cached is not None:
+        if cached is not None and replayable(cached):
             observe(generation, "2xx", "hit")
             return StreamPlan(iter_async(replay_chunks({**cached, "model": generation.name})), cached=True)
     try:
@@ -245,6 +260,7 @@ async def relay(
             chunk["model"] = generation.name
             assembler.add(chunk)
             if has_text(chunk):
+                generation.relayed_text_chunks += 1
                 now = time.monotonic()
                 if first_token_at is None:
                     first_token_at = now

@@ -39,6 +39,9 @@ class StaticModel(BaseModel):
     remote: bool = Field(False, description="A remote provider: used only by requests that set allow_remote.")
     cache_enabled: bool = Field(SERVING_DEFAULTS.cache_enabled, description="Cache this model's deterministic answers.")
     cache_ttl_seconds: float | None = Field(None, gt=0, description="Cache TTL for this model (default: the router's).")
+    cache_shared_across_keys: bool = Field(
+        False, description="Serve one key's cached answers to other keys (a privacy trade-off; off by default)."
+    )
     requests_per_minute: int | None = Field(None, ge=0, description="Per-key request limit (default: the router's).")
     tokens_per_minute: int | None = Field(None, ge=0, description="Per-key token limit (default: the router's).")
     api_key: SecretStr | None = Field(None, description="Bearer token the backend expects.")
@@ -61,6 +64,7 @@ class StaticModel(BaseModel):
             remote=self.remote,
             cache_enabled=self.cache_enabled,
             cache_ttl_seconds=self.cache_ttl_seconds,
+            cache_shared_across_keys=self.cache_shared_across_keys,
             requests_per_minute=self.requests_per_minute,
             tokens_per_minute=self.tokens_per_minute,
             upstream_api_key=self.api_key.get_secret_value() if self.api_key else None,
@@ -109,7 +113,11 @@ class RouterSettings(BaseSettings):
     # Cache
     cache_size: int = Field(512, ge=0, description="Responses kept in the in-process cache; 0 turns caching off.")
     cache_ttl_seconds: float = Field(3600.0, gt=0, description="How long a cached response is served.")
-    cache_per_key: bool = Field(False, description="Give each API key its own cache namespace.")
+    cache_per_key: bool = Field(
+        True,
+        description="Give each API key its own cache namespace (a model may still share its answers across keys: "
+        "serving.cache.shareAcrossKeys, or cache_shared_across_keys of a static model). false shares every model's.",
+    )
     sampled_cache_routes: list[str] = Field(
         default_factory=lambda: ["/v1/generate", "/v1/generate/stream", "/infer"],
         description=(

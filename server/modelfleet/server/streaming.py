@@ -15,6 +15,15 @@ def sse(payload: bytes, event: str | None = None) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
+# What the assembler rebuilds: text, its role and how it ended. A chunk with anything else (tool calls,
+# logprobs, a refusal, reasoning, several choices...) makes the answer one it cannot rebuild field by field,
+# and a cache must never serve a lossy copy of an answer in place of the real one.
+CHUNK_FIELDS = frozenset({"id", "object", "created", "model", "choices", "usage", "system_fingerprint"})
+CHAT_CHOICE_FIELDS = frozenset({"index", "delta", "finish_reason", "logprobs"})
+TEXT_CHOICE_FIELDS = frozenset({"index", "text", "finish_reason", "logprobs"})
+DELTA_FIELDS = frozenset({"role", "content"})
+
+
 class Assembler:
     """Rebuilds the non-streamed response from the chunks of a stream, to store it in the cache."""
 
@@ -24,12 +33,19 @@ class Assembler:
         self.first: dict[str, Any] | None = None
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
+        self.system_fingerprint: str | None = None
+        # False once a chunk carried what result() cannot rebuild.
+        self.lossless = True
 
     def add(self, chunk: dict[str, Any]) -> None:
         if self.first is None:
             self.first = chunk
         if chunk.get("usage"):
             self.usage = chunk["usage"]
+        if chunk.get("system_fingerprint"):
+            self.system_fingerprint = chunk["system_fingerprint"]
+        if self.lossless and not self._rebuildable(chunk):
+            self.lossless = False
         for choice in chunk.get("choices") or []:
             text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
             if text:
@@ -37,9 +53,22 @@ class Assembler:
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
 
+    def _rebuildable(self, chunk: dict[str, Any]) -> bool:
+        if not CHUNK_FIELDS.issuperset(chunk):
+            return False
+        allowed = CHAT_CHOICE_FIELDS if self.chat else TEXT_CHOICE_FIELDS
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) != 0 or not allowed.issuperset(choice) or choice.get("logprobs") is not None:
+                return False
+            delta = choice.get("delta") or {}
+            if not DELTA_FIELDS.issuperset(k for k, v in delta.items() if v is not None):
+                return False
+        return True
+
     def result(self) -> dict[str, Any] | None:
-        """The complete response, or None if the stream did not finish properly."""
-        if self.first is None or self.finish_reason is None:
+        """The complete response, or None if the stream did not finish properly or carried what cannot be
+        rebuilt (then it is not cached)."""
+        if self.first is None or self.finish_reason is None or not self.lossless:
             return None
         text = "".join(self.parts)
         choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason}
@@ -47,7 +76,7 @@ class Assembler:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        return {
+        rebuilt = {
             "id": self.first.get("id"),
             "object": "chat.completion" if self.chat else "text_completion",
             "created": self.first.get("created", int(time.time())),
@@ -55,6 +84,26 @@ class Assembler:
             "choices": [choice],
             "usage": self.usage,
         }
+        if self.system_fingerprint is not None:
+            rebuilt["system_fingerprint"] = self.system_fingerprint
+        return rebuilt
+
+
+def replayable(response: dict[str, Any]) -> bool:
+    """Whether replay_chunks() gives back all of a cached answer: one choice of text, nothing else (a cached
+    tool call or logprobs would be lost in the replay, so such a streamed request goes to the backend)."""
+    choices = response.get("choices") or []
+    if len(choices) != 1:
+        return False
+    choice = choices[0]
+    if choice.get("logprobs") is not None:
+        return False
+    if "message" in choice:
+        message = choice.get("message") or {}
+        return CHAT_CHOICE_FIELDS.union({"message"}).issuperset(choice) and DELTA_FIELDS.issuperset(
+            k for k, v in message.items() if v is not None
+        )
+    return TEXT_CHOICE_FIELDS.issuperset(choice)
 
 
 def replay_chunks(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
