@@ -47,24 +47,30 @@ def render() -> str:
                       "config file's `models:`):", "", *models, "", END])  # fmt: skip
 
 
-def main() -> int:
+def rewrite_block(what: str, begin: str, end: str, rendered: str) -> int:
+    """Write `rendered` between the markers `begin` and `end` of the README named on the command line, or with
+    --check exit 1 if it is not what is there."""
     parser = argparse.ArgumentParser()
     parser.add_argument("readme", type=Path)
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
     text = args.readme.read_text()
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < 0:
-        print(f"{args.readme}: the markers {BEGIN!r} and {END!r} are missing", file=sys.stderr)
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < 0:
+        print(f"{args.readme}: the markers {begin!r} and {end!r} are missing", file=sys.stderr)
         return 1
-    updated = text[:start] + render() + text[end + len(END) :]
+    updated = text[:start] + rendered + text[stop + len(end) :]
     if args.check:
         if updated != text:
-            print(f"error: the router settings table in {args.readme} is stale; run 'make generate'", file=sys.stderr)
+            print(f"error: the {what} in {args.readme} is stale; run 'make generate'", file=sys.stderr)
             return 1
         return 0
     args.readme.write_text(updated)
     return 0
+
+
+def main() -> int:
+    return rewrite_block("router settings table", BEGIN, END, render())
 
 
 if __name__ == "__main__":

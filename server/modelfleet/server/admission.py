@@ -17,7 +17,17 @@ from starlette.requests import Request
 from modelfleet.server.auth import Principal
 from modelfleet.server.backends.base import Kind
 from modelfleet.server.cache import Lookup, cache_key, cacheable
-from modelfleet.server.errors import RouterError
+from modelfleet.server.errors import (
+    INVALID_PRIORITY,
+    MAX_TOKENS_EXCEEDED,
+    PROMPT_TOO_LONG,
+    RATE_LIMIT_REQUESTS,
+    RATE_LIMIT_TOKENS,
+    RATE_LIMITER_UNAVAILABLE,
+    REMOTE_NOT_ALLOWED,
+    TOKENS_EXCEED_LIMIT,
+    RouterError,
+)
 from modelfleet.server.queue import BANDS, Claim
 from modelfleet.server.ratelimit import Decision, Limits, RateLimiterUnavailable, Reservation
 from modelfleet.server.registry import ServedModel
@@ -73,16 +83,14 @@ def upstream_body(request: SamplingFields, model: ServedModel, services: Service
     )
     cap = services.settings.max_tokens_cap
     if requested is not None and requested > cap:
-        raise RouterError(400, f"max_tokens is {requested}, above this server's limit of {cap}.",
-                          code="max_tokens_exceeded", param="max_tokens")  # fmt: skip
+        raise MAX_TOKENS_EXCEEDED(f"max_tokens is {requested}, above this server's limit of {cap}.", param="max_tokens")
     body["max_tokens"] = requested or services.settings.default_max_tokens
     body["model"] = model.spec.upstream_model
     field = "messages" if "messages" in body else "prompt"
     length, limit = prompt_chars(body.get(field)), services.settings.max_prompt_chars
     if length > limit:
         # Characters, not tokens: the router has no tokenizer, and a backend would truncate silently.
-        raise RouterError(400, f"The prompt has {length} characters, above this server's limit of {limit}.",
-                          code="prompt_too_long", param=field)  # fmt: skip
+        raise PROMPT_TOO_LONG(f"The prompt has {length} characters, above this server's limit of {limit}.", param=field)
     return body
 
 
@@ -95,8 +103,8 @@ def queue_claim(http_request: Request, principal: Principal) -> Claim:
     priority = principal.priority
     if asked is not None:
         if asked not in BANDS:
-            raise RouterError(400, f"{PRIORITY_HEADER} must be one of {', '.join(BANDS)}, not {asked[:40]!r}.",
-                              code="invalid_priority", param=PRIORITY_HEADER)  # fmt: skip
+            raise INVALID_PRIORITY(f"{PRIORITY_HEADER} must be one of {', '.join(BANDS)}, not {asked[:40]!r}.",
+                                   param=PRIORITY_HEADER)  # fmt: skip
         priority = asked if BANDS[asked] > BANDS[priority] else priority
     return Claim(principal.subject, principal.weight, priority)
 
@@ -137,9 +145,8 @@ async def prepare(
     principal = services.keys.authenticate(http_request)
     model = services.registry.resolve(request.model)
     if model.spec.remote and not allow_remote:
-        raise RouterError(403, f"`{model.name}` is served by a remote provider; set `allow_remote: true` in the "
-                          "request to allow sending it there.", type="permission_error",
-                          code="remote_not_allowed", param="allow_remote")  # fmt: skip
+        raise REMOTE_NOT_ALLOWED(f"`{model.name}` is served by a remote provider; set `allow_remote: true` in the "
+                                 "request to allow sending it there.", param="allow_remote")  # fmt: skip
     body = upstream_body(request, model, services)
     settings = services.settings
     limits = Limits(
@@ -195,17 +202,16 @@ async def admit_rate(generation: Generation) -> None:
         # No wait makes it fit: say what to change rather than a 429 that clients would retry.
         per = f"{limits.window_seconds:g}s" if limits.window_seconds != 60 else "minute"
         max_tokens = int(generation.body.get("max_tokens") or 0)
-        raise RouterError(400, f"This request may use {reserve} tokens (its prompt, about {reserve - max_tokens}, "
-                          f"plus max_tokens {max_tokens}), more than the {limits.tokens} tokens per {per} your key "
-                          f"may use for `{generation.name}`; lower max_tokens.", code="tokens_exceed_limit",
-                          param="max_tokens")  # fmt: skip
+        raise TOKENS_EXCEED_LIMIT(f"This request may use {reserve} tokens (its prompt, about {reserve - max_tokens}, "
+                                  f"plus max_tokens {max_tokens}), more than the {limits.tokens} tokens per {per} "
+                                  f"your key may use for `{generation.name}`; lower max_tokens.",
+                                  param="max_tokens")  # fmt: skip
     try:
         decision = await services.limiter.acquire(subject, limits, reserve=reserve)
     except RateLimiterUnavailable:
         services.metrics.child(services.metrics.rate_limited, generation.name, "unavailable").inc()
-        raise RouterError(503, "The rate limiter is unavailable and this router fails closed; retry shortly.",
-                          type="server_error", code="rate_limiter_unavailable",
-                          headers={"retry-after": "1"}) from None  # fmt: skip
+        raise RATE_LIMITER_UNAVAILABLE("The rate limiter is unavailable and this router fails closed; retry shortly.",
+                                       headers={"retry-after": "1"}) from None  # fmt: skip
     generation.rate_limit = decision
     generation.reservation = decision.reservation
     if not decision.allowed:
@@ -213,9 +219,9 @@ async def admit_rate(generation: Generation) -> None:
         services.metrics.child(services.metrics.rate_limited, generation.name, kind).inc()
         per = f"{limits.window_seconds:g}s" if limits.window_seconds != 60 else "minute"
         limit = decision.requests_limit if kind == "requests" else decision.tokens_limit
-        raise RouterError(429, f"Rate limit reached for `{generation.name}`: {limit} {kind} per {per}. "
-                          f"Retry in {decision.retry_after_seconds}s.", type="rate_limit_error",
-                          code=f"rate_limit_{kind}", headers=decision.headers())  # fmt: skip
+        exceeded = RATE_LIMIT_REQUESTS if kind == "requests" else RATE_LIMIT_TOKENS
+        raise exceeded(f"Rate limit reached for `{generation.name}`: {limit} {kind} per {per}. "
+                       f"Retry in {decision.retry_after_seconds}s.", headers=decision.headers())  # fmt: skip
 
 
 async def account(generation: Generation, usage: dict[str, Any] | None) -> None:

@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from starlette.requests import Request
 
-from modelfleet.server.errors import RouterError
+from modelfleet.server.errors import ADMIN_REQUIRED, INVALID_API_KEY, MISSING_API_KEY
 from modelfleet.server.queue import Priority
 
 logger = logging.getLogger(__name__)
@@ -144,8 +144,7 @@ class KeyRing:
                 # With auth off, clients (the openai SDK among them) still send some key.
                 return self.anonymous(request)
             if entry is None:
-                raise RouterError(401, "Incorrect API key provided.", type="authentication_error",
-                                  code="invalid_api_key")  # fmt: skip
+                raise INVALID_API_KEY("Incorrect API key provided.")
             return Principal(
                 name=entry.name,
                 subject=f"key:{entry.name}",
@@ -156,8 +155,7 @@ class KeyRing:
                 priority=entry.priority,
             )
         if self.required:
-            raise RouterError(401, "No API key provided: send `Authorization: Bearer <key>` or `X-API-Key: <key>`.",
-                              type="authentication_error", code="missing_api_key")  # fmt: skip
+            raise MISSING_API_KEY("No API key provided: send `Authorization: Bearer <key>` or `X-API-Key: <key>`.")
         return self.anonymous(request)
 
     @staticmethod
@@ -167,10 +165,8 @@ class KeyRing:
 
     def require_admin(self, request: Request) -> Principal:
         if presented_key(request) is None:
-            raise RouterError(401, "This endpoint requires an admin API key.", type="authentication_error",
-                              code="missing_api_key")  # fmt: skip
+            raise MISSING_API_KEY("This endpoint requires an admin API key.")
         principal = self.authenticate(request)
         if not principal.admin:
-            raise RouterError(403, "This endpoint requires an admin API key.", type="permission_error",
-                              code="admin_required")  # fmt: skip
+            raise ADMIN_REQUIRED("This endpoint requires an admin API key.")
         return principal

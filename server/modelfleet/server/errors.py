@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -50,6 +51,100 @@ class RouterError(Exception):
 
 class BackendUnreachable(RouterError):
     """The connection to one replica failed, so it never saw the request: another replica may take it."""
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    """One kind of error the router answers: its `code`, HTTP status and OpenAI `type`, and what it tells a
+    client. Every error is raised through one of these (`MODEL_NOT_FOUND(message)`), and the README's table
+    of errors is generated from ERROR_CODES (`python -m hack.errors_doc`)."""
+
+    code: str
+    status: int
+    error_type: str  # OpenAI's `type`
+    meaning: str
+
+    def __call__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        status: int | None = None,
+        kind: type[RouterError] = RouterError,
+    ) -> RouterError:
+        return kind(status or self.status, message, type=self.error_type, code=self.code, param=param, headers=headers)
+
+
+INVALID = "invalid_request_error"
+INVALID_REQUEST = ErrorCode("invalid_request", 400, INVALID, "The body is not JSON, not an object, or a field has a "
+                            "wrong type or value; `param` names the field.")  # fmt: skip
+MODEL_REQUIRED = ErrorCode("model_required", 400, INVALID, "No `model`, and the router serves several with no default.")
+MAX_TOKENS_EXCEEDED = ErrorCode("max_tokens_exceeded", 400, INVALID, "`max_tokens` is above the router's cap "
+                                "(`MODELFLEET_MAX_TOKENS_CAP`).")  # fmt: skip
+PROMPT_TOO_LONG = ErrorCode("prompt_too_long", 400, INVALID, "The prompt has more characters than "
+                            "`MODELFLEET_MAX_PROMPT_CHARS`.")  # fmt: skip
+INVALID_PRIORITY = ErrorCode("invalid_priority", 400, INVALID, "`X-ModelFleet-Priority` is neither `interactive` "
+                             "nor `batch`.")  # fmt: skip
+TOKENS_EXCEED_LIMIT = ErrorCode("tokens_exceed_limit", 400, INVALID, "The request could never fit the key's token "
+                                "budget (its prompt plus `max_tokens`): lower `max_tokens`, do not "
+                                "retry.")  # fmt: skip
+UNSUPPORTED_PARAMETER = ErrorCode("unsupported_parameter", 400, INVALID, "The model's backend cannot honour a "
+                                  "field (e.g. `tool_choice: required` on Ollama's native API).")  # fmt: skip
+MODEL_AUTOSCALED = ErrorCode("model_autoscaled", 400, INVALID, "A load asked for `replicas` of a model whose "
+                             "replicas the autoscaler sets.")  # fmt: skip
+MISSING_API_KEY = ErrorCode("missing_api_key", 401, "authentication_error", "No API key: send `Authorization: "
+                            "Bearer <key>` or `X-API-Key: <key>` (an admin key for admin endpoints).")  # fmt: skip
+INVALID_API_KEY = ErrorCode("invalid_api_key", 401, "authentication_error", "The API key is not one the router knows.")
+ADMIN_REQUIRED = ErrorCode("admin_required", 403, "permission_error", "An admin endpoint called with a user key.")
+REMOTE_NOT_ALLOWED = ErrorCode("remote_not_allowed", 403, "permission_error", "The model is served by a remote "
+                               "provider, and the request did not set `allow_remote: true`.")  # fmt: skip
+MODEL_NOT_FOUND = ErrorCode("model_not_found", 404, "not_found_error", "No model of that name (or it was removed "
+                            "while the request waited for it).")  # fmt: skip
+MODEL_NOT_MANAGED = ErrorCode("model_not_managed", 409, INVALID, "Load or unload of a model the operator does not "
+                              "run (static, or an existing endpoint), or by a router that does not watch the "
+                              "cluster.")  # fmt: skip
+SCALE_REFUSED = ErrorCode("scale_refused", 409, INVALID, "The Kubernetes API server refused a load or unload.")
+RATE_LIMIT_REQUESTS = ErrorCode("rate_limit_requests", 429, "rate_limit_error", "The key's requests per minute "
+                                "for the model are used up; `retry-after` says when to retry.")  # fmt: skip
+RATE_LIMIT_TOKENS = ErrorCode("rate_limit_tokens", 429, "rate_limit_error", "The key's tokens per minute for the "
+                              "model are used up; `retry-after` says when to retry.")  # fmt: skip
+QUEUE_FULL = ErrorCode("queue_full", 429, "rate_limit_error", "The model's queue is full (`maxQueue`); "
+                       "`retry-after` comes from recent request durations.")  # fmt: skip
+QUEUE_DEADLINE = ErrorCode("queue_deadline", 429, "rate_limit_error", "The work ahead in the queue would not let "
+                           "the request start before its deadline; refused at once, not after the "
+                           "wait.")  # fmt: skip
+UPSTREAM_REJECTED = ErrorCode("upstream_rejected", 400, INVALID, "The model server refused the request: its own "
+                              "4xx status and message are passed on.")  # fmt: skip
+UPSTREAM_ERROR = ErrorCode("upstream_error", 502, "upstream_error", "The model server failed (a 5xx, or a stream "
+                           "that broke; mid-stream, an SSE error event and `[DONE]`).")  # fmt: skip
+UPSTREAM_UNAVAILABLE = ErrorCode("upstream_unavailable", 502, "upstream_error", "No replica of the model accepts a "
+                                 "connection.")  # fmt: skip
+KUBERNETES_FORBIDDEN = ErrorCode("kubernetes_forbidden", 502, "server_error", "The router's ServiceAccount may not "
+                                 "scale the model (`patch` on `inferencemodels/scale`).")  # fmt: skip
+KUBERNETES_ERROR = ErrorCode("kubernetes_error", 502, "server_error", "The Kubernetes API server failed a load or "
+                             "unload.")  # fmt: skip
+NO_READY_REPLICA = ErrorCode("no_ready_replica", 503, "upstream_error", "The model has no ready replica that "
+                             "answers.")  # fmt: skip
+MODEL_UNLOADED = ErrorCode("model_unloaded", 503, "server_error", "The model is unloaded (`spec.replicas: 0`); an "
+                           "admin can load it.")  # fmt: skip
+RATE_LIMITER_UNAVAILABLE = ErrorCode("rate_limiter_unavailable", 503, "server_error", "Redis is down and the "
+                                     "limiter fails closed; `retry-after: 1`.")  # fmt: skip
+KUBERNETES_UNAVAILABLE = ErrorCode("kubernetes_unavailable", 503, "server_error", "The Kubernetes API server "
+                                   "cannot be reached for a load or unload.")  # fmt: skip
+QUEUE_TIMEOUT = ErrorCode("queue_timeout", 504, "timeout_error", "No slot within the model's "
+                          "`requestTimeoutSeconds`.")  # fmt: skip
+UPSTREAM_TIMEOUT = ErrorCode("upstream_timeout", 504, "upstream_error", "The model server was silent for "
+                             "`MODELFLEET_UPSTREAM_TIMEOUT_SECONDS` (mid-stream: an SSE error event).")  # fmt: skip
+
+ERROR_CODES = (
+    INVALID_REQUEST, MODEL_REQUIRED, MAX_TOKENS_EXCEEDED, PROMPT_TOO_LONG, INVALID_PRIORITY, TOKENS_EXCEED_LIMIT,
+    UNSUPPORTED_PARAMETER, MODEL_AUTOSCALED, MISSING_API_KEY, INVALID_API_KEY, ADMIN_REQUIRED, REMOTE_NOT_ALLOWED,
+    MODEL_NOT_FOUND, MODEL_NOT_MANAGED, SCALE_REFUSED, RATE_LIMIT_REQUESTS, RATE_LIMIT_TOKENS, QUEUE_FULL,
+    QUEUE_DEADLINE, UPSTREAM_REJECTED, UPSTREAM_ERROR, UPSTREAM_UNAVAILABLE, KUBERNETES_FORBIDDEN, KUBERNETES_ERROR,
+    NO_READY_REPLICA, MODEL_UNLOADED, RATE_LIMITER_UNAVAILABLE, KUBERNETES_UNAVAILABLE, QUEUE_TIMEOUT,
+    UPSTREAM_TIMEOUT,
+)  # fmt: skip
 
 
 class ErrorDetail(BaseModel):
@@ -125,7 +220,7 @@ def invalid_request(errors: Sequence[Any]) -> RouterError:
     else:
         message = first.get("msg", "Invalid request.")
         message = f"{param}: {message}" if param else message
-    return RouterError(400, message, code="invalid_request", param=param)
+    return INVALID_REQUEST(message, param=param)
 
 
 FRAMEWORK_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from modelfleet.server.errors import OrjsonResponse, RouterError, error_response, invalid_request
+from modelfleet.server.errors import INVALID_REQUEST, OrjsonResponse, RouterError, error_response, invalid_request
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,7 @@ def parse(route: HotRoute, scope: Scope, body: bytes) -> BaseModel:
     if not json_content(scope):
         # As FastAPI does: a browser may send a form or text/plain to any site without asking (no
         # CORS preflight), so a JSON API that took those would take cross-site requests.
-        raise RouterError(400, "The request body must be JSON, sent with content-type: application/json.",
-                          code="invalid_request")  # fmt: skip
+        raise INVALID_REQUEST("The request body must be JSON, sent with content-type: application/json.")
     try:
         # Bytes straight to the model, with pydantic's JSON parser: one parse, one validation.
         return route.body.model_validate_json(body)

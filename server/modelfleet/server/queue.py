@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
 
-from modelfleet.server.errors import RouterError
+from modelfleet.server.errors import MODEL_NOT_FOUND, QUEUE_DEADLINE, QUEUE_FULL, QUEUE_TIMEOUT, RouterError
 from modelfleet.server.metrics import RouterMetrics
 
 Priority = Literal["interactive", "batch"]
@@ -75,8 +75,8 @@ class Ticket:
                 self.queue.abandon(self)
                 if isinstance(exc, TimeoutError):
                     self.queue.metrics.child(self.queue.metrics.rejected, self.queue.model, "queue_timeout").inc()
-                    raise RouterError(504, f"Waited {max_wait_seconds:.0f}s for `{self.queue.model}` without a free "
-                                      "slot.", type="timeout_error", code="queue_timeout") from None  # fmt: skip
+                    raise QUEUE_TIMEOUT(f"Waited {max_wait_seconds:.0f}s for `{self.queue.model}` without a free "
+                                        "slot.") from None  # fmt: skip
                 raise
         waited = time.monotonic() - self.created
         metrics = self.queue.metrics
@@ -140,18 +140,16 @@ class ModelQueue:
             return Ticket(self, None)
         if self.depth >= self.max_queue:
             self.metrics.child(self.metrics.rejected, self.model, "queue_full").inc()
-            raise RouterError(429, f"Too many requests are waiting for `{self.model}`; retry later.",
-                              type="rate_limit_error", code="queue_full",
-                              headers={"retry-after": str(self.retry_after_seconds())})  # fmt: skip
+            raise QUEUE_FULL(f"Too many requests are waiting for `{self.model}`; retry later.",
+                             headers={"retry-after": str(self.retry_after_seconds())})  # fmt: skip
         order = next(self._order)
         tag, band = (self._fair_start(claim), BANDS[claim.priority]) if self.fair else (float(order), 0)
         expected = self.expected_wait_seconds(band, tag)
         if max_wait_seconds is not None and expected is not None and expected > max_wait_seconds:
             self.metrics.child(self.metrics.rejected, self.model, "queue_deadline").inc()
-            raise RouterError(429, f"`{self.model}` is too busy to start this request within {max_wait_seconds:g}s "
-                              f"(about {expected:.0f}s of work is ahead of it); retry later.",
-                              type="rate_limit_error", code="queue_deadline",
-                              headers={"retry-after": str(self.retry_after_seconds())})  # fmt: skip
+            raise QUEUE_DEADLINE(f"`{self.model}` is too busy to start this request within {max_wait_seconds:g}s "
+                                 f"(about {expected:.0f}s of work is ahead of it); retry later.",
+                                 headers={"retry-after": str(self.retry_after_seconds())})  # fmt: skip
         if self.fair:
             self._spend(claim, tag)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -200,7 +198,7 @@ class ModelQueue:
 
     def close(self, reason: str) -> None:
         """The model is gone: every waiting request fails now rather than at its deadline."""
-        self.refuse(RouterError(404, reason, type="not_found_error", code="model_not_found"))
+        self.refuse(MODEL_NOT_FOUND(reason))
 
     def refuse(self, error: RouterError | None) -> None:
         """Fail every request with `error` from now on, those waiting included; None admits them again."""

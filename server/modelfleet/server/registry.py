@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Collection, Iterable
 
-from modelfleet.server.errors import RouterError
+from modelfleet.server.errors import MODEL_NOT_FOUND, MODEL_UNLOADED, NO_READY_REPLICA
 from modelfleet.server.metrics import RouterMetrics
 from modelfleet.server.model_spec import ModelSpec
 from modelfleet.server.queue import ModelQueue
@@ -48,9 +48,9 @@ class ServedModel:
     def _refuse_if_unloaded(self) -> None:
         """An unloaded model's requests fail at once: unlike a model scaled to zero, nothing brings a replica."""
         if self.spec.managed is not None and self.spec.managed.unloaded:
-            self.queue.refuse(RouterError(
-                503, f"`{self.name}` is unloaded (its InferenceModel has spec.replicas 0); an admin can load it "
-                f"with POST /v1/admin/models/{self.name}/load.", type="server_error", code="model_unloaded",
+            self.queue.refuse(MODEL_UNLOADED(
+                f"`{self.name}` is unloaded (its InferenceModel has spec.replicas 0); an admin can load it "
+                f"with POST /v1/admin/models/{self.name}/load."
             ))  # fmt: skip
         elif self.queue.refusal is not None and self.queue.refusal.code == "model_unloaded":
             self.queue.refuse(None)
@@ -65,12 +65,10 @@ class ServedModel:
         this request could not connect to.
         """
         if not self.outstanding:
-            raise RouterError(503, f"`{self.name}` has no ready replica.", type="upstream_error",
-                              code="no_ready_replica")  # fmt: skip
+            raise NO_READY_REPLICA(f"`{self.name}` has no ready replica.")
         candidates = {endpoint: count for endpoint, count in self.outstanding.items() if endpoint not in exclude}
         if not candidates:
-            raise RouterError(503, f"`{self.name}` has no ready replica that answers.", type="upstream_error",
-                              code="no_ready_replica")  # fmt: skip
+            raise NO_READY_REPLICA(f"`{self.name}` has no ready replica that answers.")
         if affinity is not None and self.spec.routing == "prefix" and len(self.outstanding) > 1:
             endpoint, rank = bounded_choice(affinity, candidates, cap=self.spec.max_in_flight_per_replica)
             home = rank == 0 and (not exclude or endpoint == ranked(affinity, list(self.outstanding))[0])
@@ -157,8 +155,7 @@ class ModelRegistry:
     def resolve(self, name: str) -> ServedModel:
         model = self.find(name)
         if model is None:
-            raise RouterError(404, f"The model `{name}` does not exist.", type="not_found_error",
-                              code="model_not_found", param="model")  # fmt: skip
+            raise MODEL_NOT_FOUND(f"The model `{name}` does not exist.", param="model")
         return model
 
     def models(self) -> list[ServedModel]:

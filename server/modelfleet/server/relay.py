@@ -27,7 +27,7 @@ from modelfleet.server.admission import (
 )
 from modelfleet.server.backends.base import Backend, Chunk, StreamBroken
 from modelfleet.server.cache import Lookup
-from modelfleet.server.errors import BackendUnreachable, RouterError
+from modelfleet.server.errors import UPSTREAM_ERROR, UPSTREAM_TIMEOUT, BackendUnreachable, RouterError
 from modelfleet.server.queue import Ticket
 from modelfleet.server.registry import ServedModel
 from modelfleet.server.services import Services
@@ -277,20 +277,19 @@ async def relay(
         logger.warning("backend of %s failed mid-stream: %s", generation.name, exc)
         if exc.timed_out:
             metrics.child(metrics.upstream_errors, generation.name, "mid_stream_timeout").inc()
-            yield StreamFailure(RouterError(504, f"The backend for `{generation.name}` stopped sending mid-stream.",
-                                            type="upstream_error", code="upstream_timeout"))  # fmt: skip
+            yield StreamFailure(UPSTREAM_TIMEOUT(f"The backend for `{generation.name}` stopped sending mid-stream."))
         else:
             metrics.child(metrics.upstream_errors, generation.name, "mid_stream").inc()
-            yield StreamFailure(RouterError(502, f"The backend for `{generation.name}` failed mid-stream.",
-                                            type="upstream_error", code="upstream_error"))  # fmt: skip
+            yield StreamFailure(UPSTREAM_ERROR(f"The backend for `{generation.name}` failed mid-stream."))
     except Exception:
         # Anything else (a backend line of an unexpected shape, a bug here): the client still gets an
         # error event and [DONE], never a stream that just stops. Cancellation is not an Exception.
         status_class = "5xx"
         logger.exception("relaying the stream of %s failed", generation.name)
         metrics.child(metrics.upstream_errors, generation.name, "mid_stream").inc()
-        yield StreamFailure(RouterError(502, f"The stream from the backend for `{generation.name}` could not be "
-                                        "relayed.", type="upstream_error", code="upstream_error"))  # fmt: skip
+        yield StreamFailure(
+            UPSTREAM_ERROR(f"The stream from the backend for `{generation.name}` could not be relayed.")
+        )
     except BaseException as exc:
         status_class = status_class_of(exc)
         raise

@@ -13,7 +13,14 @@ import httpx
 import orjson
 
 from modelfleet.api.naming import scale_path
-from modelfleet.server.errors import RouterError
+from modelfleet.server.errors import (
+    KUBERNETES_ERROR,
+    KUBERNETES_FORBIDDEN,
+    KUBERNETES_UNAVAILABLE,
+    MODEL_NOT_FOUND,
+    SCALE_REFUSED,
+    RouterError,
+)
 from modelfleet.server.kube_api import ApiServer, load_api_server
 
 
@@ -46,8 +53,9 @@ class ModelScaler:
                 **options,
             )
         except httpx.HTTPError as exc:
-            raise RouterError(503, f"The Kubernetes API server cannot be reached to scale `{name}`: {exc!r}.",
-                              type="server_error", code="kubernetes_unavailable") from exc  # fmt: skip
+            raise KUBERNETES_UNAVAILABLE(
+                f"The Kubernetes API server cannot be reached to scale `{name}`: {exc!r}."
+            ) from exc
         if response.status_code == 200:
             return
         raise refusal(name, response)
@@ -65,15 +73,11 @@ def refusal(name: str, response: httpx.Response) -> RouterError:
         message = response.text[:300] or response.reason_phrase
     status = response.status_code
     if status == 404:
-        return RouterError(404, f"The InferenceModel `{name}` no longer exists: {message}", type="not_found_error",
-                           code="model_not_found")  # fmt: skip
+        return MODEL_NOT_FOUND(f"The InferenceModel `{name}` no longer exists: {message}")
     if status in (401, 403):
-        return RouterError(502, f"The Kubernetes API server refused to scale `{name}` ({status}): {message}. The "
-                           "router's ServiceAccount needs `patch` on `inferencemodels/scale` (the Helm chart grants "
-                           "it when router.discovery is true).", type="server_error",
-                           code="kubernetes_forbidden")  # fmt: skip
+        return KUBERNETES_FORBIDDEN(f"The Kubernetes API server refused to scale `{name}` ({status}): {message}. The "
+                                    "router's ServiceAccount needs `patch` on `inferencemodels/scale` (the Helm chart "
+                                    "grants it when router.discovery is true).")  # fmt: skip
     if status in (409, 422):
-        return RouterError(409, f"The Kubernetes API server refused to scale `{name}`: {message}",
-                           code="scale_refused")  # fmt: skip
-    return RouterError(502, f"The Kubernetes API server failed to scale `{name}` ({status}): {message}",
-                       type="server_error", code="kubernetes_error")  # fmt: skip
+        return SCALE_REFUSED(f"The Kubernetes API server refused to scale `{name}`: {message}")
+    return KUBERNETES_ERROR(f"The Kubernetes API server failed to scale `{name}` ({status}): {message}")

@@ -14,7 +14,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
 
-from modelfleet.server.errors import ErrorBody, OrjsonResponse, RouterError, error_responses
+from modelfleet.server.errors import (
+    MODEL_AUTOSCALED,
+    MODEL_NOT_FOUND,
+    MODEL_NOT_MANAGED,
+    ErrorBody,
+    OrjsonResponse,
+    error_responses,
+)
 from modelfleet.server.gpu_memory import gpu_memory_report
 from modelfleet.server.probe import current_probe
 from modelfleet.server.registry import ServedModel
@@ -88,11 +95,10 @@ def managed_model(services: Services, name: str) -> ServedModel:
             if model.spec.source == "cluster"
             else "configured in the router's own settings, not by an InferenceModel"
         )
-        raise RouterError(409, f"`{model.name}` cannot be loaded or unloaded: it is {where}.",
-                          code="model_not_managed")  # fmt: skip
+        raise MODEL_NOT_MANAGED(f"`{model.name}` cannot be loaded or unloaded: it is {where}.")
     if services.scaler is None:
-        raise RouterError(409, f"`{model.name}` cannot be loaded or unloaded: this router does not watch the "
-                          "cluster (MODELFLEET_KUBERNETES_DISCOVERY).", code="model_not_managed")  # fmt: skip
+        raise MODEL_NOT_MANAGED(f"`{model.name}` cannot be loaded or unloaded: this router does not watch the "
+                                "cluster (MODELFLEET_KUBERNETES_DISCOVERY).")  # fmt: skip
     return model
 
 
@@ -102,8 +108,8 @@ def load_target(model: ServedModel, request: LoadRequest | None) -> int:
     assert managed is not None
     asked = request.replicas if request is not None else None
     if asked is not None and managed.autoscaled:
-        raise RouterError(400, f"`{model.name}` is autoscaled (spec.autoscaling.enabled): the autoscaler sets its "
-                          "replicas; load it without `replicas`.", param="replicas")  # fmt: skip
+        raise MODEL_AUTOSCALED(f"`{model.name}` is autoscaled (spec.autoscaling.enabled): the autoscaler sets its "
+                               "replicas; load it without `replicas`.", param="replicas")  # fmt: skip
     if asked is not None:
         return asked
     return managed.replicas or managed.load_replicas
@@ -133,8 +139,7 @@ async def scale_and_wait(services: Services, model: ServedModel, replicas: int, 
     done = await services.registry.wait_until(lambda: settled(services, model.name, loading), wait)
     current = services.registry.find(model.name)
     if current is None:
-        raise RouterError(404, f"The model `{model.name}` was deleted during the {action}.", type="not_found_error",
-                          code="model_not_found")  # fmt: skip
+        raise MODEL_NOT_FOUND(f"The model `{model.name}` was deleted during the {action}.")
     poll = f"/v1/admin/models/{model.name}"
     body = {
         "id": model.name,

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from modelfleet.server import admission, relay
 from modelfleet.server.admission import Generation
 from modelfleet.server.api.openai import SSE_HEADERS
-from modelfleet.server.errors import GENERATION_ERRORS, OrjsonResponse, RouterError, error_body
+from modelfleet.server.errors import GENERATION_ERRORS, MODEL_REQUIRED, OrjsonResponse, error_body
 from modelfleet.server.relay import Heartbeat, StreamFailure, StreamPlan
 from modelfleet.server.schemas import (
     ERROR_DETAIL_REF,
@@ -62,8 +62,7 @@ def model_for(request: GenerateRequest, services: Services) -> str:
     if name is None:
         names = services.registry.names()
         if len(names) != 1:
-            raise RouterError(400, "Name a model: this router serves several and has no default model.",
-                              code="model_required", param="model")  # fmt: skip
+            raise MODEL_REQUIRED("Name a model: this router serves several and has no default model.", param="model")
         name = names[0]
     return name
 

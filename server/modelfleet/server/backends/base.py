@@ -12,7 +12,14 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from modelfleet.server.errors import BackendUnreachable, RouterError
+from modelfleet.server.errors import (
+    UPSTREAM_ERROR,
+    UPSTREAM_REJECTED,
+    UPSTREAM_TIMEOUT,
+    UPSTREAM_UNAVAILABLE,
+    BackendUnreachable,
+    RouterError,
+)
 from modelfleet.server.model_spec import ModelSpec
 from modelfleet.server.upstream import (
     UpstreamClient,
@@ -56,21 +63,17 @@ def upstream_error(model: ModelSpec, status: int, reason: str, body: bytes) -> R
     except (orjson.JSONDecodeError, KeyError, TypeError):
         message = body.decode(errors="replace")[:500] or reason
     if status >= 500:
-        return RouterError(502, f"The backend for `{model.name}` failed: {message}", type="upstream_error",
-                           code="upstream_error")  # fmt: skip
-    return RouterError(status, message, code="upstream_rejected")
+        return UPSTREAM_ERROR(f"The backend for `{model.name}` failed: {message}")
+    return UPSTREAM_REJECTED(message, status=status)
 
 
 def unreachable(model: ModelSpec, exc: UpstreamError) -> RouterError:
     if isinstance(exc, UpstreamTimeout):
-        return RouterError(504, f"The backend for `{model.name}` did not answer in time.", type="upstream_error",
-                           code="upstream_timeout")  # fmt: skip
+        return UPSTREAM_TIMEOUT(f"The backend for `{model.name}` did not answer in time.")
     if isinstance(exc, UpstreamUnreachable):
         # No connection, so nothing was sent: safe to try another replica (a pod that just stopped).
-        return BackendUnreachable(502, f"The backend for `{model.name}` is unreachable.", type="upstream_error",
-                                  code="upstream_unavailable")  # fmt: skip
-    return RouterError(502, f"The backend for `{model.name}` is unreachable.", type="upstream_error",
-                       code="upstream_unavailable")  # fmt: skip
+        return UPSTREAM_UNAVAILABLE(f"The backend for `{model.name}` is unreachable.", kind=BackendUnreachable)
+    return UPSTREAM_UNAVAILABLE(f"The backend for `{model.name}` is unreachable.")
 
 
 def request_headers(model: ModelSpec, accept: str) -> dict[str, str]:

@@ -23,7 +23,7 @@ from modelfleet.server.backends.base import (
     send_streaming,
     upstream_lines,
 )
-from modelfleet.server.errors import RouterError
+from modelfleet.server.errors import UNSUPPORTED_PARAMETER, RouterError
 from modelfleet.server.model_spec import ModelSpec
 from modelfleet.server.upstream import UpstreamClient, UpstreamResponse
 
@@ -51,8 +51,8 @@ MAPPED = frozenset({"model", "messages", "prompt", "tools", "tool_choice", "para
 
 
 def unsupported(field: str, why: str) -> RouterError:
-    return RouterError(400, f"`{field}` is not supported by this model's backend (Ollama's native API): {why}",
-                       code="unsupported_parameter", param=field)  # fmt: skip
+    return UNSUPPORTED_PARAMETER(f"`{field}` is not supported by this model's backend (Ollama's native API): {why}",
+                                 param=field)  # fmt: skip
 
 
 def text_of(content: Any) -> str:
