@@ -38,8 +38,8 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from modelfleet.api import v1alpha1
-from modelfleet.operator.apply import Kube
 from modelfleet.operator.builders.common import ModelContext, child_name
+from modelfleet.operator.kube import Kube
 from tests.e2e.conftest import CRD_PATH, Cluster, OperatorProcess, wait_for
 from tests.support.models import all_children
 from tests.support.procs import free_port

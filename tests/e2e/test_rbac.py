@@ -45,7 +45,7 @@ ROUTER_ALLOWED = grant(["inferencemodels.modelfleet.io", "endpointslices.discove
 OPERATOR_ALLOWED = (
     # Kopf watches the models and records its progress annotations on them (patch, never update).
     grant(["inferencemodels.modelfleet.io"], (*READ, "patch"))
-    # handlers.Runtime patches the status subresource; nothing reads it separately.
+    # The controller (kube.patch_model_status) patches the status subresource; nothing reads it separately.
     | grant(["inferencemodels.modelfleet.io/status"], ("patch",))
     # The children: server-side applied (patch, and create for a new one), watched, and deleted
     # when no longer wanted (stale prefetch Jobs, HPA/PDB/NetworkPolicy turned off).

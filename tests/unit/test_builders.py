@@ -11,9 +11,9 @@ from kubernetes.client.exceptions import ApiException
 
 from modelfleet.api import v1alpha1
 from modelfleet.api.naming import MODEL_LABEL
-from modelfleet.operator.apply import Kube, apply_body
 from modelfleet.operator.builders import autoscaling, cache, networkpolicy, service, workload
 from modelfleet.operator.builders.common import ModelContext, NetworkPeers, RuntimeImages, selector_labels
+from modelfleet.operator.kube import Kube, apply_body
 from modelfleet.operator.reconcile import namespace_terminating, probe_endpoint, reconcile
 from modelfleet.operator.settings import OperatorSettings
 from modelfleet.operator.status import MAX_MESSAGE_LENGTH, Observed, conditions_for, phase_for

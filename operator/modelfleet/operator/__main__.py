@@ -9,9 +9,11 @@ from kubernetes import client, config
 from prometheus_client import start_http_server
 
 from modelfleet.operator import handlers
-from modelfleet.operator.apply import AppliedChildren, Kube
+from modelfleet.operator.controller import Controller, ReconcileMetrics
+from modelfleet.operator.kube import Kube
 from modelfleet.operator.settings import OperatorSettings
 from modelfleet.operator.warmup import WarmUps
+from modelfleet.operator.watch_cache import WatchCache
 
 
 def load_api_client() -> client.ApiClient:
@@ -29,13 +31,12 @@ def main() -> None:
     kopf.configure(log_format=kopf.LogFormat.FULL, log_prefix=True)
     settings = OperatorSettings()
     api_client = load_api_client()
-    metrics = handlers.ReconcileMetrics.create()
-    kube = Kube(api_client, count_request=metrics.count_request, applied=AppliedChildren(),
+    metrics = ReconcileMetrics.create()
+    kube = Kube(api_client, count_request=metrics.count_request, cache=WatchCache(),
                 count_skipped=metrics.count_skipped, watched_kinds=handlers.WATCHED_KINDS)  # fmt: skip
-    runtime = handlers.Runtime(
+    controller = Controller(
         settings=settings,
         kube=kube,
-        custom=client.CustomObjectsApi(api_client),
         metrics=metrics,
         warmups=WarmUps(
             set_condition=kube.set_pod_condition,
@@ -44,7 +45,7 @@ def main() -> None:
         ),
     )
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=runtime.metrics.registry)
+        start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=controller.metrics.registry)
     registry = kopf.OperatorRegistry()
     handlers.register(registry, settings)
     kopf_settings = kopf.OperatorSettings()
@@ -53,13 +54,13 @@ def main() -> None:
         kopf.run(
             registry=registry,
             settings=kopf_settings,
-            memo=kopf.Memo(runtime=runtime),
+            memo=kopf.Memo(controller=controller),
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
             liveness_endpoint=f"http://{settings.liveness_host}:{settings.liveness_port}/healthz",
         )
     finally:
-        runtime.warmups.shutdown()
+        controller.warmups.shutdown()
 
 
 if __name__ == "__main__":

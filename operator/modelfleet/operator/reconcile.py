@@ -18,7 +18,6 @@ from pydantic import ValidationError
 
 from modelfleet.api import v1alpha1
 from modelfleet.api.naming import COMPONENT_LABEL, MODEL_LABEL, MODEL_PREFETCH, SERVED_MODEL_ANNOTATION
-from modelfleet.operator.apply import Kube, Manifest
 from modelfleet.operator.builders import autoscaling, cache, networkpolicy, service, workload
 from modelfleet.operator.builders.common import (
     ModelContext,
@@ -27,6 +26,7 @@ from modelfleet.operator.builders.common import (
     child_name,
     selector_labels,
 )
+from modelfleet.operator.kube import Kube, Manifest
 from modelfleet.operator.status import (
     ConditionState,
     Observed,

@@ -8,7 +8,8 @@ from typing import Any, cast
 import pytest
 from kubernetes import client
 
-from modelfleet.operator.apply import AppliedChildren, Kube, holds
+from modelfleet.operator.kube import Kube
+from modelfleet.operator.watch_cache import WatchCache, holds
 
 pytestmark = pytest.mark.unit
 
@@ -39,8 +40,8 @@ def live(version: str, **changes: Any) -> dict[str, Any]:
 class CountingKube(Kube):
     """A Kube whose requests go nowhere: each apply answers the object at a new resourceVersion."""
 
-    def __init__(self, applied: AppliedChildren) -> None:
-        super().__init__(cast(client.ApiClient, None), applied=applied)
+    def __init__(self, applied: WatchCache) -> None:
+        super().__init__(cast(client.ApiClient, None), cache=applied)
         self.sent: list[str] = []
 
     def _call(self, method: str, resource: str, path: str, body: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -65,7 +66,7 @@ def test_holds_compares_only_what_the_operator_sets() -> None:
 
 
 def test_an_apply_is_skipped_only_when_it_would_change_nothing() -> None:
-    applied = AppliedChildren()
+    applied = WatchCache()
     kube = CountingKube(applied)
     first = kube.apply(DESIRED)
     assert len(kube.sent) == 1, "never applied: sent"
@@ -94,15 +95,15 @@ def test_an_apply_is_skipped_only_when_it_would_change_nothing() -> None:
 
 
 def test_without_memory_every_apply_is_sent() -> None:
-    kube = CountingKube(AppliedChildren())
-    kube.applied = None
+    kube = CountingKube(WatchCache())
+    kube.cache = None
     kube.apply(DESIRED)
     kube.apply(DESIRED)
     assert len(kube.sent) == 2
 
 
 def test_a_child_already_gone_is_not_deleted_again_until_the_watch_sees_it() -> None:
-    applied = AppliedChildren()
+    applied = WatchCache()
     kube = CountingKube(applied)
     assert kube.delete("HorizontalPodAutoscaler", "ai", "im-m") is True
     assert kube.delete("HorizontalPodAutoscaler", "ai", "im-m") is False
@@ -120,7 +121,7 @@ def pod(name: str, model: str, namespace: str = "ai") -> dict[str, Any]:
 
 
 def test_a_view_from_the_watch_answers_reads_of_watched_children_without_a_request() -> None:
-    applied = AppliedChildren()
+    applied = WatchCache()
     kube = CountingKube(applied)
     kube.watched_kinds = frozenset({"Deployment", "Pod", "PersistentVolumeClaim"})
     applied.observe(live("3"))
@@ -144,7 +145,7 @@ def test_a_view_from_the_watch_answers_reads_of_watched_children_without_a_reque
 
 
 def test_a_deleted_pod_is_forgotten_and_a_deleted_applied_child_is_remembered_as_gone() -> None:
-    applied = AppliedChildren()
+    applied = WatchCache()
     kube = CountingKube(applied)
     kube.watched_kinds = frozenset({"Pod"})
     applied.observe(pod("m-1", "m"))

@@ -1,24 +1,27 @@
-"""Server-side apply of child manifests, and the reads and deletes a reconcile needs.
+"""The operator's one Kubernetes client beside Kopf's: server-side apply of child manifests, the reads and
+deletes a reconcile needs, and an InferenceModel's read and status.
 
 Every write is a server-side apply with one field manager, so the API server merges what we own
 and leaves alone what others own (the HPA's replicas, defaults, other controllers' fields).
-An apply that would change nothing is not sent at all (`AppliedChildren`), and a periodic resync
+An apply that would change nothing is not sent at all (`WatchCache`), and a periodic resync
 reads the children from what the watch has seen rather than from the API server (`Kube.from_watch`).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import re
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from modelfleet.api import v1alpha1
+from modelfleet.api.naming import collection_path
+from modelfleet.operator.watch_cache import WatchCache
 
 Manifest = dict[str, Any]
 
@@ -64,119 +67,6 @@ def apply_body(manifest: Manifest) -> bytes:
     return YAML_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text).encode()
 
 
-ChildKey = tuple[str, str, str]  # (kind, namespace, name)
-
-
-def manifest_digest(manifest: Manifest) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-
-
-def holds(live: Any, desired: Any) -> bool:
-    """Whether every field of `desired` is in `live` with the same value (lists item by item).
-
-    Fields only `live` has (defaults, status, other managers' fields) do not matter: an apply would
-    leave them as they are.  A field missing from `live` holds a zero value (false, 0, "", empty):
-    the API server leaves zero values out of what it stores (Go's omitempty).
-    """
-    if isinstance(desired, dict):
-        return isinstance(live, dict) and all(
-            holds(live[key], value) if key in live else not value for key, value in desired.items()
-        )
-    if isinstance(desired, list):
-        return (isinstance(live, list) and len(live) == len(desired)
-                and all(holds(item, wanted) for item, wanted in zip(live, desired, strict=True)))  # fmt: skip
-    return bool(live == desired)
-
-
-@dataclass
-class AppliedChildren:
-    """What the operator last applied to each child, and the newest version of it that the watch has seen.
-
-    An apply is skipped when the desired manifest is the one applied last time and the object still
-    matches it: either nothing changed it since (the watch's newest resourceVersion is the one that
-    apply returned), or only fields the operator does not set changed (status, most often).  The API
-    server would merge such an apply into the same object.  Any doubt (an unknown child, an event not
-    seen yet, an operator restart, a value the API server stores in another form) sends the apply.
-    Drift still comes back within a second: the change that causes it is a watch event, which both
-    shows the difference and triggers the reconcile.
-    """
-
-    _applied: dict[ChildKey, tuple[str, str]] = field(default_factory=dict)  # digest, resourceVersion
-    _seen: dict[ChildKey, Manifest] = field(default_factory=dict)
-    # Children deleted (or found missing) by the operator, and not seen again since: deleting them
-    # again would only earn a 404.
-    _absent: set[ChildKey] = field(default_factory=set)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @staticmethod
-    def key(body: Manifest) -> ChildKey:
-        meta = body.get("metadata") or {}
-        return (str(body.get("kind", "")), str(meta.get("namespace", "")), str(meta.get("name", "")))
-
-    def observe(self, body: Manifest, deleted: bool = False) -> None:
-        """A watch event of a child."""
-        key = self.key(body)
-        with self._lock:
-            if deleted:
-                self._seen.pop(key, None)
-                # Only what the operator applies comes back under the same name; a pod's name never
-                # does, and remembering every deleted pod would grow without end.
-                if self._applied.pop(key, None) is not None:
-                    self._absent.add(key)
-            else:
-                self._seen[key] = body
-                self._absent.discard(key)
-
-    def seen(self, kind: str, namespace: str, name: str) -> Manifest | None:
-        with self._lock:
-            return self._seen.get((kind, namespace, name))
-
-    def seen_matching(self, kind: str, namespace: str, labels: dict[str, str]) -> list[Manifest]:
-        with self._lock:
-            candidates = [body for (k, ns, _), body in self._seen.items() if k == kind and ns == namespace]
-        return [
-            body
-            for body in candidates
-            if all(
-                ((body.get("metadata") or {}).get("labels") or {}).get(key) == value for key, value in labels.items()
-            )
-        ]
-
-    def absent(self, key: ChildKey) -> bool:
-        with self._lock:
-            return key in self._absent
-
-    def gone(self, key: ChildKey) -> None:
-        """The operator deleted the child, or the API server said it does not exist."""
-        with self._lock:
-            self._seen.pop(key, None)
-            self._applied.pop(key, None)
-            self._absent.add(key)
-
-    def unchanged(self, manifest: Manifest) -> Manifest | None:
-        """The live object, if applying `manifest` now would change nothing; else None."""
-        key = self.key(manifest)
-        with self._lock:
-            applied, seen = self._applied.get(key), self._seen.get(key)
-        if applied is None or seen is None:
-            return None
-        digest, applied_version = applied
-        if digest != manifest_digest(manifest):
-            return None
-        if (seen.get("metadata") or {}).get("resourceVersion") == applied_version or holds(seen, manifest):
-            return seen
-        return None
-
-    def record(self, manifest: Manifest, live: Manifest) -> None:
-        """An apply of `manifest` returned `live`."""
-        key = self.key(manifest)
-        version = str((live.get("metadata") or {}).get("resourceVersion", ""))
-        with self._lock:
-            self._applied[key] = (manifest_digest(manifest), version)
-            self._seen[key] = live
-            self._absent.discard(key)
-
-
 def count_nothing(verb: str, resource: str) -> None:
     """The default counter of requests and of skipped applies."""
 
@@ -188,7 +78,7 @@ class Kube:
         self,
         api_client: client.ApiClient,
         count_request: Callable[[str, str], None] = count_nothing,
-        applied: AppliedChildren | None = None,
+        cache: WatchCache | None = None,
         count_skipped: Callable[[str, str], None] = count_nothing,
         watched_kinds: frozenset[str] = frozenset(),
     ) -> None:
@@ -196,8 +86,8 @@ class Kube:
         self.count_request = count_request
         self.count_skipped = count_skipped
         # None: every apply is sent (tests that count applies, one-off tools).
-        self.applied = applied
-        # The kinds whose children (by the managed-by label) the watch brings to `applied`; reads of
+        self.cache = cache
+        # The kinds whose children (by the managed-by label) the watch brings to `cache`; reads of
         # them come from there in a `from_watch` view.
         self.watched_kinds = watched_kinds
         self.reads_from_watch = False
@@ -206,12 +96,12 @@ class Kube:
         """This client, reading watched children from what the watch has seen (as controller-runtime's
         informer caches do). A child the watch has not seen is still asked for; a listing is not."""
         view = copy.copy(self)
-        view.reads_from_watch = self.applied is not None
+        view.reads_from_watch = self.cache is not None
         return view
 
-    def _watched(self, kind_name: str) -> AppliedChildren | None:
+    def _watched(self, kind_name: str) -> WatchCache | None:
         if self.reads_from_watch and kind_name in self.watched_kinds:
-            return self.applied
+            return self.cache
         return None
 
     def _call(
@@ -245,8 +135,8 @@ class Kube:
 
     def apply(self, manifest: Manifest, dry_run: bool = False) -> Manifest:
         """The object after a server-side apply of `manifest`; not sent if it would change nothing."""
-        if self.applied is not None and not dry_run:
-            live = self.applied.unchanged(manifest)
+        if self.cache is not None and not dry_run:
+            live = self.cache.unchanged(manifest)
             if live is not None:
                 self.count_skipped("patch", KINDS[manifest["kind"]].plural)
                 return live
@@ -257,8 +147,8 @@ class Kube:
         if dry_run:
             query.append(("dryRun", "All"))
         live = self._call("PATCH", kind.plural, path, apply_body(manifest), query, "application/apply-patch+yaml")
-        if self.applied is not None and not dry_run:
-            self.applied.record(manifest, live)
+        if self.cache is not None and not dry_run:
+            self.cache.record(manifest, live)
         return live
 
     def get(self, kind_name: str, namespace: str, name: str) -> Manifest | None:
@@ -293,7 +183,7 @@ class Kube:
         """Delete the object; False if it did not exist (not asked again while the watch has not seen it)."""
         kind = KINDS[kind_name]
         key = (kind_name, namespace, name)
-        if self.applied is not None and self.applied.absent(key):
+        if self.cache is not None and self.cache.absent(key):
             self.count_skipped("delete", kind.plural)
             return False
         try:
@@ -305,8 +195,8 @@ class Kube:
             existed = False
         else:
             existed = True
-        if self.applied is not None:
-            self.applied.gone(key)
+        if self.cache is not None:
+            self.cache.gone(key)
         return existed
 
     def set_pod_condition(self, namespace: str, name: str, condition: Manifest) -> Manifest:
@@ -317,3 +207,17 @@ class Kube:
         path = f"{KINDS['Pod'].collection(namespace)}/{name}/status"
         patch = {"status": {"conditions": [condition]}}
         return self._call("PATCH", "pods/status", path, patch, content_type="application/strategic-merge-patch+json")
+
+    def get_model(self, namespace: str, name: str) -> Manifest | None:
+        """An InferenceModel, read afresh (a resync reads Kopf's copy instead)."""
+        try:
+            return self._call("GET", v1alpha1.PLURAL, f"{collection_path(namespace)}/{name}")
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def patch_model_status(self, namespace: str, name: str, status: Manifest) -> Manifest:
+        path = f"{collection_path(namespace)}/{name}/status"
+        return self._call("PATCH", f"{v1alpha1.PLURAL}/status", path, {"status": status},
+                          content_type="application/merge-patch+json")  # fmt: skip
