@@ -162,144 +162,48 @@ def rejected_conditions(reason: str) -> list[ConditionState]:
     ]
 
 
+@dataclass(frozen=True)
+class PodTrouble:
+    """What the serving pods show is wrong, in the words the conditions use."""
+
+    unschedulable: list[str]
+    crashes: list[str]
+    oom_reason: str
+    oom: list[str]
+    warmups_failing: list[str]
+
+    @classmethod
+    def of(cls, pods: list[Manifest], memory: str | None) -> PodTrouble:
+        oom_reason, oom = out_of_memory(pods, memory)
+        return cls(unschedulable_messages(pods), crash_looping(pods), oom_reason, oom, warmup_failures(pods))
+
+    @property
+    def oom_message(self) -> str:
+        return "; ".join(self.oom) + "; raise spec.resources.memory"
+
+
 def conditions_for(
     observed: Observed, gpu_resource: str = "nvidia.com/gpu", gpus: int = 0, memory: str | None = None
 ) -> list[ConditionState]:
     if observed.rejected:
         return rejected_conditions(observed.rejected)
     if observed.missing_claim:
-        message = (
-            f"PersistentVolumeClaim {observed.missing_claim} (spec.cache.existingClaim) does not exist in this "
-            "namespace: create it, or remove existingClaim to let the operator create one"
-        )
-        return [
-            ConditionState(ConditionType.MODEL_CACHED, "False", Reason.CLAIM_NOT_FOUND, message),
-            ConditionState(ConditionType.DEGRADED, "True", Reason.CLAIM_NOT_FOUND, message),
-            ConditionState(ConditionType.READY, "False", Reason.CLAIM_NOT_FOUND, message),
-            ConditionState(ConditionType.PROGRESSING, "False", Reason.CLAIM_NOT_FOUND, "waiting for the claim"),
-        ]
+        return missing_claim_conditions(observed.missing_claim)
     if not observed.managed:
-        if observed.endpoint_reachable:
-            ready = ConditionState(
-                ConditionType.READY, "True", Reason.ENDPOINT_REACHABLE, f"{observed.endpoint_url} answers"
-            )
-        else:
-            ready = ConditionState(
-                ConditionType.READY,
-                "False",
-                Reason.ENDPOINT_UNREACHABLE,
-                f"{observed.endpoint_url}: {observed.endpoint_error}".strip(),
-            )
-        return [ready]
-
-    states: list[ConditionState] = []
+        return [endpoint_condition(observed)]
     job, job_message = (
         job_state(observed.prefetch_job, observed.prefetch_failure)
         if observed.prefetch_expected
         else ("Complete", "no download")
     )
-    cached = {
-        "Complete": ConditionState(ConditionType.MODEL_CACHED, "True", Reason.PREFETCHED, job_message),
-        "Failed": ConditionState(ConditionType.MODEL_CACHED, "False", Reason.PREFETCH_FAILED, job_message),
-        "Running": ConditionState(ConditionType.MODEL_CACHED, "False", Reason.DOWNLOADING, job_message),
-        "Missing": ConditionState(ConditionType.MODEL_CACHED, "False", Reason.PENDING, job_message),
-    }[job]
-    states.append(cached)
-
-    deployment_status = (observed.deployment or {}).get("status", {})
-    desired = (observed.deployment or {}).get("spec", {}).get("replicas", 0)
-    ready_replicas = deployment_status.get("readyReplicas") or 0
-    unschedulable = unschedulable_messages(observed.pods)
-    crashes = crash_looping(observed.pods)
-    oom_reason, oom = out_of_memory(observed.pods, memory)
-    warmups_failing = warmup_failures(observed.pods)
-
-    if unschedulable:
-        states.append(
-            ConditionState(
-                ConditionType.SCHEDULED,
-                "False",
-                Reason.UNSCHEDULABLE,
-                explain_unschedulable(unschedulable[0], gpu_resource, gpus),
-            )
-        )
-    elif observed.pods:
-        states.append(
-            ConditionState(
-                ConditionType.SCHEDULED, "True", Reason.SCHEDULED, f"{len(observed.pods)} pod(s) placed on nodes"
-            )
-        )
-    elif job != "Complete":
-        states.append(
-            ConditionState(
-                ConditionType.SCHEDULED, "Unknown", Reason.WAITING_FOR_CACHE, "pods start once the weights are cached"
-            )
-        )
-    else:
-        states.append(ConditionState(ConditionType.SCHEDULED, "Unknown", Reason.NO_PODS, "no pods exist yet"))
-
-    memory_advice = "; raise spec.resources.memory"
-    if oom:
-        states.append(ConditionState("Degraded", "True", oom_reason, "; ".join(oom) + memory_advice))
-    elif crashes:
-        states.append(ConditionState(ConditionType.DEGRADED, "True", Reason.CONTAINERS_FAILING, "; ".join(crashes)))
-    elif warmups_failing:
-        states.append(ConditionState(ConditionType.DEGRADED, "True", Reason.WARM_UP_FAILED, "; ".join(warmups_failing)))
-    elif job == "Failed":
-        states.append(ConditionState(ConditionType.DEGRADED, "True", Reason.PREFETCH_FAILED, job_message))
-    else:
-        states.append(ConditionState(ConditionType.DEGRADED, "False", Reason.AS_EXPECTED, "no failures observed"))
-
-    if ready_replicas > 0 and not crashes:
-        states.append(
-            ConditionState(
-                ConditionType.READY,
-                "True",
-                Reason.REPLICAS_READY,
-                f"{ready_replicas}/{desired} replica(s) ready to serve",
-            )
-        )
-    elif oom:
-        states.append(ConditionState("Ready", "False", oom_reason, "; ".join(oom) + memory_advice))
-    elif job == "Failed":
-        states.append(ConditionState(ConditionType.READY, "False", Reason.PREFETCH_FAILED, job_message))
-    elif unschedulable:
-        states.append(ConditionState(ConditionType.READY, "False", Reason.UNSCHEDULABLE, states[1].message))
-    elif crashes:
-        states.append(ConditionState(ConditionType.READY, "False", Reason.CONTAINERS_FAILING, "; ".join(crashes)))
-    elif job != "Complete":
-        states.append(ConditionState(ConditionType.READY, "False", Reason.DOWNLOADING, job_message))
-    elif observed.unloaded:
-        states.append(
-            ConditionState(
-                ConditionType.READY,
-                "False",
-                Reason.UNLOADED,
-                "spec.replicas is 0: the model is unloaded and its requests fail; load it with `kubectl scale "
-                "inferencemodel <name> --replicas=N` or the router's POST /v1/admin/models/<name>/load",
-            )
-        )
-    elif observed.deployment is not None and desired == 0:
-        states.append(
-            ConditionState(
-                ConditionType.READY,
-                "False",
-                Reason.SCALED_TO_ZERO,
-                "0 replicas are wanted; scale up to serve the model",
-            )
-        )
-    elif warmups_failing:
-        states.append(ConditionState(ConditionType.READY, "False", Reason.WARM_UP_FAILED, "; ".join(warmups_failing)))
-    else:
-        states.append(
-            ConditionState(
-                ConditionType.READY,
-                "False",
-                Reason.LOADING,
-                f"0/{desired} replica(s) ready; the model is loading (a pod is Ready once it answers a warm-up)",
-            )
-        )
-
+    trouble = PodTrouble.of(observed.pods, memory)
+    scheduled = scheduled_condition(observed, trouble, job, gpu_resource, gpus)
+    states = [
+        cached_condition(job, job_message),
+        scheduled,
+        degraded_condition(trouble, job, job_message),
+        ready_condition(observed, trouble, job, job_message, scheduled.message),
+    ]
     if observed.scale_to_zero_refused:
         states.append(
             ConditionState(
@@ -310,17 +214,122 @@ def conditions_for(
                 f"from Kubernetes 1.37): {observed.scale_to_zero_refused}",
             )
         )
-
-    progressing = observed.deployment is None or ready_replicas < desired or job in {"Running", "Missing"}
-    states.append(
-        ConditionState(
-            ConditionType.PROGRESSING,
-            "True" if progressing else "False",
-            Reason.RECONCILING if progressing else Reason.STABLE,
-            "rolling out" if progressing else "all replicas are up to date",
-        )
-    )
+    states.append(progressing_condition(observed, job))
     return states
+
+
+def missing_claim_conditions(claim: str) -> list[ConditionState]:
+    message = (
+        f"PersistentVolumeClaim {claim} (spec.cache.existingClaim) does not exist in this "
+        "namespace: create it, or remove existingClaim to let the operator create one"
+    )
+    return [
+        ConditionState(ConditionType.MODEL_CACHED, "False", Reason.CLAIM_NOT_FOUND, message),
+        ConditionState(ConditionType.DEGRADED, "True", Reason.CLAIM_NOT_FOUND, message),
+        ConditionState(ConditionType.READY, "False", Reason.CLAIM_NOT_FOUND, message),
+        ConditionState(ConditionType.PROGRESSING, "False", Reason.CLAIM_NOT_FOUND, "waiting for the claim"),
+    ]
+
+
+def endpoint_condition(observed: Observed) -> ConditionState:
+    if observed.endpoint_reachable:
+        return ConditionState(
+            ConditionType.READY, "True", Reason.ENDPOINT_REACHABLE, f"{observed.endpoint_url} answers"
+        )
+    return ConditionState(
+        ConditionType.READY,
+        "False",
+        Reason.ENDPOINT_UNREACHABLE,
+        f"{observed.endpoint_url}: {observed.endpoint_error}".strip(),
+    )
+
+
+def cached_condition(job: str, job_message: str) -> ConditionState:
+    return {
+        "Complete": ConditionState(ConditionType.MODEL_CACHED, "True", Reason.PREFETCHED, job_message),
+        "Failed": ConditionState(ConditionType.MODEL_CACHED, "False", Reason.PREFETCH_FAILED, job_message),
+        "Running": ConditionState(ConditionType.MODEL_CACHED, "False", Reason.DOWNLOADING, job_message),
+        "Missing": ConditionState(ConditionType.MODEL_CACHED, "False", Reason.PENDING, job_message),
+    }[job]
+
+
+def scheduled_condition(
+    observed: Observed, trouble: PodTrouble, job: str, gpu_resource: str, gpus: int
+) -> ConditionState:
+    if trouble.unschedulable:
+        message = explain_unschedulable(trouble.unschedulable[0], gpu_resource, gpus)
+        return ConditionState(ConditionType.SCHEDULED, "False", Reason.UNSCHEDULABLE, message)
+    if observed.pods:
+        message = f"{len(observed.pods)} pod(s) placed on nodes"
+        return ConditionState(ConditionType.SCHEDULED, "True", Reason.SCHEDULED, message)
+    if job != "Complete":
+        message = "pods start once the weights are cached"
+        return ConditionState(ConditionType.SCHEDULED, "Unknown", Reason.WAITING_FOR_CACHE, message)
+    return ConditionState(ConditionType.SCHEDULED, "Unknown", Reason.NO_PODS, "no pods exist yet")
+
+
+def degraded_condition(trouble: PodTrouble, job: str, job_message: str) -> ConditionState:
+    if trouble.oom:
+        return ConditionState(ConditionType.DEGRADED, "True", trouble.oom_reason, trouble.oom_message)
+    if trouble.crashes:
+        return ConditionState(ConditionType.DEGRADED, "True", Reason.CONTAINERS_FAILING, "; ".join(trouble.crashes))
+    if trouble.warmups_failing:
+        message = "; ".join(trouble.warmups_failing)
+        return ConditionState(ConditionType.DEGRADED, "True", Reason.WARM_UP_FAILED, message)
+    if job == "Failed":
+        return ConditionState(ConditionType.DEGRADED, "True", Reason.PREFETCH_FAILED, job_message)
+    return ConditionState(ConditionType.DEGRADED, "False", Reason.AS_EXPECTED, "no failures observed")
+
+
+def ready_condition(
+    observed: Observed, trouble: PodTrouble, job: str, job_message: str, unschedulable_message: str
+) -> ConditionState:
+    """Ready, or the first reason it is not, most actionable first."""
+    desired, ready_replicas = replica_counts(observed)
+    not_ready: list[tuple[bool, Reason | str, str]] = [
+        (bool(trouble.oom), trouble.oom_reason, trouble.oom_message),
+        (job == "Failed", Reason.PREFETCH_FAILED, job_message),
+        (bool(trouble.unschedulable), Reason.UNSCHEDULABLE, unschedulable_message),
+        (bool(trouble.crashes), Reason.CONTAINERS_FAILING, "; ".join(trouble.crashes)),
+        (job != "Complete", Reason.DOWNLOADING, job_message),
+        (
+            observed.unloaded,
+            Reason.UNLOADED,
+            "spec.replicas is 0: the model is unloaded and its requests fail; load it with `kubectl scale "
+            "inferencemodel <name> --replicas=N` or the router's POST /v1/admin/models/<name>/load",
+        ),
+        (
+            observed.deployment is not None and desired == 0,
+            Reason.SCALED_TO_ZERO,
+            "0 replicas are wanted; scale up to serve the model",
+        ),
+        (bool(trouble.warmups_failing), Reason.WARM_UP_FAILED, "; ".join(trouble.warmups_failing)),
+    ]
+    if ready_replicas > 0 and not trouble.crashes:
+        message = f"{ready_replicas}/{desired} replica(s) ready to serve"
+        return ConditionState(ConditionType.READY, "True", Reason.REPLICAS_READY, message)
+    for applies, reason, message in not_ready:
+        if applies:
+            return ConditionState(ConditionType.READY, "False", reason, message)
+    message = f"0/{desired} replica(s) ready; the model is loading (a pod is Ready once it answers a warm-up)"
+    return ConditionState(ConditionType.READY, "False", Reason.LOADING, message)
+
+
+def replica_counts(observed: Observed) -> tuple[int, int]:
+    """(the replicas the Deployment wants, those ready)."""
+    deployment = observed.deployment or {}
+    return deployment.get("spec", {}).get("replicas", 0), deployment.get("status", {}).get("readyReplicas") or 0
+
+
+def progressing_condition(observed: Observed, job: str) -> ConditionState:
+    desired, ready_replicas = replica_counts(observed)
+    progressing = observed.deployment is None or ready_replicas < desired or job in {"Running", "Missing"}
+    return ConditionState(
+        ConditionType.PROGRESSING,
+        "True" if progressing else "False",
+        Reason.RECONCILING if progressing else Reason.STABLE,
+        "rolling out" if progressing else "all replicas are up to date",
+    )
 
 
 def parse_time(value: str | None) -> datetime | None:
