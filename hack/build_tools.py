@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,19 @@ CRDS_DIR = REPO_ROOT / ".cache" / "crds"
 
 # Built only on request: kind needs a Docker engine, which these machines do not have.
 OPTIONAL_TOOLS = frozenset({"kind"})
+
+# Seconds each tool took to build from cold Go caches on this workplace's 2-core machines (measured on
+# 2026-12-07). They make a first run's estimate; once this machine has built a tool, its own time
+# (DURATIONS_FILE in the cache) is used instead. Scaled by the core count: `go build` uses every core.
+MEASURED_BUILD_SECONDS = {
+    "kube-apiserver": 241, "kube-controller-manager": 100, "kube-scheduler": 8, "kubectl": 34, "kubelet": 34,
+    "kube-proxy": 14, "etcd": 30, "kwok": 110, "kwokctl": 17, "helm": 91, "helm4": 144, "coredns": 151,
+    "registry": 68, "local-path-provisioner": 54, "prometheus": 111, "prometheus-adapter": 140,
+    "kube-router": 127, "traefik": 531, "ollama": 398, "prometheus-operator-crds": 5,
+}  # fmt: skip
+MEASURED_ON_CORES = 2
+UNMEASURED_BUILD_SECONDS = 120
+DURATIONS_FILE = "build-seconds.json"
 
 
 class ToolError(Exception):
@@ -586,7 +600,91 @@ def ensure_crds(bundle: CrdBundle) -> Path:
     return bundle_dir
 
 
-def ensure(tool: Tool) -> Path:
+def is_cached(tool: Tool) -> bool:
+    if isinstance(tool, CrdBundle):
+        bundle_dir = cache_root() / tool.name / tool.version
+        return bundle_dir.is_dir() and all((bundle_dir / name).is_file() for name in tool.required)
+    dest = cache_root() / tool.name / tool.version / tool.binary_path
+    return dest.is_file() and os.access(dest, os.X_OK)
+
+
+def recorded_durations() -> dict[str, float]:
+    try:
+        recorded = json.loads((cache_root() / DURATIONS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(name): float(seconds) for name, seconds in recorded.items()} if isinstance(recorded, dict) else {}
+
+
+def record_duration(name: str, seconds: float) -> None:
+    recorded = recorded_durations()
+    recorded[name] = round(seconds, 1)
+    cache_root().mkdir(parents=True, exist_ok=True)
+    (cache_root() / DURATIONS_FILE).write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+
+
+def expected_seconds(name: str, recorded: dict[str, float], cores: int) -> float:
+    """This machine's own time for the tool if it has one, else the measured table's scaled to `cores`."""
+    if name in recorded:
+        return recorded[name]
+    return MEASURED_BUILD_SECONDS.get(name, UNMEASURED_BUILD_SECONDS) * MEASURED_ON_CORES / max(1, cores)
+
+
+def minutes(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def progress_line(name: str, elapsed: float, expected: float, after: int, after_seconds: float) -> str:
+    """One look at a build: how long so far against the expected time, and what is left after it."""
+    line = f"  {name:<24} building: {minutes(elapsed)} of about {minutes(expected)}"
+    if after:
+        line += f"; then {after} more, about {minutes(after_seconds)}"
+    return line
+
+
+class BuildProgress:
+    """A live line while a tool builds: rewritten every second on a terminal, a plain line a minute
+    otherwise (a log or CI keeps whole lines)."""
+
+    def __init__(self, name: str, expected: float, after: int, after_seconds: float) -> None:
+        self.name, self.expected, self.after, self.after_seconds = name, expected, after, after_seconds
+        self.started = time.monotonic()
+        self.tty = sys.stdout.isatty()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> BuildProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.tty:
+            print("\r\033[K", end="", flush=True)
+
+    def _run(self) -> None:
+        interval = 1.0 if self.tty else 60.0
+        while not self._stop.wait(interval):
+            line = progress_line(self.name, time.monotonic() - self.started, self.expected, self.after,
+                                 self.after_seconds)  # fmt: skip
+            print(f"\r\033[K{line}" if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+
+@dataclass
+class BuildPlan:
+    """What is left to build in this run, and how long it should take."""
+
+    missing: list[str]
+    expected: dict[str, float]
+
+    def after(self, name: str) -> tuple[int, float]:
+        rest = self.missing[self.missing.index(name) + 1 :]
+        return len(rest), sum(self.expected[other] for other in rest)
+
+
+def ensure(tool: Tool, plan: BuildPlan | None = None) -> Path:
     if isinstance(tool, CrdBundle):
         return ensure_crds(tool)
     tool_dir = cache_root() / tool.name / tool.version
@@ -596,11 +694,17 @@ def ensure(tool: Tool) -> Path:
     else:
         print(f"  {tool.name:<24} {tool.version:<9} building from {tool.module} ...", flush=True)
         started = time.monotonic()
-        if isinstance(tool, OllamaTool):
-            build_ollama(tool, tool_dir)
-        else:
-            build_tool(tool, dest)
-        print(f"  {tool.name:<24} {tool.version:<9} built in {time.monotonic() - started:.1f}s", flush=True)
+        expected = plan.expected[tool.name] if plan and tool.name in plan.expected else UNMEASURED_BUILD_SECONDS
+        after, after_seconds = plan.after(tool.name) if plan and tool.name in plan.missing else (0, 0.0)
+        with BuildProgress(tool.name, expected, after, after_seconds):
+            if isinstance(tool, OllamaTool):
+                build_ollama(tool, tool_dir)
+            else:
+                build_tool(tool, dest)
+        took = time.monotonic() - started
+        record_duration(tool.name, took)
+        print(f"  {tool.name:<24} {tool.version:<9} built in {took:.1f}s (expected about {minutes(expected)})",
+              flush=True)  # fmt: skip
     BIN_DIR.mkdir(parents=True, exist_ok=True)
     link = BIN_DIR / tool.name
     if link.is_symlink() or link.exists():
@@ -622,9 +726,17 @@ def main(argv: list[str]) -> int:
         if unknown:
             raise ToolError(f"unknown tool(s) {', '.join(unknown)}; known: {', '.join(catalog)}")
         print(f"tools: cache {cache_root()}, links in {BIN_DIR} and {CRDS_DIR}", flush=True)
+        cores = os.cpu_count() or 1
+        recorded = recorded_durations()
+        missing = [name for name in wanted if not is_cached(catalog[name])]
+        plan = BuildPlan(missing, {name: expected_seconds(name, recorded, cores) for name in missing})
+        if missing:
+            total = minutes(sum(plan.expected.values()))
+            print(f"tools: {len(missing)} to build from source ({', '.join(missing)}): about {total} on {cores} "
+                  "cores, once; later runs reuse them", flush=True)  # fmt: skip
         started = time.monotonic()
         for name in wanted:
-            ensure(catalog[name])
+            ensure(catalog[name], plan)
         print(f"tools: ready in {time.monotonic() - started:.1f}s", flush=True)
     except ToolError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -142,3 +142,31 @@ def test_crd_bundle_is_copied_once_then_reused_and_linked(tmp_path: Path, monkey
     moved = dataclasses.replace(bundle, version="v0.2.0", source_dir="example/crds")
     with pytest.raises(build_tools.ToolError, match="has no directory example/crds"):
         build_tools.ensure(moved)
+
+
+def test_a_build_is_expected_to_take_this_machines_own_time_else_the_measured_one_scaled_to_its_cores() -> None:
+    assert build_tools.expected_seconds("kube-apiserver", {"kube-apiserver": 300.0}, cores=2) == 300.0
+    assert build_tools.expected_seconds("kube-apiserver", {}, cores=2) == build_tools.MEASURED_BUILD_SECONDS[
+        "kube-apiserver"]  # fmt: skip
+    assert build_tools.expected_seconds("kube-apiserver", {}, cores=8) == pytest.approx(
+        build_tools.MEASURED_BUILD_SECONDS["kube-apiserver"] / 4)  # fmt: skip
+    assert build_tools.expected_seconds("a-new-tool", {}, cores=2) == build_tools.UNMEASURED_BUILD_SECONDS
+
+
+def test_every_tool_of_the_catalog_has_a_measured_build_time() -> None:
+    catalog = build_tools.tool_catalog(build_tools.read_versions())
+    assert set(catalog) - build_tools.OPTIONAL_TOOLS <= set(build_tools.MEASURED_BUILD_SECONDS)
+
+
+def test_the_progress_line_says_how_far_a_build_is_and_what_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    line = build_tools.progress_line("traefik", 65, 531, after=2, after_seconds=798)
+    assert line == "  traefik                  building: 1m05s of about 8m51s; then 2 more, about 13m18s"
+    assert build_tools.progress_line("ollama", 5, 398, after=0, after_seconds=0).endswith("5s of about 6m38s")
+    plan = build_tools.BuildPlan(["a", "b", "c"], {"a": 10.0, "b": 20.0, "c": 30.0})
+    assert (plan.after("a"), plan.after("c")) == ((2, 50.0), (0, 0.0))
+    # This machine's times are kept by the cache, and read back.
+    monkeypatch.setenv("MODELFLEET_TOOLS_CACHE", str(tmp_path))
+    build_tools.record_duration("traefik", 512.34)
+    assert build_tools.recorded_durations() == {"traefik": 512.3}
