@@ -107,6 +107,10 @@ def test_ingress_carries_sse_settings() -> None:
     assert annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "3600"
     assert ingress["spec"]["ingressClassName"] == "nginx"
     assert ingress["spec"]["tls"][0]["hosts"] == ["llm.example.com"]
+    # The APIs only: the metrics, the API docs and the probes are not published.
+    (rule,) = ingress["spec"]["rules"]
+    assert {(p["path"], p["pathType"]) for p in rule["http"]["paths"]} == {
+        ("/v1", "Prefix"), ("/infer", "Exact"), ("/health", "Exact")}  # fmt: skip
 
 
 def test_monitoring_when_the_prometheus_operator_crds_exist() -> None:

@@ -146,6 +146,7 @@ def test_chart_pods_run_for_real_and_pass_helm_test(release: Release, cluster: C
     # From the host, through the NodePort on the bridge (kube-proxy), the router serves the model
     # that it discovered through the API server's `kubernetes` Service.
     key = api_key(release)
+    admin = api_key(release, "admin-key")  # /health's detail is the admin's
     url = node_port_url(release)
 
     def listed() -> bool:
@@ -156,7 +157,7 @@ def test_chart_pods_run_for_real_and_pass_helm_test(release: Release, cluster: C
 
     def probed_reachable() -> bool:
         # Both routers' background probers have reached the model's endpoint (the NodePort spreads asks).
-        answers = [get_json(f"{url}/health", key) for _ in range(6)]
+        answers = [get_json(f"{url}/health", admin) for _ in range(6)]
         return all(body["backends"].get("echo", {}).get("reachable") is True for _, body in answers)
 
     wait_for(probed_reachable, "the routers' probers to reach the model's endpoint", timeout=60)
@@ -173,7 +174,7 @@ def test_chart_pods_run_for_real_and_pass_helm_test(release: Release, cluster: C
 
     def redis_seen(available: bool) -> bool:
         # The NodePort spreads requests over both routers: ask until each has answered the same.
-        answers = [get_json(f"{url}/health", key) for _ in range(6)]
+        answers = [get_json(f"{url}/health", admin) for _ in range(6)]
         return all(status == 200 and body["redis"]["available"] is available for status, body in answers)
 
     apps.patch_namespaced_deployment_scale(redis_name, namespace, {"spec": {"replicas": 0}})

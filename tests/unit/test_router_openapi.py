@@ -131,9 +131,9 @@ def test_a_responses_stream_that_fails_sends_openais_error_event() -> None:
 
 def test_a_body_the_framework_cannot_parse_is_a_400_with_a_code() -> None:
     """Python's JSON parser refuses integers of more than 4300 digits: the framework's 400 gets our code too."""
-    client = TestClient(create_app(RouterSettings(auth_required=False)))
-    response = client.post("/v1/chat/completions", content=b'{"model": "m", "seed": 1' + b"0" * 5000 + b"}",
-                           headers={"content-type": "application/json"})  # fmt: skip
-    assert response.status_code == 400
-    assert response.json()["error"]["code"] == "invalid_request"
-    assert client.delete("/v1/chat/completions").json()["error"]["code"] == "method_not_allowed"
+    with TestClient(create_app(RouterSettings(auth_required=False))) as client:
+        response = client.post("/v1/chat/completions", content=b'{"model": "m", "seed": 1' + b"0" * 5000 + b"}",
+                               headers={"content-type": "application/json"})  # fmt: skip
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_request"
+        assert client.delete("/v1/chat/completions").json()["error"]["code"] == "method_not_allowed"

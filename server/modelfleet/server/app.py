@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from starlette.requests import Request
 from starlette.types import ASGIApp
 
 from modelfleet.server.api import admin, compat, health, openai, responses
@@ -31,7 +32,7 @@ from modelfleet.server.probe import probe_forever
 from modelfleet.server.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from modelfleet.server.registry import ModelRegistry
 from modelfleet.server.scaling import ModelScaler
-from modelfleet.server.services import Services
+from modelfleet.server.services import Services, services_of
 from modelfleet.server.settings import RouterSettings
 from modelfleet.server.upstream import UpstreamClient
 from modelfleet.server.workers import WorkerSlot
@@ -142,15 +143,20 @@ def create_app(settings: RouterSettings, drain: Drain | None = None, worker: Wor
     routes = hot_routes(api.router for api in apis)
     app_drain = drain if drain is not None else Drain(seconds=0)
 
+    def authenticate(request: Request) -> object:
+        return services_of(request).keys.authenticate(request)
+
     def layers(framework: ASGIApp) -> ASGIApp:
         # Outermost first: draining, the body limit, cancellation on disconnect, then the generation
         # routes (hotpath.py); every other request goes on to FastAPI's own stack.
-        inner = CancelOnDisconnect(HotRoutes(framework, routes))
+        inner = CancelOnDisconnect(HotRoutes(framework, routes, authenticate=authenticate))
         return CloseWhenDraining(BodySizeLimit(inner, max_bytes=settings.max_body_bytes), drain=app_drain)
 
     # FastAPI checks the OpenTelemetry providers on every request unless its telemetry is off.
     telemetry = None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False}
-    app = RouterApp(layers, title="ModelFleet router", version="0.1.0", lifespan=lifespan, telemetry=telemetry)
+    # No redirect_slashes: its 307 names a URL built from the client's Host header.
+    app = RouterApp(layers, title="ModelFleet router", version="0.1.0", lifespan=lifespan, telemetry=telemetry,
+                    redirect_slashes=False)  # fmt: skip
     app.state.drain = app_drain
     install_error_handlers(app)
     for api in apis:

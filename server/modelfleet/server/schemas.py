@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 # OpenAI's seed is an int64, as is the seed of Ollama and vLLM.
-Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class ForwardedBody(BaseModel):
@@ -41,7 +41,7 @@ class ForwardedBody(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatMessage(BaseModel):
@@ -78,28 +78,28 @@ class SamplingFields(ForwardedBody):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
     stop: str | list[str] | None = Field(None, max_length=4)
     seed: Seed | None = None
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    n: StrictInt = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = None
     metadata: dict[str, str] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
     response_format: ResponseFormat | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     logit_bias: dict[str, float] | None = None
     # ModelFleet extensions.
-    allow_remote: bool = Field(False, description="Allow a model served by a remote provider.")
-    use_cache: bool = Field(True, description="false: neither read nor write the response cache.")
+    allow_remote: StrictBool = Field(False, description="Allow a model served by a remote provider.")
+    use_cache: StrictBool = Field(True, description="false: neither read nor write the response cache.")
 
 
 def examples(*bodies: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +117,7 @@ class ChatCompletionRequest(SamplingFields):
     ))  # fmt: skip
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
 
 class CompletionRequest(SamplingFields):
@@ -152,11 +152,11 @@ class Decoding(BaseModel):
 
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
+    top_k: StrictInt | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
     stop: list[str] | None = Field(None, max_length=4)
     repetition_penalty: float | None = Field(None, gt=0)
-    beam_size: int | None = Field(None, ge=1)
+    beam_size: StrictInt | None = Field(None, ge=1)
 
 
 class ResponsesRequest(ForwardedBody):
@@ -171,13 +171,13 @@ class ResponsesRequest(ForwardedBody):
     model: str = Field(min_length=1)
     input: str | Annotated[list[ResponsesInputMessage], Field(json_schema_extra={"minItems": 1})]
     instructions: str | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
+    max_output_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: Seed | None = None
-    stream: bool = False
-    allow_remote: bool = False
-    use_cache: bool = True
+    stream: StrictBool = False
+    allow_remote: StrictBool = False
+    use_cache: StrictBool = True
     decoding: Decoding | None = Field(None, description="llm-pool's sampling fields; the top-level ones win.")
 
     @field_validator("input")
@@ -201,10 +201,10 @@ class GenerateRequest(ForwardedBody):
     prompt: str = Field(min_length=1)
     model: str | None = Field(None, min_length=1, description="Default: the router's default model.")
     system: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     seed: Seed | None = None
-    use_cache: bool = True
+    use_cache: StrictBool = True
 
 
 class InferRequest(GenerateRequest):

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from modelfleet.server.errors import OrjsonResponse
+from modelfleet.server.errors import OrjsonResponse, RouterError
 from modelfleet.server.probe import current_probe
 from modelfleet.server.services import Services, services_of
 
@@ -52,6 +52,18 @@ def reachable_now(services: Services, name: str) -> bool:
     return probe is None or probe.get("reachable") is not False
 
 
+def shows_detail(services: Services, request: Request) -> bool:
+    """The detail (models, replicas and their addresses, Redis, discovery) is the admin's, when keys are
+    required: an anonymous caller gets only llm-inference-server's documented fields, and no pod IP."""
+    if not services.keys.required:
+        return True
+    try:
+        services.keys.require_admin(request)
+    except RouterError:
+        return False
+    return True
+
+
 @router.get("/health")
 async def health(request: Request) -> OrjsonResponse:
     services = services_of(request)
@@ -65,11 +77,16 @@ async def health(request: Request) -> OrjsonResponse:
     # whether its Ollama is reachable (here that model's backends, or every model's).
     model = services.settings.default_model or (names[0] if len(names) == 1 else None)
     watched = [model] if model is not None else names
-    body = {
+    public = {
         "status": "ok",
         "model": model,
         "ollama_reachable": all(reachable_now(services, name) for name in watched),
         "cache_stats": cache,
+    }
+    if not shows_detail(services, request):
+        return OrjsonResponse(public)
+    body = {
+        **public,
         "models": names,
         "cache": cache,
         "backends": backends,

@@ -110,7 +110,14 @@ async def post_json(http: UpstreamClient, model: ModelSpec, url: str, body: dict
         raise unreachable(model, exc) from exc
     if status >= 400:
         raise upstream_error(model, status, reason, content)
-    result: dict[str, Any] = orjson.loads(content)
+    try:
+        result = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        result = None
+    if not isinstance(result, dict):
+        # A 200 that is not a JSON object (plain text from a proxy, a list): the backend failed, not us.
+        raise UPSTREAM_ERROR(f"The backend for `{model.name}` answered with something that is not a JSON object: "
+                             f"{content[:120].decode(errors='replace')!r}")  # fmt: skip
     return result
 
 
