@@ -12,6 +12,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from modelfleet.server.app import create_app
+from modelfleet.server.http_limits import ConnectionLimits, limited_protocol
 from modelfleet.server.lifecycle import Drain, DrainingServer
 from modelfleet.server.settings import RouterSettings
 from modelfleet.server.workers import WORKER_INDEX_ENV, Supervisor, check_limits, reuse_port_socket, this_worker
@@ -75,7 +76,11 @@ def main() -> None:
         host=listen.host,
         port=listen.port,
         loop="uvloop",
-        http="httptools",
+        # httptools with a cap on connections, header bytes and header time (http_limits.py); every
+        # worker process runs this same main(), so each gets them.
+        http=limited_protocol(
+            ConnectionLimits(settings.max_header_bytes, settings.header_timeout_seconds, settings.max_connections)
+        ),
         timeout_graceful_shutdown=listen.shutdown_grace_seconds,
         log_level="info",
         access_log=listen.access_log,

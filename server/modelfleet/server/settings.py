@@ -10,6 +10,11 @@ from pydantic import BaseModel, Field, HttpUrl, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from modelfleet.api.v1alpha1 import SERVING_DEFAULTS
+from modelfleet.server.http_limits import (
+    DEFAULT_HEADER_TIMEOUT_SECONDS,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HEADER_BYTES,
+)
 from modelfleet.server.model_spec import ModelSpec
 from modelfleet.server.routing import Routing
 
@@ -140,6 +145,23 @@ class RouterSettings(BaseSettings):
     # Auth
     auth_required: bool = Field(True, description="Refuse requests without a valid API key.")
     api_keys_file: Path | None = Field(None, description="YAML/JSON file of API keys (see auth.py).")
+    # Connections (each router process; see http_limits.py)
+    max_header_bytes: int = Field(
+        DEFAULT_MAX_HEADER_BYTES,
+        ge=1024,
+        description="Largest request line plus headers, in bytes; a longer one gets 431 and its connection is closed.",
+    )
+    header_timeout_seconds: float = Field(
+        DEFAULT_HEADER_TIMEOUT_SECONDS,
+        gt=0,
+        description="Time a request's headers may take, from the connection's opening (first request) or the "
+        "request's first byte; then 408 and the connection is closed (idle ones without an answer).",
+    )
+    max_connections: int = Field(
+        DEFAULT_MAX_CONNECTIONS,
+        ge=1,
+        description="Open connections per router process; one more is accepted and closed at once, unanswered.",
+    )
     # Upstreams
     upstream_timeout_seconds: float = Field(300.0, gt=0, description="Deadline of one backend request.")
     upstream_connect_timeout_seconds: float = Field(5.0, gt=0, description="Deadline to connect to a backend.")
