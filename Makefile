@@ -100,11 +100,12 @@ CRD_FILE := crds/modelfleet.io_inferencemodels.yaml
 CHART_CRD_FILE := charts/modelfleet/crds/modelfleet.io_inferencemodels.yaml
 
 .PHONY: generate
-generate: ## Write the CRD from modelfleet.api (crds/ and the chart's crds/) the README's router settings table, the chart's values.schema.json and manifests/install.yaml
+generate: ## Write the CRD from modelfleet.api (crds/ and the chart's crds/) the README's router settings and errors tables, the chart's values.schema.json and manifests/install.yaml
 	@mkdir -p $(dir $(CRD_FILE)) $(dir $(CHART_CRD_FILE))
 	$(PY) -m modelfleet.api.crd $(CRD_FILE)
 	cp $(CRD_FILE) $(CHART_CRD_FILE)
 	$(PY) -m hack.settings_doc README.md
+	$(PY) -m hack.errors_doc README.md
 	$(PY) -m hack.chart generate
 
 .PHONY: verify-generated
@@ -117,6 +118,7 @@ verify-generated: ## Fail if a generated file is stale (CI runs this)
 	  fi; \
 	done; \
 	$(PY) -m hack.settings_doc --check README.md || exit 1; \
+	$(PY) -m hack.errors_doc --check README.md || exit 1; \
 	$(PY) -m hack.chart check || exit 1; \
 	echo "generated files are current"
 

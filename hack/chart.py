@@ -49,6 +49,9 @@ MINIMUMS: dict[str, int] = {
     "router.maxTokensCap": 1,
     "router.defaultMaxTokens": 1,
     "router.maxBodyBytes": 1024,
+    "router.maxHeaderBytes": 1024,
+    "router.maxConnections": 1,
+    "router.headerTimeoutSeconds": 1,
     "router.service.port": 1,
 }
 KEY_LINE = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z0-9_]+):")
