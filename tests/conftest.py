@@ -14,7 +14,7 @@ import re
 import shutil
 import socket
 import sys
-import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ from tests.support.markers import pytest_collection_finish as pytest_collection_
 from tests.support.markers import pytest_deselected as pytest_deselected
 from tests.support.markers import pytest_sessionfinish as pytest_sessionfinish
 from tests.support.procs import LOOPBACK, RunningProcess, free_port, running_process, wait_until
+from tests.support.sockets import connections_closed_by_clients, tcp_states
 
 HARNESS_ITEMS = pytest.StashKey[set[str]]()
 
@@ -242,31 +243,58 @@ class OllamaServer:
         return [seconds for _, seconds in self.finished_chat_requests()]
 
 
+def ollama_finished_every_request(ollama: OllamaServer) -> bool:
+    """Every request Ollama was sent has ended, and its access-log line (which GIN writes as the handler
+    returns) is in the log.
+
+    A client that read a whole answer was sent its last bytes after the handler had returned (Go's
+    server writes them as the handler ends), so its line is written. A client that stopped reading and
+    closed its end first (the router closes a stream at its `[DONE]`, before the final chunk; a client
+    that leaves) leaves Ollama's side of the connection in CLOSE_WAIT, which Go closes only after that
+    request's handler has returned. So: no connection of Ollama's in CLOSE_WAIT.
+    """
+    return connections_closed_by_clients(ollama_port(ollama)) == 0
+
+
+def ollama_port(ollama: OllamaServer) -> int:
+    port = urllib.parse.urlsplit(ollama.base_url).port
+    assert port is not None
+    return port
+
+
+def ollama_connections(ollama: OllamaServer) -> list[str]:
+    """The states of Ollama's listener and connections, for a failure's message."""
+    return tcp_states(ollama_port(ollama))
+
+
 def expect_chat_calls(ollama: OllamaServer, expected: int) -> None:
     """Ollama has finished exactly `expected` chat requests in all.
 
-    It logs a request when its handler returns, which can be just after the client got its answer,
-    so wait for the count to reach `expected`, then give a late line the chance to show an extra call.
+    Its log line for a request can come just after the client got its answer, so wait for the count to
+    reach `expected` and for every request sent to it to have ended and been logged (see
+    ollama_finished_every_request): an extra call would be among them.
     """
-    wait_until(lambda: len(ollama.finished_chat_durations()) >= expected, timeout=10)
-    time.sleep(0.3)
+    wait_until(
+        lambda: len(ollama.finished_chat_durations()) >= expected and ollama_finished_every_request(ollama),
+        timeout=10,
+        on_timeout=lambda: (
+            f"(Ollama has logged {len(ollama.finished_chat_durations())} chat requests, expected {expected})"
+        ),
+    )
     assert len(ollama.finished_chat_durations()) == expected
 
 
 def settled_chat_calls(ollama: OllamaServer) -> int:
-    """The count of finished chat requests once no late log line has arrived for 0.3 s (a baseline)."""
-    count = len(ollama.finished_chat_durations())
-    while True:
-        time.sleep(0.3)
-        latest = len(ollama.finished_chat_durations())
-        if latest == count:
-            return count
-        count = latest
+    """The count of finished chat requests once every request sent to Ollama has been logged (a baseline)."""
+    wait_until(lambda: ollama_finished_every_request(ollama), timeout=60,
+               on_timeout=lambda: f"(Ollama's connections: {ollama_connections(ollama)})")  # fmt: skip
+    return len(ollama.finished_chat_durations())
 
 
-def start_ollama(work_dir: Path, parallel: int | None = None) -> Iterator[OllamaServer]:
+def start_ollama(work_dir: Path, parallel: int | None = None, debug: bool = False) -> Iterator[OllamaServer]:
     """Our Ollama build serving gemma3:270m on a free loopback port, with a private models dir
-    (and OLLAMA_NUM_PARALLEL `parallel`, as the operator sets it to maxInFlightPerReplica)."""
+    (and OLLAMA_NUM_PARALLEL `parallel`, as the operator sets it to maxInFlightPerReplica; `debug` logs
+    each chat request's prompt as its handler starts it)."""
     try:
         binary = ollama_model.ollama_binary()
         store = ollama_model.prepare()
@@ -283,7 +311,7 @@ def start_ollama(work_dir: Path, parallel: int | None = None) -> Iterator[Ollama
         work_dir,
         ready=lambda: http_ok(f"{base_url}/api/version"),
         ready_timeout=60,
-        env=ollama_model.server_env(models_dir, port, home, parallel),
+        env=ollama_model.server_env(models_dir, port, home, parallel, debug),
         cwd=work_dir,
     ) as process:
         yield OllamaServer(base_url=base_url, model=ollama_model.MODEL_NAME, models_dir=models_dir, process=process)
