@@ -315,7 +315,9 @@ def test_sse_streams_through_a_real_ingress(stack: Release) -> None:
     access_log_path = Path(__file__).resolve().parents[2] / ".cache" / "ingress" / "traefik.log"
     access_log_start = access_log_path.stat().st_size
     stream = sdk.chat.completions.create(
-        model="gemma", messages=[{"role": "user", "content": "Tell a story about a lighthouse."}], max_tokens=48,
+        # Long enough that the generation still runs while the test reads the routers' metrics at the first
+        # chunk (48 tokens could end within that read on an idle machine).
+        model="gemma", messages=[{"role": "user", "content": "Tell a story about a lighthouse."}], max_tokens=256,
         stream=True, extra_body={"use_cache": False},
     )  # fmt: skip
     contents: list[str] = []
@@ -387,8 +389,11 @@ def test_helm_upgrade_rolls_the_routers_under_keep_alive_clients_and_streams(sta
     def watch_deletions() -> None:
         while not stop.wait(0.25):
             for pod in stack.pods("router"):
-                if pod.metadata.name in old_pods and pod.metadata.deletion_timestamp is not None:
-                    deletions.setdefault(pod.metadata.name, pod.metadata.deletion_timestamp)
+                meta = pod.metadata
+                if meta.name in old_pods and meta.deletion_timestamp is not None:
+                    # deletionTimestamp is when the grace period ends; the pod was told to stop that long before.
+                    told = meta.deletion_timestamp - timedelta(seconds=meta.deletion_grace_period_seconds or 0)
+                    deletions.setdefault(meta.name, told)
 
     streamers = [threading.Thread(target=stream_one_after_another, args=(url, key, i, stop, streams), daemon=True)
                  for i in range(2)]  # fmt: skip
