@@ -19,7 +19,7 @@ from tests.support.procs import LOOPBACK
 
 # Given a request body: the answer body (non-streamed), or the SSE events (streamed), written as the
 # iterable gives them (a generator may pause between events, as an engine does between tokens).
-Script = Callable[[dict[str, Any]], bytes | dict[str, Any] | Iterable[dict[str, Any]]]
+Script = Callable[[dict[str, Any]], tuple[int, dict[str, Any]] | bytes | dict[str, Any] | Iterable[dict[str, Any]]]
 
 
 @dataclass
@@ -58,6 +58,10 @@ def recording_backend(script: Script) -> Iterator[RecordingBackend]:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
             backend.bodies.append(body)
             answer = script(body)
+            if isinstance(answer, tuple):  # (status, body): a backend that refuses or fails
+                status, error = answer
+                self.answer(status, json.dumps(error).encode())
+                return
             if isinstance(answer, bytes):  # a broken backend's 200: whatever bytes it sends
                 self.answer(200, answer, content_type="text/plain")
                 return
