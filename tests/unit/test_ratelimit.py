@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import redis.asyncio
 from redis.crc import key_slot
 
 from modelfleet.server.ratelimit import Decision, Limits, MemoryRateLimiter, RedisRateLimiter
+from tests.support.fake_clock import FakeClock, run
 
 pytestmark = pytest.mark.unit
-
-T = TypeVar("T")
-
-
-def run(coroutine: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coroutine)
-
-
-class FakeClock:
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def at(

@@ -3,10 +3,8 @@ what an unlimited or degraded decision says, and the Redis keys of a subject."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -18,22 +16,9 @@ from modelfleet.server.ratelimit import (
     RateLimiterUnavailable,
     RedisRateLimiter,
 )
+from tests.support.fake_clock import FakeClock, run
 
 pytestmark = pytest.mark.unit
-
-T = TypeVar("T")
-
-
-def run(coroutine: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coroutine)
-
-
-class FakeClock:
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def at(limiter: MemoryRateLimiter, clock: FakeClock, when: float, limits: Limits, reserve: int = 0) -> Decision:
