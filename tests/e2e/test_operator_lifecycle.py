@@ -234,7 +234,7 @@ def test_killed_mid_reconcile_the_operator_converges_without_duplicates(
     finally:
         second.close()
     per_kind = Counter(key.split("/")[0] for key in resource_versions(cluster, namespace))
-    assert per_kind == {"im": 6, "deployment": 6, "service": 6, "pvc": 6, "job": 6}
+    assert per_kind == {"im": 6, "deployment": 6, "service": 6, "pvc": 6, "job": 6, "networkpolicy": 6}
 
 
 def test_peering_mode_reconciles_and_records_its_heartbeat(
