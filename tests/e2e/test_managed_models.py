@@ -359,8 +359,10 @@ def stream_one_after_another(url: str, key: str, client_id: int, stop: threading
         records.append(record)
         try:
             prompt = f"Client {client_id}, story {turn}: a lighthouse."
+            # Long streams, back to back: one of the two clients is almost always mid-stream, so the
+            # rollout's pod deletions fall inside streams (32 tokens left gaps a deletion could miss).
             stream = sdk.chat.completions.create(
-                model="gemma", messages=[{"role": "user", "content": prompt}], max_tokens=32, stream=True,
+                model="gemma", messages=[{"role": "user", "content": prompt}], max_tokens=160, stream=True,
                 extra_body={"use_cache": False},
             )  # fmt: skip
             for chunk in stream:
@@ -372,7 +374,7 @@ def stream_one_after_another(url: str, key: str, client_id: int, stop: threading
         except Exception as exc:  # every failure counts, whatever its kind
             record.error = repr(exc)
         record.ended = datetime.now(UTC)
-        stop.wait(0.5)
+        stop.wait(0.1)
 
 
 def test_helm_upgrade_rolls_the_routers_under_keep_alive_clients_and_streams(stack: Release) -> None:
