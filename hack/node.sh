@@ -10,6 +10,8 @@
 #   hack/node.sh down      delete its pods, stop every process, undo mounts, rules, bridge, cgroups
 #   hack/node.sh status    exit 0 if the node is Ready and its registry and provisioner run
 #   hack/node.sh import F  import an image archive (docker or OCI) into the node's containerd
+#   hack/node.sh import-once F NAME KEY
+#                          the same, unless NAME is there from an archive of the same KEY
 #
 # The network lives on a bridge of its own, $bridge with $bridge_address: node IP, kubelet address,
 # pods' gateway, CoreDNS's address, and the API server's advertised address (relayed to its
@@ -363,6 +365,7 @@ down() {
   stop_process kubelet
   stop_process apiserver-relay
   "$repo_root/hack/registry.sh" stop
+  "$repo_root/hack/hfmirror.sh" stop
   if [[ -f "$kubeconfig" ]]; then kubectl_ delete node "$node_name" --wait=false >/dev/null 2>&1 || true; fi
   if [[ -x "$bin_dir/kube-proxy" ]]; then "$bin_dir/kube-proxy" --cleanup >/dev/null 2>&1 || true; fi
   # Containers the kubelet did not stop (it was gone already): kill their tasks before containerd goes.
@@ -396,10 +399,24 @@ import_image() {
   ctr_ images import "$1" >/dev/null
 }
 
+# import-once ARCHIVE NAME KEY: import unless the node has NAME from an archive of the same KEY (for
+# images of several GB, whose import takes a minute).
+import_once() {
+  local archive=${1:-} name=${2:-} key=${3:-} marker
+  [[ -f "$archive" && -n "$name" && -n "$key" ]] || die "usage: $0 import-once ARCHIVE NAME KEY"
+  marker="$node_dir/imported-${name//[\/:]/_}"
+  if [[ -f "$marker" && $(<"$marker") == "$key" ]] && ctr_ images ls -q | grep -qxF "$name"; then
+    return 0
+  fi
+  ctr_ images import "$archive" >/dev/null
+  printf '%s\n' "$key" >"$marker"
+}
+
 case "${1:-}" in
   up) up ;;
   down) down ;;
   status) if status; then log "$node_name is Ready"; else log "$node_name is not running"; exit 1; fi ;;
   import) shift; import_image "$@" ;;
-  *) die "usage: $0 up|down|status|import ARCHIVE" ;;
+  import-once) shift; import_once "$@" ;;
+  *) die "usage: $0 up|down|status|import ARCHIVE|import-once ARCHIVE NAME KEY" ;;
 esac

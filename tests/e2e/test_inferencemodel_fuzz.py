@@ -138,7 +138,7 @@ def fuzz_namespace(cluster: Cluster, inferencemodel_crd: str) -> Iterator[str]:
 MANAGED_BASE: Json = {
     "runtime": "vllm",
     "model": "Qwen/Qwen2.5-0.5B-Instruct",
-    "image": "docker.io/vllm/vllm-openai:v0.11.0",
+    "image": "docker.io/vllm/vllm-openai:v0.32.0",
     "replicas": 1,
     "resources": {"gpu": 1, "gpuResource": "nvidia.com/gpu", "cpu": "4", "memory": "24Gi"},
     "scheduling": {
@@ -460,7 +460,16 @@ def cross_field_mutations() -> Iterator[Mutation]:
                 {"runtime": "vllm", "model": "m", "source": {"registry": "r:5000"}},
             ],
             "spec",
-            "spec.source names an Ollama registry and needs runtime ollama",
+            "spec.source.registry is an OCI registry of Ollama models and needs runtime ollama",
+        ),
+        (
+            "hub-source-on-ollama",
+            [
+                {**OLLAMA_BASE, "source": {"huggingFaceEndpoint": "http://hub.models.svc:8090"}},
+                {"runtime": "ollama", "model": "m", "source": {"huggingFaceEndpoint": "https://hub"}},
+            ],
+            "spec",
+            "spec.source.huggingFaceEndpoint is a Hugging Face hub and needs runtime vllm",
         ),
         (
             "min-above-max",

@@ -187,7 +187,7 @@ def assert_warmed_up_before_any_routed_request(stack: Release, pod: Any) -> int:
     return len(routed)
 
 
-def chat_loop(stack: Release) -> RequestLoop:
+def chat_loop(stack: Release, model: str = "gemma") -> RequestLoop:
     """Short chats through the router with the `openai` SDK, one after another (use it as `with`).
 
     Each chat is a conversation of its own, as from many users: the router routes by prompt prefix, so
@@ -198,7 +198,7 @@ def chat_loop(stack: Release) -> RequestLoop:
     def one_chat() -> str | None:
         content = f"Say hi to visitor {next(visitors)}."
         answer = chat.chat.completions.create(
-            model="gemma", messages=[{"role": "user", "content": content}], max_tokens=4
+            model=model, messages=[{"role": "user", "content": content}], max_tokens=4
         )
         return None if answer.choices else f"no choices: {answer}"
 

@@ -138,7 +138,7 @@ def test_a_vllm_deployment_on_two_gpus_in_full() -> None:
     cache_dir = "/home/modelfleet/.cache"
     container = {
         "name": "vllm",
-        "image": "docker.io/vllm/vllm-openai:v0.11.0",
+        "image": "docker.io/vllm/vllm-openai:v0.32.0",
         "args": [
             *("--model", "Qwen/Qwen2.5-7B-Instruct-AWQ"),
             *("--served-model-name", "Qwen/Qwen2.5-7B-Instruct-AWQ", "demo"),
@@ -269,8 +269,8 @@ def test_the_prefetch_jobs_in_full() -> None:
         {"name": "HF_HOME", "value": "/models/hf"},
     ]
     vllm_command = ["python3", "-c", cache.HF_DOWNLOAD_SCRIPT]
-    vllm_container = prefetch_container("docker.io/vllm/vllm-openai:v0.11.0", vllm_command, vllm_env)
-    name = "im-demo-prefetch-27f5a9e2b0"
+    vllm_container = prefetch_container("docker.io/vllm/vllm-openai:v0.32.0", vllm_command, vllm_env)
+    name = "im-demo-prefetch-55e8789005"
     assert cache.build_prefetch_job(VLLM) == job(name, "Qwen/Qwen2.5-7B-Instruct-AWQ", vllm_container, GPU_PLACEMENT)
 
 
@@ -536,7 +536,7 @@ def test_context_defaults_and_the_names_children_share() -> None:
     assert ENGINE.cache_claim_name == "shared-weights"
     assert (OLLAMA.served_model, VLLM.served_model) == ("phi3:mini", "demo")
     assert common.RuntimeImages() == common.RuntimeImages(
-        ollama="docker.io/ollama/ollama:0.17.4", vllm="docker.io/vllm/vllm-openai:v0.11.0"
+        ollama="docker.io/ollama/ollama:0.17.4", vllm="docker.io/vllm/vllm-openai:v0.32.0"
     )
     assert workload.serving_port(OLLAMA) == 11434
     assert workload.serving_port(VLLM) == 8000

@@ -156,13 +156,20 @@ def test_prefetch_job_fetches_on_the_serving_nodes_without_a_gpu(context: ModelC
 
 def test_runtime_specific_arguments(context: ModelContext) -> None:
     # The operator's configured image for the runtime (its settings), not a default baked in here.
-    images = RuntimeImages(ollama="registry.local/ollama:test", vllm="registry.local/vllm:test")
+    images = RuntimeImages(
+        ollama="registry.local/ollama:test", vllm="registry.local/vllm:test", vllm_cpu="registry.local/vllm-cpu:test"
+    )
     container = workload.build_deployment(dataclasses.replace(context, images=images))["spec"]["template"]["spec"][
         "containers"
     ][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["EXTRA"] == "1"
-    assert container["image"] == (images.ollama if context.runtime == "ollama" else images.vllm)
+    if context.runtime == "ollama":
+        assert container["image"] == images.ollama
+    else:
+        # The official vLLM image is CUDA-only: a model without a GPU gets the CPU build.
+        assert container["image"] == (images.vllm if context.uses_gpu else images.vllm_cpu)
+        assert ("VLLM_CPU_KVCACHE_SPACE" in env) == (not context.uses_gpu)
     if context.runtime == "ollama":
         assert container["args"] == ["serve"]
         assert env["OLLAMA_NUM_PARALLEL"] == "6"

@@ -253,23 +253,37 @@ class ConfigMapKeyRef(Model):
 
 
 class Source(Model):
-    """Where an Ollama model's weights come from, when not from the public Ollama registry.
+    """Where a model's weights come from, when not from the engine's public hub.
 
-    The prefetch Job pulls <registry>/<model> (Ollama adds the namespace library/ to a bare name such as
-    gemma3:270m) and stores it under spec.model, so clients and the serving pods use the short name.
+    Ollama: registry, an OCI registry. The prefetch Job pulls <registry>/<model> (Ollama adds the namespace
+    library/ to a bare name such as gemma3:270m) and stores it under spec.model, so clients and the serving
+    pods use the short name.
+    vLLM: huggingFaceEndpoint, a Hugging Face-compatible hub (a mirror, or Artifactory's or Nexus's
+    Hugging Face repositories). The prefetch Job downloads the repository spec.model from it, with the
+    token of spec.cache.hfTokenSecretRef if set.
     """
 
     model_config = ConfigDict(
         json_schema_extra=rules(
             (
+                "has(self.registry) != has(self.huggingFaceEndpoint)",
+                "set one of registry (an OCI registry for Ollama) or huggingFaceEndpoint (a Hugging Face hub "
+                "for vLLM)",
+            ),
+            (
                 "!(has(self.insecure) && self.insecure) || !has(self.caConfigMapRef)",
                 "insecure (plain HTTP) and caConfigMapRef (HTTPS with a private CA) exclude each other: "
                 "set one of them",
-            )
+            ),
+            (
+                "!has(self.huggingFaceEndpoint) || !(has(self.insecure) && self.insecure)",
+                "insecure applies to a registry; a Hugging Face endpoint says http:// or https:// itself",
+            ),
         )
     )
 
-    registry: str = Field(
+    registry: str | None = Field(
+        None,
         min_length=1,
         max_length=261,
         description="Host and optional port of an OCI registry that holds Ollama models, e.g. registry.ai.svc:5000.",
@@ -285,6 +299,20 @@ class Source(Model):
                 "the registry's port must be a number from 1 to 65535",
             ),
         ),
+    )
+    hugging_face_endpoint: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2048,
+        description="Base URL of a Hugging Face-compatible hub, e.g. http://hf-mirror.models.svc:8090 (HF_ENDPOINT).",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHost() != ''",
+                    "message": "must be an http:// or https:// URL such as http://hf-mirror.models.svc:8090",
+                },
+            ]
+        },
     )
     insecure: bool = Field(
         False, description="Reach the registry over plain HTTP (an in-cluster or air-gapped registry without TLS)."
@@ -533,10 +561,18 @@ SPEC_RULES: list[JsonValue] = [
         ),
     },
     {
-        "rule": "!has(self.source) || has(self.runtime) && self.runtime == 'ollama'",
+        "rule": "!has(self.source) || !has(self.source.registry) || has(self.runtime) && self.runtime == 'ollama'",
         "message": (
-            "spec.source names an Ollama registry and needs runtime ollama; vLLM downloads from Hugging Face "
-            "(spec.cache.hfTokenSecretRef) or reads a path in the volume"
+            "spec.source.registry is an OCI registry of Ollama models and needs runtime ollama; for vLLM set "
+            "spec.source.huggingFaceEndpoint"
+        ),
+    },
+    {
+        "rule": "!has(self.source) || !has(self.source.huggingFaceEndpoint) "
+        "|| has(self.runtime) && self.runtime == 'vllm'",
+        "message": (
+            "spec.source.huggingFaceEndpoint is a Hugging Face hub and needs runtime vllm; for Ollama set "
+            "spec.source.registry"
         ),
     },
     {
@@ -571,7 +607,10 @@ class InferenceModelSpec(Model):
     )
     source: Source | None = Field(
         None,
-        description="A private registry to pull an Ollama model from (air-gapped clusters), instead of ollama.com.",
+        description=(
+            "Where the weights come from instead of the public hub (air-gapped clusters): an OCI registry for "
+            "Ollama, a Hugging Face-compatible endpoint for vLLM."
+        ),
     )
     image: str | None = Field(
         None,

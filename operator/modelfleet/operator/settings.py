@@ -17,7 +17,8 @@ class OperatorSettings(BaseSettings):
     resync_seconds: float = Field(30.0, gt=0, description="Full reconcile of every model this often (drift, status).")
     endpoint_probe_timeout_seconds: float = Field(2.0, gt=0, description="Timeout of the reachability check.")
     ollama_image: str = Field(RuntimeImages.ollama, description="Default Ollama image.")
-    vllm_image: str = Field(RuntimeImages.vllm, description="Default vLLM image.")
+    vllm_image: str = Field(RuntimeImages.vllm, description="Default vLLM image (GPU models).")
+    vllm_cpu_image: str = Field(RuntimeImages.vllm_cpu, description="Default vLLM image of models with no GPU.")
     liveness_host: str = Field("0.0.0.0", description="Address of Kopf's liveness endpoint.")
     liveness_port: int = Field(8080, description="Port of Kopf's liveness endpoint (/healthz).")
     metrics_port: int = Field(9090, description="Port of the Prometheus metrics endpoint; 0 turns it off.")
@@ -74,7 +75,7 @@ class OperatorSettings(BaseSettings):
 
     @property
     def images(self) -> RuntimeImages:
-        return RuntimeImages(ollama=self.ollama_image, vllm=self.vllm_image)
+        return RuntimeImages(ollama=self.ollama_image, vllm=self.vllm_image, vllm_cpu=self.vllm_cpu_image)
 
     @property
     def network_peers(self) -> NetworkPeers | None:

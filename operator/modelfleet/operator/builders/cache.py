@@ -112,18 +112,49 @@ REGISTRY_CA_PATH = "/etc/modelfleet/registry-ca/ca.crt"
 def ollama_pull_reference(context: ModelContext) -> str:
     """What the Job pulls: the model itself, or the same name in the private registry."""
     source = context.spec.source
-    if source is None:
+    if source is None or source.registry is None:
         return context.spec.model
     # Ollama reads host/namespace/model:tag; a bare name such as gemma3:270m is in namespace library,
     # as on ollama.com, and without it Ollama refuses the reference.
     model = context.spec.model if "/" in context.spec.model else f"library/{context.spec.model}"
-    return f"{source.registry}/{model}"
+    return f"{source.registry}/{model}" if source.registry else context.spec.model
 
 
-HF_DOWNLOAD_SCRIPT = """\
-import os
+# Downloads the repository $MODELFLEET_MODEL from $HF_ENDPOINT (the public Hub when unset) into
+# $HF_HOME/hub, where the serving pods read it with HF_HUB_OFFLINE=1. A repository that is not there
+# (the hub answers the same for one the token may not read) fails the Job at once; the last line of
+# the termination log is what the operator reports.
+HF_DOWNLOAD_SCRIPT = f"""\
+import os, sys
 from huggingface_hub import snapshot_download
-path = snapshot_download(repo_id=os.environ["MODELFLEET_MODEL"], token=os.environ.get("HF_TOKEN") or None)
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+model = os.environ["MODELFLEET_MODEL"]
+hub = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+def report(message, code):
+    with open("/dev/termination-log", "w") as log:
+        log.write(message + "\\n")
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
+try:
+    path = snapshot_download(repo_id=model, token=os.environ.get("HF_TOKEN") or None)
+except GatedRepoError:
+    report(
+        f"{{model}} on {{hub}} is gated: set spec.cache.hfTokenSecretRef to a token that may read it",
+        {MODEL_NOT_FOUND_EXIT_CODE},
+    )
+except (RepositoryNotFoundError, RevisionNotFoundError):
+    report(
+        f"{{hub}} has no model {{model}}, or the token may not read it: check spec.model, "
+        "spec.source.huggingFaceEndpoint and spec.cache.hfTokenSecretRef",
+        {MODEL_NOT_FOUND_EXIT_CODE},
+    )
+except Exception as exc:
+    report(f"downloading {{model}} from {{hub}} failed: {{type(exc).__name__}}: {{str(exc).splitlines()[0][:300]}}", 1)
 print("downloaded to", path)
 """
 
@@ -150,20 +181,22 @@ def build_prefetch_job(context: ModelContext) -> Manifest | None:
             {"name": "OLLAMA_MODELS", "value": f"{MODELS_MOUNT}/ollama"},
             {"name": "OLLAMA_HOST", "value": "127.0.0.1:11434"},
         ]
-        if source is not None and source.ca_config_map_ref is not None:
-            ca = source.ca_config_map_ref
-            # Go (Ollama) reads SSL_CERT_FILE as the only trusted roots: just the registry's CA.
-            env.append({"name": "SSL_CERT_FILE", "value": REGISTRY_CA_PATH})
-            mounts.append({"name": "registry-ca", "mountPath": REGISTRY_CA_PATH.rsplit("/", 1)[0], "readOnly": True})
-            volumes.append(
-                {"name": "registry-ca", "configMap": {"name": ca.name, "items": [{"key": ca.key, "path": "ca.crt"}]}}
-            )
     else:
         command = ["python3", "-c", HF_DOWNLOAD_SCRIPT]
         env.append({"name": "HF_HOME", "value": f"{MODELS_MOUNT}/hf"})
+        if source is not None and source.hugging_face_endpoint:
+            env.append({"name": "HF_ENDPOINT", "value": source.hugging_face_endpoint.rstrip("/")})
         token = context.cache.hf_token_secret_ref
         if token is not None:
             env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
+    if source is not None and source.ca_config_map_ref is not None:
+        ca = source.ca_config_map_ref
+        # Go (Ollama) and Python's ssl (huggingface_hub) read SSL_CERT_FILE: just the source's CA.
+        env.append({"name": "SSL_CERT_FILE", "value": REGISTRY_CA_PATH})
+        mounts.append({"name": "registry-ca", "mountPath": REGISTRY_CA_PATH.rsplit("/", 1)[0], "readOnly": True})
+        volumes.append(
+            {"name": "registry-ca", "configMap": {"name": ca.name, "items": [{"key": ca.key, "path": "ca.crt"}]}}
+        )
     # Same placement as the serving pods (without the GPU): a ReadWriteOnce volume stays on the node
     # that first mounts it, and that must be a node the model can run on.
     placement = scheduling(context)

@@ -25,7 +25,10 @@ class RuntimeImages:
     """Default images per runtime, pinned; a model may override with spec.image."""
 
     ollama: str = "docker.io/ollama/ollama:0.17.4"
-    vllm: str = "docker.io/vllm/vllm-openai:v0.11.0"
+    vllm: str = "docker.io/vllm/vllm-openai:v0.32.0"
+    # The official vLLM image is CUDA-only; a vLLM model that asks for no GPU runs vLLM's CPU build
+    # (Dockerfile.vllm-cpu).
+    vllm_cpu: str = "ghcr.io/modelfleet/vllm-cpu:0.32.0"
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,11 @@ class ModelContext:
 
     @property
     def image(self) -> str:
-        return self.spec.image or (self.images.ollama if self.runtime == "ollama" else self.images.vllm)
+        if self.spec.image:
+            return self.spec.image
+        if self.runtime == "ollama":
+            return self.images.ollama
+        return self.images.vllm if self.uses_gpu else self.images.vllm_cpu
 
     @property
     def uses_gpu(self) -> bool:

@@ -26,6 +26,8 @@ HOME = "/home/modelfleet"
 PRE_STOP_SECONDS = 10
 OLLAMA_PORT = 11434
 VLLM_PORT = 8000
+# KV cache of a vLLM replica on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE; engine.env may set another).
+CPU_KV_CACHE_GIB = 1
 # GPU device plugins taint and label GPU nodes like this (NVIDIA GPU operator / GKE / EKS).
 GPU_PRESENT_LABELS = {"nvidia.com/gpu": {"nvidia.com/gpu.present": "true"}}
 
@@ -63,6 +65,12 @@ def vllm_container_settings(context: ModelContext) -> tuple[list[str], list[Mani
         args += ["--tensor-parallel-size", str(context.resources.gpu)]
     args += ["--max-num-seqs", str(context.serving.max_in_flight_per_replica)]
     cache = f"{HOME}/.cache"
+    device_env: list[Manifest] = []
+    if not context.uses_gpu:
+        # vLLM's CPU build (the vllm-cpu image) keeps its KV cache in this many GiB of the pod's memory;
+        # a bounded, stated amount, so a replica's memory is known. Not OMP_NUM_THREADS: vLLM binds one OpenMP thread per core itself, and
+        # a fixed count halved decoding speed on two cores.
+        device_env = [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(CPU_KV_CACHE_GIB)}]
     env = [
         {"name": "HF_HOME", "value": f"{MODELS_MOUNT}/hf"},
         # Weights come from the cache volume only: a restart must never download them again.
@@ -80,6 +88,7 @@ def vllm_container_settings(context: ModelContext) -> tuple[list[str], list[Mani
         {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{cache}/torchinductor"},
         {"name": "VLLM_CACHE_ROOT", "value": f"{cache}/vllm"},
         {"name": "TORCH_HOME", "value": f"{cache}/torch"},
+        *device_env,
     ]
     return args + list(user_args), env, "/health"
 

