@@ -67,6 +67,23 @@ scrape_configs:
       - {source_labels: [__meta_kubernetes_namespace], target_label: namespace}
       - {source_labels: [__meta_kubernetes_service_name], target_label: service}
       - {source_labels: [__meta_kubernetes_pod_name], target_label: pod}
+  # The chart's PodMonitor: vLLM's own metrics from the operator's model pods (containers named
+  # vllm), with the namespace and pod labels that the adapter's Pods metric matches.
+  - job_name: modelfleet-vllm
+    metrics_path: /metrics
+    kubernetes_sd_configs:
+      - role: pod
+        kubeconfig_file: $kubeconfig
+    relabel_configs:
+      - source_labels:
+          - __meta_kubernetes_pod_label_app_kubernetes_io_managed_by
+          - __meta_kubernetes_pod_label_app_kubernetes_io_component
+          - __meta_kubernetes_pod_container_name
+          - __meta_kubernetes_pod_container_port_name
+        regex: modelfleet-operator;model-server;vllm;http
+        action: keep
+      - {source_labels: [__meta_kubernetes_namespace], target_label: namespace}
+      - {source_labels: [__meta_kubernetes_pod_name], target_label: pod}
 EOF
 }
 

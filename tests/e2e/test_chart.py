@@ -121,8 +121,18 @@ def test_monitoring_when_the_prometheus_operator_crds_exist() -> None:
             "ModelFleetRedisDown"} <= alerts  # fmt: skip
     monitor = one(objects, "ServiceMonitor", "modelfleet")
     assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"http", "metrics"}
+    # vLLM's own metrics, for autoscaling.metric=engine: the vllm containers of the operator's pods.
+    pods = one(objects, "PodMonitor", "modelfleet-vllm")
+    assert pods["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/managed-by": "modelfleet-operator", "app.kubernetes.io/component": "model-server"}  # fmt: skip
+    assert pods["spec"]["namespaceSelector"] == {"any": True}
+    (endpoint,) = pods["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["relabelings"][0]["regex"]) == ("http", "vllm")
+    scoped = render("modelfleet-system", *MONITORING, "--set-json", 'operator.watchNamespaces=["models"]')
+    assert one(scoped, "PodMonitor", "modelfleet-vllm")["spec"]["namespaceSelector"] == {"matchNames": ["models"]}
     off = render("modelfleet-system", *MONITORING, "--set", "monitoring.enabled=false")
     assert "ServiceMonitor" not in kinds(off)
+    assert "PodMonitor" not in kinds(off)
 
 
 def test_autoscaling_replaces_fixed_replicas() -> None:
