@@ -94,3 +94,21 @@ def test_a_failure_inside_the_endpoint_is_a_500_in_the_one_format(
     assert response.status_code == 500
     assert response.json()["error"] == {"message": "The router failed to handle the request.",
                                          "type": "server_error", "param": None, "code": None}  # fmt: skip
+
+
+def test_a_generation_request_looks_its_key_up_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hot path names the caller before reading the body; admission takes that caller, not a second lookup."""
+    from modelfleet.server.auth import KeyRing
+
+    lookups: list[str] = []
+    real = KeyRing.authenticate
+
+    def counted(self: KeyRing, request: object) -> object:
+        lookups.append(getattr(request, "url", None).path)  # type: ignore[union-attr]
+        return real(self, request)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(KeyRing, "authenticate", counted)
+    with TestClient(create_app(RouterSettings(auth_required=False))) as client:
+        response = client.post("/v1/chat/completions", content=CHAT, headers={"content-type": "application/json"})
+    assert response.status_code == 404  # admission ran: the model does not exist
+    assert lookups == ["/v1/chat/completions"]

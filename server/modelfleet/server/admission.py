@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from modelfleet.server.auth import Principal
+from modelfleet.server.auth import Principal, authenticated
 from modelfleet.server.backends.base import Kind
 from modelfleet.server.cache import Lookup, cache_key, cacheable
 from modelfleet.server.errors import (
@@ -142,7 +142,7 @@ async def prepare(
     use_cache: bool = True,
     allow_remote: bool = False,
 ) -> Generation:
-    principal = services.keys.authenticate(http_request)
+    principal = authenticated(http_request, services.keys)
     model = services.registry.resolve(request.model)
     if model.spec.remote and not allow_remote:
         raise REMOTE_NOT_ALLOWED(f"`{model.name}` is served by a remote provider; set `allow_remote: true` in the "

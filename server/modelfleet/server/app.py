@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp
 
 from modelfleet.server.api import admin, compat, health, openai, responses
-from modelfleet.server.auth import KeyRing
+from modelfleet.server.auth import PRINCIPAL_STATE, KeyRing
 from modelfleet.server.backends.ollama import OllamaBackend
 from modelfleet.server.backends.openai_compat import OpenAICompatBackend
 from modelfleet.server.cache import CacheStore, MemoryStore, RedisCircuit, RedisStore, ResponseCache
@@ -143,8 +143,8 @@ def create_app(settings: RouterSettings, drain: Drain | None = None, worker: Wor
     routes = hot_routes(api.router for api in apis)
     app_drain = drain if drain is not None else Drain(seconds=0)
 
-    def authenticate(request: Request) -> object:
-        return services_of(request).keys.authenticate(request)
+    def authenticate(request: Request) -> None:
+        setattr(request.state, PRINCIPAL_STATE, services_of(request).keys.authenticate(request))
 
     def layers(framework: ASGIApp) -> ASGIApp:
         # Outermost first: draining, the body limit, cancellation on disconnect, then the generation

@@ -61,6 +61,17 @@ class KeyFile(BaseModel):
     keys: list[KeyEntry] = Field(default_factory=list)
 
 
+# Where the generation routes (hotpath.py) keep the caller they authenticated before reading the body,
+# so that admission does not look the key up again.
+PRINCIPAL_STATE = "principal"
+
+
+def authenticated(request: Request, keys: KeyRing) -> Principal:
+    """The caller HotRoutes already named for this request, else the key ring's answer now."""
+    known = getattr(request.state, PRINCIPAL_STATE, None)
+    return known if isinstance(known, Principal) else keys.authenticate(request)
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who is calling: a named key, or an anonymous client identified by its address."""
