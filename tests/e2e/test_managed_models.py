@@ -424,7 +424,11 @@ def test_helm_upgrade_rolls_the_routers_under_keep_alive_clients_and_streams(sta
             upgrade.start()
             while upgrade.is_alive() or not old_pods.isdisjoint(p.metadata.name for p in stack.pods("router")):
                 list_models()
-                upgrade.join(timeout=1.5)
+                # A finished thread's join returns at once: wait on the clock then, not in a tight loop.
+                if upgrade.is_alive():
+                    upgrade.join(timeout=1.5)
+                else:
+                    stop.wait(1.5)
             # And some after the rollout, from the new pods.
             for _ in range(5):
                 list_models()

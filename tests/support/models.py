@@ -15,6 +15,17 @@ SCALING = ["fixed-1", "fixed-3", "router", "engine"]
 CACHES = ["rwo", "rwx", "existing"]
 
 
+# The owner reference every child of make_context's model carries.
+OWNER = {
+    "apiVersion": "modelfleet.io/v1alpha1",
+    "kind": "InferenceModel",
+    "name": "demo",
+    "uid": "1234-uid",
+    "controller": True,
+    "blockOwnerDeletion": True,
+}
+
+
 def make_context(runtime: str, gpu: int, scaling: str, cache_kind: str) -> ModelContext:
     spec: dict[str, Any] = {
         "runtime": runtime,

@@ -15,7 +15,7 @@ import pytest
 from modelfleet.api import v1alpha1
 from modelfleet.operator.builders import autoscaling, cache, common, networkpolicy, service, workload
 from modelfleet.operator.builders.common import ModelContext, NetworkPeers
-from tests.support.models import make_context
+from tests.support.models import OWNER, make_context
 
 pytestmark = pytest.mark.unit
 
@@ -24,14 +24,6 @@ VLLM = make_context("vllm", 2, "router", "rwx")
 ENGINE = make_context("vllm", 1, "engine", "existing")
 
 SELECTOR = {"modelfleet.io/model": "demo", "app.kubernetes.io/component": "model-server"}
-OWNER = {
-    "apiVersion": "modelfleet.io/v1alpha1",
-    "kind": "InferenceModel",
-    "name": "demo",
-    "uid": "1234-uid",
-    "controller": True,
-    "blockOwnerDeletion": True,
-}
 POD_SECURITY = {
     "runAsNonRoot": True,
     "runAsUser": 1000,

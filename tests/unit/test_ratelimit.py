@@ -196,17 +196,28 @@ def test_tokens_below_the_budget_still_admit() -> None:
     assert at(limiter, clock, 12.0, limits).exceeded == "tokens"
 
 
-def test_both_dimensions_exceeded_reports_the_later_reset() -> None:
+@pytest.mark.parametrize(
+    ("tokens", "charged_at", "exceeded", "requests_reset", "retry_after"),
+    [
+        # Both exceeded: the refusal names the dimension that frees up last, and waits for it.
+        (10, 30.0, "tokens", 20.0, 50),
+        # Only requests exceeded: it is named, and waited for, even though tokens reset later.
+        (100, 10.0, "requests", 40.0, 40),
+    ],
+)
+def test_a_refusal_names_the_exceeded_dimension_and_retries_after_it(
+    tokens: int, charged_at: float, exceeded: str, requests_reset: float, retry_after: int
+) -> None:
     clock = FakeClock()
     limiter = MemoryRateLimiter(clock=clock)
-    limits = Limits(requests=1, tokens=10, window_seconds=60)
+    limits = Limits(requests=1, tokens=tokens, window_seconds=60)
     assert at(limiter, clock, 0.0, limits).allowed
-    charge(limiter, clock, 30.0, limits, 10)
-    refused = at(limiter, clock, 40.0, limits)
-    assert refused.exceeded == "tokens"
-    assert refused.requests_reset_seconds == pytest.approx(20.0)
-    assert refused.tokens_reset_seconds == pytest.approx(50.0)
-    assert refused.retry_after_seconds == 50
+    charge(limiter, clock, charged_at, limits, 10)
+    refused = at(limiter, clock, charged_at + 10.0, limits)
+    assert refused.exceeded == exceeded
+    assert refused.requests_reset_seconds == pytest.approx(requests_reset)
+    assert refused.tokens_reset_seconds == pytest.approx(50.0)  # the charge leaves the window 60 s after it
+    assert refused.retry_after_seconds == retry_after
 
 
 def test_unlimited_dimensions_are_not_counted() -> None:

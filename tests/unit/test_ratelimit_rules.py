@@ -46,19 +46,6 @@ def decision(**fields: Any) -> Decision:
     return Decision(**(base | fields))
 
 
-def test_a_refusal_by_requests_alone_names_requests_even_when_tokens_reset_later() -> None:
-    clock = FakeClock()
-    limiter = MemoryRateLimiter(clock=clock)
-    limits = Limits(requests=1, tokens=100, window_seconds=60)
-    assert at(limiter, clock, 0.0, limits).allowed
-    charge(limiter, clock, 10.0, limits, 10)
-    refused = at(limiter, clock, 20.0, limits)
-    assert refused.exceeded == "requests"
-    assert refused.requests_reset_seconds == pytest.approx(40.0)
-    assert refused.tokens_reset_seconds == pytest.approx(50.0)
-    assert refused.retry_after_seconds == 40
-
-
 @pytest.mark.parametrize(("charged_at", "exceeded", "retry_after"), [(0.0, "requests", 60), (10.0, "tokens", 70)])
 def test_both_exceeded_names_the_later_reset_and_requests_on_a_tie(
     charged_at: float, exceeded: str, retry_after: int
