@@ -123,8 +123,8 @@ def test_monitoring_when_the_prometheus_operator_crds_exist() -> None:
     assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"http", "metrics"}
     # vLLM's own metrics, for autoscaling.metric=engine: the vllm containers of the operator's pods.
     pods = one(objects, "PodMonitor", "modelfleet-vllm")
-    assert pods["spec"]["selector"]["matchLabels"] == {
-        "app.kubernetes.io/managed-by": "modelfleet-operator", "app.kubernetes.io/component": "model-server"}  # fmt: skip
+    selected = {"app.kubernetes.io/managed-by": "modelfleet-operator", "app.kubernetes.io/component": "model-server"}
+    assert pods["spec"]["selector"]["matchLabels"] == selected
     assert pods["spec"]["namespaceSelector"] == {"any": True}
     (endpoint,) = pods["spec"]["podMetricsEndpoints"]
     assert (endpoint["port"], endpoint["relabelings"][0]["regex"]) == ("http", "vllm")

@@ -286,6 +286,10 @@ def ready_condition(
 ) -> ConditionState:
     """Ready, or the first reason it is not, most actionable first."""
     desired, ready_replicas = replica_counts(observed)
+    # The common case first: a serving model needs none of the messages below.
+    if ready_replicas > 0 and not trouble.crashes:
+        message = f"{ready_replicas}/{desired} replica(s) ready to serve"
+        return ConditionState(ConditionType.READY, "True", Reason.REPLICAS_READY, message)
     not_ready: list[tuple[bool, Reason | str, str]] = [
         (bool(trouble.oom), trouble.oom_reason, trouble.oom_message),
         (job == "Failed", Reason.PREFETCH_FAILED, job_message),
@@ -305,9 +309,6 @@ def ready_condition(
         ),
         (bool(trouble.warmups_failing), Reason.WARM_UP_FAILED, "; ".join(trouble.warmups_failing)),
     ]
-    if ready_replicas > 0 and not trouble.crashes:
-        message = f"{ready_replicas}/{desired} replica(s) ready to serve"
-        return ConditionState(ConditionType.READY, "True", Reason.REPLICAS_READY, message)
     for applies, reason, message in not_ready:
         if applies:
             return ConditionState(ConditionType.READY, "False", reason, message)
