@@ -82,11 +82,11 @@ VLLM_STAMP := $(VLLM_VENV)/.modelfleet-installed
 .PHONY: install-vllm
 install-vllm: $(VLLM_STAMP) ## A separate venv with vLLM's CPU build (converts the vLLM test model; about 6 GB)
 
-$(VLLM_STAMP): hack/vllm/requirements.txt hack/vllm/overrides.txt
+$(VLLM_STAMP): hack/vllm/requirements.txt hack/vllm/overrides.txt hack/vllm/requirements-host.txt
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet uv==0.13.9
 	$(VLLM_VENV)/bin/uv pip install --quiet --python $(VLLM_VENV)/bin/python \
-		--override hack/vllm/overrides.txt -r hack/vllm/requirements.txt
+		--override hack/vllm/overrides.txt -r hack/vllm/requirements.txt -r hack/vllm/requirements-host.txt
 	touch $@
 
 # olah, the local cluster's Hugging Face endpoint (hack/hfmirror.sh), in a venv of its own.
@@ -117,7 +117,7 @@ lint: ## ruff check (with complexity limits), ruff format --check, mypy, the imp
 	$(VENV_BIN)/mypy $(MYPY_TARGETS)
 	PYTHONPATH=. $(VENV_BIN)/lint-imports
 	shellcheck hack/*.sh .ci/run
-	$(VENV_BIN)/hadolint Dockerfile.operator Dockerfile.server
+	$(VENV_BIN)/hadolint Dockerfile.operator Dockerfile.server Dockerfile.vllm-cpu
 	.cache/bin/helm lint --strict charts/modelfleet
 
 .PHONY: format
@@ -152,7 +152,7 @@ verify-generated: ## Fail if a generated file is stale (CI runs this)
 	echo "generated files are current"
 
 .PHONY: bench
-bench: install ## Benchmarks against same-run baselines (router overhead, cache, 1,000 streams, Gemma, operator scale, peers if installed)
+bench: install install-vllm ## Benchmarks against same-run baselines (router overhead, cache, 1,000 streams, Gemma, operator scale, peers if installed)
 	$(PY) -m hack.bench.run --out bench-results.json
 
 .PHONY: test
@@ -207,6 +207,10 @@ cluster-down: ## Stop the local cluster and every process it started
 .PHONY: demo
 demo: install ## The local cluster (GPU nodes and a real node), the chart running on it, a managed Gemma 3 270M model deployed by the operator and a real streamed answer
 	hack/demo.sh up
+
+.PHONY: demo-vllm
+demo-vllm: demo install-vllm install-hfmirror ## After the demo: a vLLM model (vLLM's CPU build) beside the Ollama one, its weights from the cluster's Hugging Face mirror, streaming through the same router
+	hack/demo.sh vllm
 
 .PHONY: demo-down
 demo-down: ## Stop the local cluster (and its real node, registry and volumes)

@@ -17,7 +17,7 @@ from modelfleet.operator.kube import Kube, apply_body
 from modelfleet.operator.reconcile import namespace_terminating, probe_endpoint, reconcile
 from modelfleet.operator.settings import OperatorSettings
 from modelfleet.operator.status import MAX_MESSAGE_LENGTH, Observed, conditions_for, phase_for
-from tests.support.models import COMBINATIONS, all_children, make_context
+from tests.support.models import COMBINATIONS, OWNER, all_children, make_context
 
 pytestmark = pytest.mark.unit
 
@@ -34,14 +34,7 @@ def test_every_child_is_owned_labelled_and_namespaced(context: ModelContext) -> 
         assert meta["labels"][MODEL_LABEL] == "demo"
         assert meta["labels"]["app.kubernetes.io/managed-by"] == "modelfleet-operator"
         (owner,) = meta["ownerReferences"]
-        assert owner == {
-            "apiVersion": "modelfleet.io/v1alpha1",
-            "kind": "InferenceModel",
-            "name": "demo",
-            "uid": "1234-uid",
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
+        assert owner == OWNER
 
 
 def test_builders_are_deterministic_and_leave_the_input_alone(context: ModelContext) -> None:
@@ -531,3 +524,27 @@ def test_an_unloaded_autoscaled_model_has_no_hpa_and_says_unloaded() -> None:
     outcome = reconcile(cast(Kube, kube), {**MODEL_BODY, "spec": spec}, RuntimeImages())
     assert not [m for m in kube.applied if m["kind"] == "HorizontalPodAutoscaler"]
     assert {c["type"]: c for c in outcome.status["conditions"]}["Ready"]["reason"] == "Unloaded"
+
+
+def test_lora_adapters_are_loaded_by_every_replica_and_downloaded_with_the_weights() -> None:
+    adapters = [{"name": "gemma-pirate", "model": "org/pirate-lora"}, {"name": "gemma-legal", "model": "org/legal"}]
+    plain = fuzzed_context(runtime="vllm", model="org/gemma", source={"huggingFaceEndpoint": "http://hub:8090"})
+    context = dataclasses.replace(plain, spec=plain.spec.model_copy(update={
+        "adapters": [v1alpha1.Adapter.model_validate(a) for a in adapters]}))  # fmt: skip
+    args = workload.build_deployment(context)["spec"]["template"]["spec"]["containers"][0]["args"]
+    at = args.index("--lora-modules")
+    assert args[at + 1 : at + 3] == ["gemma-pirate=org/pirate-lora", "gemma-legal=org/legal"]
+    assert args[args.index("--max-loras") + 1] == "2"
+    assert "--enable-lora" in args
+    assert "--enable-lora" not in workload.build_deployment(plain)["spec"]["template"]["spec"]["containers"][0]["args"]
+    job = cache.build_prefetch_job(context)
+    assert job is not None
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MODELFLEET_ADAPTERS"].split() == ["org/pirate-lora", "org/legal"]
+    assert env["HF_ENDPOINT"] == "http://hub:8090"
+    # A new adapter is a new Job (the model's files already on the volume are not fetched again);
+    # a model without adapters keeps the Job it always had.
+    assert cache.prefetch_key(context) != cache.prefetch_key(plain)
+    assert "MODELFLEET_ADAPTERS" not in {
+        e["name"] for e in cache.build_prefetch_job(plain)["spec"]["template"]["spec"]["containers"][0]["env"]
+    }  # type: ignore[index]

@@ -183,6 +183,14 @@ def test_managed_model_endpoints_from_slices(endpoints: list[Body], expected: tu
     assert spec.endpoints == expected
 
 
+def test_a_vllm_models_lora_adapters_are_names_of_it() -> None:
+    adapters = [{"name": "gemma-pirate", "model": "org/gemma-pirate-lora"}, {"name": "gemma-legal", "model": "/m/x"}]
+    body = model("gemma", {"runtime": "vllm", "model": "org/gemma", "adapters": adapters})
+    spec = only(models_from_cluster([body], [slice_("im-gemma", [endpoint("10.0.0.1")], port=8000)]))
+    assert spec.adapters == ("gemma-pirate", "gemma-legal")
+    assert spec.upstream_model == "org/gemma"
+
+
 @pytest.mark.parametrize(
     ("runtime", "port", "api"),
     [("ollama", 11434, "ollama"), ("vllm", 8000, "openai")],

@@ -13,17 +13,18 @@ import pytest
 import yaml
 from starlette.requests import Request
 
-from modelfleet.server.admission import first_set, prompt_chars, upstream_body
+from modelfleet.server.admission import Generation, first_set, prompt_chars, upstream_body
 from modelfleet.server.api.admin import model_state
 from modelfleet.server.api.compat import as_chat_request as generate_as_chat
 from modelfleet.server.api.responses import as_chat_request as responses_as_chat
-from modelfleet.server.auth import KeyRing
+from modelfleet.server.auth import KeyRing, Principal
 from modelfleet.server.backends.ollama import native_request, openai_logprobs, openai_tool_calls, usage_of
 from modelfleet.server.cache import cache_key
 from modelfleet.server.errors import RouterError
 from modelfleet.server.lifecycle import Drain
 from modelfleet.server.metrics import RouterMetrics
 from modelfleet.server.model_spec import Management, ModelSpec
+from modelfleet.server.ratelimit import Limits
 from modelfleet.server.registry import ModelRegistry
 from modelfleet.server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, ResponsesRequest
 from modelfleet.server.services import Services
@@ -131,6 +132,34 @@ def test_upstream_body_renames_the_model_and_applies_the_token_policy() -> None:
     )
     with pytest.raises(RouterError, match="above this server's limit of 4096"):
         upstream_body(capped, model, services())
+
+
+def test_a_lora_adapter_resolves_to_its_model_and_is_asked_for_by_its_own_name() -> None:
+    base = dataclasses.replace(spec("gemma", "http://10.0.0.1:8000"), upstream_model="org/gemma",
+                               aliases=("g",), adapters=("gemma-pirate",))  # fmt: skip
+    registry = registry_with(base, source="cluster")
+    model = registry.resolve("gemma-pirate")
+    assert model is registry.resolve("gemma") is registry.resolve("g"), "one model: one queue, one cap"
+
+    def asked(name: str) -> str:
+        request = ChatCompletionRequest.model_validate({"model": name, "messages": [{"role": "user", "content": "x"}]})
+        return str(upstream_body(request, model, services(registry))["model"])
+
+    assert (asked("gemma-pirate"), asked("gemma"), asked("g")) == ("gemma-pirate", "org/gemma", "org/gemma")
+
+    def answered_as(name: str) -> str:
+        request = ChatCompletionRequest.model_validate({"model": name, "messages": [{"role": "user", "content": "x"}]})
+        body = upstream_body(request, model, services(registry))
+        generation = Generation(services(registry), model, "chat", "/v1/chat/completions", body,
+                                Principal("k", "key:k"), Limits(None, None), None)  # fmt: skip
+        return generation.answer_name
+
+    # An answer names the adapter that wrote it; an alias's answer names the model.
+    assert (answered_as("gemma-pirate"), answered_as("gemma"), answered_as("g")) == ("gemma-pirate", "gemma", "gemma")
+    # The adapter's answers are its own in the cache: the key follows the upstream body's model.
+    body = {"messages": [{"role": "user", "content": "x"}], "temperature": 0}
+    assert cache_key("gemma", "chat", {**body, "model": "gemma-pirate"}) != cache_key(
+        "gemma", "chat", {**body, "model": "org/gemma"})  # fmt: skip
 
 
 def test_limits_take_the_first_configured_value_and_zero_means_off() -> None:

@@ -267,8 +267,7 @@ class Source(Model):
         json_schema_extra=rules(
             (
                 "has(self.registry) != has(self.huggingFaceEndpoint)",
-                "set one of registry (an OCI registry for Ollama) or huggingFaceEndpoint (a Hugging Face hub "
-                "for vLLM)",
+                "set one of registry (an OCI registry for Ollama) or huggingFaceEndpoint (a Hugging Face hub for vLLM)",
             ),
             (
                 "!(has(self.insecure) && self.insecure) || !has(self.caConfigMapRef)",
@@ -387,6 +386,18 @@ class Engine(Model):
     )
 
 
+class Adapter(Model):
+    """A LoRA adapter of the model, served under a name of its own (vLLM)."""
+
+    name: ModelName = Field(description="The model name clients send to get the adapter, e.g. gemma-support.")
+    model: ModelName = Field(
+        description=(
+            "The adapter's Hugging Face repository id (from spec.source.huggingFaceEndpoint when set), or a path "
+            "in the weights volume."
+        )
+    )
+
+
 class Autoscaling(Model):
     """Horizontal autoscaling on request-queue depth.
 
@@ -491,11 +502,12 @@ class ServingDefaults:
     cache_enabled: bool
 
 
+_SERVING = Serving()
 SERVING_DEFAULTS = ServingDefaults(
-    max_in_flight_per_replica=Serving().max_in_flight_per_replica,
-    max_queue=Serving().max_queue,
-    request_timeout_seconds=Serving().request_timeout_seconds,
-    routing=Serving().routing,
+    max_in_flight_per_replica=_SERVING.max_in_flight_per_replica,
+    max_queue=_SERVING.max_queue,
+    request_timeout_seconds=_SERVING.request_timeout_seconds,
+    routing=_SERVING.routing,
     cache_enabled=ResponseCache().enabled,
 )
 
@@ -554,7 +566,8 @@ SPEC_RULES: list[JsonValue] = [
     },
     {
         "rule": "!has(self.endpoint) || !(has(self.runtime) || has(self.image) || has(self.resources) || "
-        "has(self.scheduling) || has(self.cache) || has(self.engine) || has(self.autoscaling) || has(self.source))",
+        "has(self.scheduling) || has(self.cache) || has(self.engine) || has(self.autoscaling) || has(self.source) "
+        "|| has(self.adapters))",
         "message": (
             "spec.endpoint is an unmanaged backend: remove runtime, image, resources (GPUs), scheduling, cache, "
             "engine, autoscaling and source, or remove spec.endpoint to let the operator run the model"
@@ -574,6 +587,10 @@ SPEC_RULES: list[JsonValue] = [
             "spec.source.huggingFaceEndpoint is a Hugging Face hub and needs runtime vllm; for Ollama set "
             "spec.source.registry"
         ),
+    },
+    {
+        "rule": "!has(self.adapters) || has(self.runtime) && self.runtime == 'vllm'",
+        "message": "spec.adapters are LoRA adapters that vLLM loads: they need runtime vllm",
     },
     {
         "rule": "!has(self.autoscaling) || self.autoscaling.minReplicas <= self.autoscaling.maxReplicas",
@@ -633,6 +650,15 @@ class InferenceModelSpec(Model):
     scheduling: Scheduling | None = Field(None, description="Node selection, tolerations and priority.")
     cache: Cache | None = Field(None, description="The weights volume; defaults to a 20Gi ReadWriteOnce claim.")
     engine: Engine | None = Field(None, description="Extra engine arguments and environment.")
+    adapters: list[Adapter] | None = Field(
+        None,
+        max_length=32,
+        description=(
+            "LoRA adapters loaded with the model (vLLM), each served under its own name through the router; "
+            "the prefetch Job downloads them with the weights."
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
     autoscaling: Autoscaling | None = Field(None, description="Queue-depth autoscaling.")
     serving: Serving | None = Field(None, description="Router policy: concurrency, queue, timeouts, cache, limits.")
     endpoint: Endpoint | None = Field(None, description="Serve an existing server at this URL instead of running pods.")

@@ -67,6 +67,12 @@ class Generation:
     def name(self) -> str:
         return self.model.name
 
+    @property
+    def answer_name(self) -> str:
+        """The model an answer names: a LoRA adapter's own name (a model of its own to clients), else the model's."""
+        asked = self.body.get("model")
+        return asked if asked in self.model.spec.adapters else self.model.name
+
     def response_headers(self) -> dict[str, str]:
         return self.rate_limit.headers() if self.rate_limit is not None else {}
 
@@ -85,7 +91,8 @@ def upstream_body(request: SamplingFields, model: ServedModel, services: Service
     if requested is not None and requested > cap:
         raise MAX_TOKENS_EXCEEDED(f"max_tokens is {requested}, above this server's limit of {cap}.", param="max_tokens")
     body["max_tokens"] = requested or services.settings.default_max_tokens
-    body["model"] = model.spec.upstream_model
+    # An adapter is asked for by its own name; any other name the model answers to, by the model's.
+    body["model"] = request.model if request.model in model.spec.adapters else model.spec.upstream_model
     field = "messages" if "messages" in body else "prompt"
     length, limit = prompt_chars(body.get(field)), services.settings.max_prompt_chars
     if length > limit:

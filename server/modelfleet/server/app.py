@@ -28,7 +28,7 @@ from modelfleet.server.hotpath import HotRoutes, hot_routes
 from modelfleet.server.lifecycle import CloseWhenDraining, Drain
 from modelfleet.server.limits import BodySizeLimit
 from modelfleet.server.metrics import RouterMetrics
-from modelfleet.server.probe import probe_forever
+from modelfleet.server.probe import engine_load_forever, probe_forever
 from modelfleet.server.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from modelfleet.server.registry import ModelRegistry
 from modelfleet.server.scaling import ModelScaler
@@ -122,6 +122,7 @@ def create_app(settings: RouterSettings, drain: Drain | None = None, worker: Wor
                 services.scaler = ModelScaler(kubeconfig)
                 background(services.watcher.run())
             background(probe_forever(services, PROBE_INTERVAL_SECONDS))
+            background(engine_load_forever(services))
             if metrics.multiprocess:
                 background(metrics.count_tasks_forever())
             app.state.services = services

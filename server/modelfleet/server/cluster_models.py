@@ -212,6 +212,8 @@ def _spec_for(
         upstream_model=upstream,
         endpoints=endpoints,
         aliases=tuple(serving.aliases or ()),
+        adapters=tuple(adapter.name for adapter in spec.adapters or ()) if spec.runtime == "vllm" else (),
+        engine_metrics=spec.runtime == "vllm" and spec.endpoint is None,
         max_in_flight_per_replica=serving.max_in_flight_per_replica,
         max_queue=serving.max_queue,
         request_timeout_seconds=float(serving.request_timeout_seconds),

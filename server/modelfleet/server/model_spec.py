@@ -42,6 +42,12 @@ class ModelSpec:
     upstream_model: str
     endpoints: tuple[str, ...]  # base URLs of the ready replicas, without /v1
     aliases: tuple[str, ...] = ()
+    # LoRA adapters' names (vLLM): each resolves to this model, shares its replicas and queue, and is
+    # what the backend is asked for (the engine applies the adapter).
+    adapters: tuple[str, ...] = ()
+    # The replicas publish vLLM's /metrics (managed vLLM models): their queue and KV cache join the
+    # replica choice (engine_load.py).
+    engine_metrics: bool = False
     max_in_flight_per_replica: int = SERVING_DEFAULTS.max_in_flight_per_replica
     max_queue: int = SERVING_DEFAULTS.max_queue
     request_timeout_seconds: float = SERVING_DEFAULTS.request_timeout_seconds

@@ -10,6 +10,7 @@ import asyncio
 import time
 
 from modelfleet.server.backends.base import request_headers
+from modelfleet.server.engine_load import POLL_SECONDS, read_engine_load
 from modelfleet.server.model_spec import ModelSpec
 from modelfleet.server.services import Services
 from modelfleet.server.upstream import UpstreamClient, UpstreamError
@@ -49,6 +50,18 @@ def current_probe(services: Services, spec: ModelSpec) -> dict[str, object] | No
     if probe is None or probe.get("endpoints") != list(spec.endpoints):
         return None
     return probe
+
+
+async def engine_load_forever(services: Services, interval_seconds: float = POLL_SECONDS) -> None:
+    """Read every vLLM replica's /metrics each `interval_seconds` into its model's `engine_load`."""
+    while True:
+        for model in services.registry.models():
+            if not model.spec.engine_metrics:
+                continue
+            endpoints = list(model.spec.endpoints)
+            readings = await asyncio.gather(*(read_engine_load(services.http, endpoint) for endpoint in endpoints))
+            model.engine_load = {e: r for e, r in zip(endpoints, readings, strict=True) if r is not None}
+        await asyncio.sleep(interval_seconds)
 
 
 async def probe_forever(services: Services, interval_seconds: float) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Collection, Iterable
 
+from modelfleet.server.engine_load import EngineLoad, effective_outstanding, under_pressure
 from modelfleet.server.errors import MODEL_NOT_FOUND, MODEL_UNLOADED, NO_READY_REPLICA
 from modelfleet.server.metrics import RouterMetrics
 from modelfleet.server.model_spec import ModelSpec
@@ -31,6 +33,8 @@ class ServedModel:
         self.queue = ModelQueue(spec.name, spec.capacity, spec.max_queue, metrics, spec.namespace, fair=fair_queueing)
         self.metrics = metrics
         self.outstanding: dict[str, int] = dict.fromkeys(spec.endpoints, 0)
+        # The engines' own readings (vLLM's /metrics), by replica; probe.engine_load_forever keeps them.
+        self.engine_load: dict[str, EngineLoad] = {}
         self._picks = 0
         self._refuse_if_unloaded()
 
@@ -69,6 +73,12 @@ class ServedModel:
         candidates = {endpoint: count for endpoint, count in self.outstanding.items() if endpoint not in exclude}
         if not candidates:
             raise NO_READY_REPLICA(f"`{self.name}` has no ready replica that answers.")
+        if self.engine_load:
+            now = time.monotonic()
+            candidates = effective_outstanding(candidates, self.engine_load, now)
+            # A full KV cache is no prefix's home: it would evict what it holds to take the prefix in.
+            for endpoint in under_pressure(self.engine_load, list(candidates), now):
+                candidates[endpoint] = max(candidates[endpoint], self.spec.max_in_flight_per_replica)
         if affinity is not None and self.spec.routing == "prefix" and len(self.outstanding) > 1:
             endpoint, rank = bounded_choice(affinity, candidates, cap=self.spec.max_in_flight_per_replica)
             home = rank == 0 and (not exclude or endpoint == ranked(affinity, list(self.outstanding))[0])
@@ -126,7 +136,7 @@ class ModelRegistry:
             self.metrics.child(self.metrics.ready_replicas, name).set(len(spec.endpoints))
         self._names = {}
         for model in self._models.values():
-            for name in (model.name, *model.spec.aliases):
+            for name in (model.name, *model.spec.aliases, *model.spec.adapters):
                 self._names.setdefault(name, model.name)
         self._changed.set()
         self._changed = asyncio.Event()

@@ -76,7 +76,7 @@ async def complete(generation: Generation) -> tuple[dict[str, Any], Lookup]:
         # Whatever was not charged (a cache hit, a request that joined another's generation, a failure).
         await settle(generation, 0)
     observe(generation, "2xx", lookup)
-    return {**result, "model": generation.name}, lookup
+    return {**result, "model": generation.answer_name}, lookup
 
 
 def record_upstream_error(generation: Generation, exc: BaseException) -> None:
@@ -174,7 +174,7 @@ async def plan_stream(generation: Generation) -> StreamPlan:
         cached, _lookup = await services.cache.get(generation.name, generation.cache_key)
         if cached is not None and replayable(cached):
             observe(generation, "2xx", "hit")
-            return StreamPlan(iter_async(replay_chunks({**cached, "model": generation.name})), cached=True)
+            return StreamPlan(iter_async(replay_chunks({**cached, "model": generation.answer_name})), cached=True)
     try:
         ticket = model.queue.admit(generation.claim, model.spec.request_timeout_seconds)
     except RouterError as exc:
@@ -257,7 +257,7 @@ async def relay(
     started = time.monotonic()
     try:
         async for chunk in chunks:
-            chunk["model"] = generation.name
+            chunk["model"] = generation.answer_name
             assembler.add(chunk)
             if has_text(chunk):
                 generation.relayed_text_chunks += 1

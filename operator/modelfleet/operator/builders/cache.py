@@ -45,6 +45,9 @@ def prefetch_key(context: ModelContext) -> str:
     source = context.spec.source
     origin = source.model_dump_json() if source is not None else ""
     parts = [context.runtime, context.spec.model, origin, context.image, context.cache_claim_uid or ""]
+    if context.spec.adapters:
+        # Only when there are adapters, so that the key of every other model stays what it was.
+        parts.append(",".join(sorted(adapter.model for adapter in context.spec.adapters)))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:10]
 
 
@@ -120,17 +123,18 @@ def ollama_pull_reference(context: ModelContext) -> str:
     return f"{source.registry}/{model}" if source.registry else context.spec.model
 
 
-# Downloads the repository $MODELFLEET_MODEL from $HF_ENDPOINT (the public Hub when unset) into
-# $HF_HOME/hub, where the serving pods read it with HF_HUB_OFFLINE=1. A repository that is not there
-# (the hub answers the same for one the token may not read) fails the Job at once; the last line of
-# the termination log is what the operator reports.
+# Downloads the repository $MODELFLEET_MODEL, and the LoRA adapters' repositories in
+# $MODELFLEET_ADAPTERS (one per line), from $HF_ENDPOINT (the public Hub when unset) into $HF_HOME/hub,
+# where the serving pods read them with HF_HUB_OFFLINE=1. Files already there are not fetched again.
+# A repository that is not there (the hub answers the same for one the token may not read) fails the
+# Job at once; the last line of the termination log is what the operator reports.
 HF_DOWNLOAD_SCRIPT = f"""\
 import os, sys
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-model = os.environ["MODELFLEET_MODEL"]
 hub = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+repositories = [os.environ["MODELFLEET_MODEL"], *os.environ.get("MODELFLEET_ADAPTERS", "").split()]
 
 
 def report(message, code):
@@ -140,22 +144,26 @@ def report(message, code):
     sys.exit(code)
 
 
-try:
-    path = snapshot_download(repo_id=model, token=os.environ.get("HF_TOKEN") or None)
-except GatedRepoError:
-    report(
-        f"{{model}} on {{hub}} is gated: set spec.cache.hfTokenSecretRef to a token that may read it",
-        {MODEL_NOT_FOUND_EXIT_CODE},
-    )
-except (RepositoryNotFoundError, RevisionNotFoundError):
-    report(
-        f"{{hub}} has no model {{model}}, or the token may not read it: check spec.model, "
-        "spec.source.huggingFaceEndpoint and spec.cache.hfTokenSecretRef",
-        {MODEL_NOT_FOUND_EXIT_CODE},
-    )
-except Exception as exc:
-    report(f"downloading {{model}} from {{hub}} failed: {{type(exc).__name__}}: {{str(exc).splitlines()[0][:300]}}", 1)
-print("downloaded to", path)
+for model in repositories:
+    if model.startswith("/"):
+        continue  # a path in the volume: put there by the user
+    try:
+        path = snapshot_download(repo_id=model, token=os.environ.get("HF_TOKEN") or None)
+    except GatedRepoError:
+        report(
+            f"{{model}} on {{hub}} is gated: set spec.cache.hfTokenSecretRef to a token that may read it",
+            {MODEL_NOT_FOUND_EXIT_CODE},
+        )
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        report(
+            f"{{hub}} has no model {{model}}, or the token may not read it: check spec.model, spec.adapters, "
+            "spec.source.huggingFaceEndpoint and spec.cache.hfTokenSecretRef",
+            {MODEL_NOT_FOUND_EXIT_CODE},
+        )
+    except Exception as exc:
+        reason = f"{{type(exc).__name__}}: {{str(exc).splitlines()[0][:300]}}"
+        report(f"downloading {{model}} from {{hub}} failed: {{reason}}", 1)
+    print("downloaded", model, "to", path)
 """
 
 
@@ -184,6 +192,8 @@ def build_prefetch_job(context: ModelContext) -> Manifest | None:
     else:
         command = ["python3", "-c", HF_DOWNLOAD_SCRIPT]
         env.append({"name": "HF_HOME", "value": f"{MODELS_MOUNT}/hf"})
+        if context.spec.adapters:
+            env.append({"name": "MODELFLEET_ADAPTERS", "value": "\n".join(a.model for a in context.spec.adapters)})
         if source is not None and source.hugging_face_endpoint:
             env.append({"name": "HF_ENDPOINT", "value": source.hugging_face_endpoint.rstrip("/")})
         token = context.cache.hf_token_secret_ref

@@ -64,12 +64,18 @@ def vllm_container_settings(context: ModelContext) -> tuple[list[str], list[Mani
     if context.resources.gpu > 1 and "--tensor-parallel-size" not in user_args:
         args += ["--tensor-parallel-size", str(context.resources.gpu)]
     args += ["--max-num-seqs", str(context.serving.max_in_flight_per_replica)]
+    adapters = context.spec.adapters or []
+    if adapters:
+        # Each adapter answers to its own name; vLLM finds a repository id in the volume's hub cache
+        # (HF_HUB_OFFLINE), where the prefetch Job put it. Every replica loads every adapter.
+        args += ["--enable-lora", "--max-loras", str(len(adapters)), "--lora-modules"]
+        args += [f"{adapter.name}={adapter.model}" for adapter in adapters]
     cache = f"{HOME}/.cache"
     device_env: list[Manifest] = []
     if not context.uses_gpu:
         # vLLM's CPU build (the vllm-cpu image) keeps its KV cache in this many GiB of the pod's memory;
-        # a bounded, stated amount, so a replica's memory is known. Not OMP_NUM_THREADS: vLLM binds one OpenMP thread per core itself, and
-        # a fixed count halved decoding speed on two cores.
+        # a bounded, stated amount, so a replica's memory is known. Not OMP_NUM_THREADS: vLLM binds one
+        # OpenMP thread per core itself, and a fixed count halved decoding speed on two cores.
         device_env = [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(CPU_KV_CACHE_GIB)}]
     env = [
         {"name": "HF_HOME", "value": f"{MODELS_MOUNT}/hf"},

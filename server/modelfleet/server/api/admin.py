@@ -10,6 +10,7 @@ GET  /v1/admin/gpu-memory           GPUs held per model, and an estimate of the 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
@@ -49,6 +50,15 @@ def model_state(model: ServedModel, services: Services) -> str:
     return "ready"
 
 
+def engine_reading(model: ServedModel, url: str) -> dict[str, Any] | None:
+    """The replica's last reading of vLLM's /metrics (engine_load.py), None where there is none."""
+    reading = model.engine_load.get(url)
+    if reading is None:
+        return None
+    return {"running": reading.running, "waiting": reading.waiting, "kv_cache_usage": reading.kv_cache_usage,
+            "age_seconds": round(time.monotonic() - reading.read_at, 1)}  # fmt: skip
+
+
 def describe(model: ServedModel, services: Services) -> dict[str, Any]:
     spec, queue = model.spec, model.queue
     managed = spec.managed
@@ -61,7 +71,10 @@ def describe(model: ServedModel, services: Services) -> dict[str, Any]:
         "remote": spec.remote,
         "state": model_state(model, services),
         "replicas": len(spec.endpoints),
-        "endpoints": [{"url": url, "outstanding": count} for url, count in model.outstanding.items()],
+        "endpoints": [
+            {"url": url, "outstanding": count, "engine": engine_reading(model, url)}
+            for url, count in model.outstanding.items()
+        ],
         "capacity": queue.capacity,
         "in_flight": queue.in_flight,
         "queue_depth": queue.depth,

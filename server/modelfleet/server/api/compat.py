@@ -98,7 +98,7 @@ async def generate(request: GenerateRequest, http_request: Request) -> OrjsonRes
     usage = result.get("usage") or {}
     body = {
         "text": answer_text(result),
-        "model": generation.name,
+        "model": generation.answer_name,
         "cached": lookup in ("hit", "coalesced"),
         "latency_ms": latency_ms(generation),
         "prompt_tokens": usage.get("prompt_tokens", 0),
@@ -129,7 +129,7 @@ async def token_events(plan: StreamPlan, generation: Generation) -> AsyncIterato
             token = (choice.get("delta") or {}).get("content")
             if token:
                 yield sse(orjson.dumps({"token": token, "done": False, "cached": plan.cached}))
-    final = {"token": "", "done": True, "cached": plan.cached, "model": generation.name,
+    final = {"token": "", "done": True, "cached": plan.cached, "model": generation.answer_name,
              "latency_ms": latency_ms(generation), "prompt_tokens": usage.get("prompt_tokens", 0),
              "completion_tokens": usage.get("completion_tokens", 0)}  # fmt: skip
     yield sse(orjson.dumps(final))
@@ -153,5 +153,5 @@ async def infer(request: InferRequest, http_request: Request) -> OrjsonResponse:
     generation = await start(http_request, request, "/infer")
     result, lookup = await relay.complete(generation)
     body = {"response": answer_text(result), "latency_ms": latency_ms(generation),
-            "cached": lookup in ("hit", "coalesced"), "model": generation.name}  # fmt: skip
+            "cached": lookup in ("hit", "coalesced"), "model": generation.answer_name}  # fmt: skip
     return OrjsonResponse(body, headers=generation.response_headers())

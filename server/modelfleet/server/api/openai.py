@@ -82,6 +82,10 @@ async def completions(request: CompletionRequest, http_request: Request) -> Any:
 async def list_models(http_request: Request) -> OrjsonResponse:
     services = services_of(http_request)
     services.keys.authenticate(http_request)
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": "modelfleet"}
-            for name in services.registry.names()]  # fmt: skip
+    data: list[dict[str, object]] = []
+    for model in services.registry.models():
+        data.append({"id": model.name, "object": "model", "created": 0, "owned_by": "modelfleet"})
+        # A LoRA adapter is a model of its own to clients; `parent` names its base, as vLLM says it.
+        data.extend({"id": adapter, "object": "model", "created": 0, "owned_by": "modelfleet", "parent": model.name}
+                    for adapter in model.spec.adapters)  # fmt: skip
     return OrjsonResponse({"object": "list", "data": data})

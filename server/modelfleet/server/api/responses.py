@@ -140,7 +140,7 @@ def response_object(
         "object": "response",
         "created_at": int(time.time()),
         "status": status,
-        "model": generation.name,
+        "model": generation.answer_name,
         "output": output,
         "instructions": request.instructions,
         "max_output_tokens": request.max_output_tokens,
