@@ -120,7 +120,12 @@ start_prometheus() {
 
 start_adapter() {
   python3 "$repo_root/hack/build_tools.py" prometheus-adapter >/dev/null
-  [[ -f "$monitoring_dir/adapter.crt" ]] || write_adapter_certificate
+  # A certificate of an earlier cluster (its CA gone with it, say after a reboot) or one about to
+  # expire is made again: the API server would refuse the adapter as an unknown authority.
+  if ! openssl verify -CAfile "$pki_dir/ca.crt" "$monitoring_dir/adapter.crt" >/dev/null 2>&1 ||
+    ! openssl x509 -checkend 86400 -noout -in "$monitoring_dir/adapter.crt" >/dev/null 2>&1; then
+    write_adapter_certificate
+  fi
   # The API server authenticates itself with its proxy client certificate and names the caller in
   # X-Remote-* headers (--requestheader-* in hack/cluster/kwokctl.yaml); the adapter reads that
   # setup from kube-system/extension-apiserver-authentication and asks the API server, with a
