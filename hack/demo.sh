@@ -9,6 +9,10 @@
 #                       scoped to the namespace `demo`), an InferenceModel with runtime ollama whose
 #                       weights a prefetch Job pulls into a volume, a real streamed answer through
 #                       the router's NodePort
+#   hack/demo.sh vllm   after `up`: the vLLM CPU image built and imported, the cluster's Hugging
+#                       Face mirror started, and an InferenceModel gemma-vllm with runtime vllm (no
+#                       GPU) beside the Ollama one, its weights downloaded from the mirror, and a
+#                       streamed chat through the same router
 #   hack/demo.sh down   stop the cluster (and everything on the real node)
 #
 # .cache/demo/env holds ROUTER_URL, API_KEY, ADMIN_KEY, MODEL and MODEL_URL (the model Service's
@@ -66,11 +70,21 @@ spec:
 EOF
 }
 
-# wait_ready SECONDS: until the model is Ready, printing its phase as it changes.
+# wait_listed ROUTER_URL API_KEY NAME: until the router's /v1/models lists the model (its pods find it
+# through the InferenceModel and the model's EndpointSlice).
+wait_listed() {
+  local deadline=$((SECONDS + 60))
+  until curl -fsS -H "Authorization: Bearer $2" "$1/v1/models" 2>/dev/null | grep -q "\"$3\""; do
+    ((SECONDS < deadline)) || { echo "demo: the router pods did not pick up the InferenceModel $3" >&2; exit 1; }
+    sleep 0.5
+  done
+}
+
+# wait_ready SECONDS [NAME]: until the model is Ready, printing its phase as it changes.
 wait_ready() {
-  local deadline=$((SECONDS + $1)) phase="" now
+  local deadline=$((SECONDS + $1)) name=${2:-gemma} phase="" now
   while :; do
-    now=$(kubectl_ -n "$models_namespace" get inferencemodel.modelfleet.io gemma \
+    now=$(kubectl_ -n "$models_namespace" get inferencemodel.modelfleet.io "$name" \
       -o jsonpath='{.status.phase}: {.status.conditions[?(@.type=="Ready")].message}' 2>/dev/null || true)
     if [[ "$now" != "$phase" ]]; then
       phase=$now
@@ -79,7 +93,7 @@ wait_ready() {
     [[ "$now" == Ready:* ]] && return 0
     if ((SECONDS >= deadline)); then
       kubectl_ -n "$models_namespace" get pods,jobs,pvc -o wide >&2
-      kubectl_ -n "$models_namespace" describe inferencemodel.modelfleet.io gemma >&2
+      kubectl_ -n "$models_namespace" describe inferencemodel.modelfleet.io "$name" >&2
       echo "demo: the model did not become Ready" >&2
       exit 1
     fi
@@ -120,11 +134,7 @@ up() {
   kubectl_ -n "$models_namespace" get inferencemodels.modelfleet.io
   kubectl_ -n "$models_namespace" get pods,jobs,pvc -o wide
   echo "Start-up phases (seconds): $(kubectl_ -n "$models_namespace" get inferencemodel.modelfleet.io gemma -o jsonpath='{.status.timings}')"
-  local deadline=$((SECONDS + 60))
-  until curl -fsS -H "Authorization: Bearer $api_key" "$router_url/v1/models" 2>/dev/null | grep -q '"gemma"'; do
-    ((SECONDS < deadline)) || { echo "demo: the router pods did not pick up the InferenceModel" >&2; exit 1; }
-    sleep 0.5
-  done
+  wait_listed "$router_url" "$api_key" gemma
   local model_url
   model_url="http://$(kubectl_ -n "$models_namespace" get service im-gemma -o jsonpath='{.spec.clusterIP}'):11434"
   mkdir -p "$demo_dir"
@@ -157,8 +167,59 @@ up() {
   echo "Note: the packaged GGUF is Gemma 3 270M's base (pretrained) model: it continues text rather than following instructions, so chat answers are often off-topic. The serving path is what this shows."
 }
 
+# The vLLM model: vLLM's CPU build on the real node, its weights from the cluster's Hugging Face mirror.
+# float32 (these cores have no bfloat16 arithmetic), eager (half the start time of a compiled graph),
+# 10Gi because vLLM counts the pod's cached pages as used when it sizes its KV cache.
+vllm() {
+  [[ -f "$demo_dir/env" ]] || { echo "demo: run \`make demo\` first" >&2; exit 1; }
+  local ROUTER_URL API_KEY
+  ROUTER_URL=$(sed -n 's/^ROUTER_URL=//p' "$demo_dir/env")
+  API_KEY=$(sed -n 's/^API_KEY=//p' "$demo_dir/env")
+  echo "== The vLLM CPU image (Dockerfile.vllm-cpu), built once and imported into the real node =="
+  "$repo_root/hack/images.sh" vllm
+  local out="$repo_root/.cache/images/vllm-cpu" image
+  image=$(awk '$1 == "vllmCpuImage:" { print $2 }' "$repo_root/charts/modelfleet/values.yaml")
+  "$repo_root/hack/node.sh" import-once "$out/image.tar" "$image" "$(<"$out/image.key")"
+  echo
+  echo "== The cluster's Hugging Face endpoint (olah on $bridge_address:$hf_mirror_port), serving $hf_mirror_model =="
+  "$repo_root/hack/hfmirror.sh" start
+  echo
+  echo "== A vLLM InferenceModel without a GPU: the operator gives it the vLLM CPU image =="
+  kubectl_ apply -f - <<EOF
+apiVersion: modelfleet.io/v1alpha1
+kind: InferenceModel
+metadata: {name: gemma-vllm, namespace: $models_namespace}
+spec:
+  runtime: vllm
+  model: $hf_mirror_model
+  source: {huggingFaceEndpoint: "http://$bridge_address:$hf_mirror_port"}
+  resources: {gpu: 0, cpu: 500m, memory: 10Gi}
+  scheduling:
+    nodeSelector: {modelfleet.io/real-node: "true"}
+    tolerations: [{key: modelfleet.io/real-node, operator: Exists, effect: NoSchedule}]
+  cache: {size: 2Gi, storageClassName: local-path}
+  engine:
+    args: [--dtype, float32, --max-model-len, "2048", --enforce-eager, --enable-auto-tool-choice,
+           --tool-call-parser, hermes, --tool-strict-level, parameter]
+EOF
+  wait_ready 900 gemma-vllm
+  kubectl_ -n "$models_namespace" get inferencemodels.modelfleet.io
+  echo "Start-up phases (seconds): $(kubectl_ -n "$models_namespace" get inferencemodel.modelfleet.io gemma-vllm -o jsonpath='{.status.timings}')"
+  wait_listed "$ROUTER_URL" "$API_KEY" gemma-vllm
+  echo
+  echo "A streamed chat through the same router, now to vLLM:"
+  echo
+  "$python" "$repo_root/hack/ollama_model.py" chat "$ROUTER_URL/v1" "Write one sentence about lighthouses." gemma-vllm "$API_KEY"
+  echo
+  echo "Both models behind one router: curl -H \"Authorization: Bearer \$API_KEY\" \$ROUTER_URL/v1/models"
+  echo "A forced tool call (vLLM's grammar makes even a base model call it):"
+  echo "  source .cache/demo/env && curl \$ROUTER_URL/v1/chat/completions -H \"Authorization: Bearer \$API_KEY\" \\"
+  echo "    -H 'Content-Type: application/json' -d '{\"model\":\"gemma-vllm\",\"temperature\":0,\"tool_choice\":\"required\",\"messages\":[{\"role\":\"user\",\"content\":\"Weather in Paris?\"}],\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"parameters\":{\"type\":\"object\",\"properties\":{\"city\":{\"type\":\"string\",\"maxLength\":40}},\"required\":[\"city\"]}}}]}'"
+}
+
 case "${1:-up}" in
   up) up ;;
+  vllm) vllm ;;
   down) rm -f "$demo_dir/env"; "$repo_root/hack/cluster.sh" down ;;
-  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+  *) echo "usage: $0 up|vllm|down" >&2; exit 2 ;;
 esac
