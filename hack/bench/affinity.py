@@ -16,6 +16,7 @@ that is the prompt-evaluation work each mode caused.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import statistics
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hack import ollama_model
-from hack.bench.harness import BENCH_MODEL, Result, log, p90, router
+from hack.bench.harness import BENCH_MODEL, LOOPBACK, Result, free_port, http_ok, log, p90, router, running
 
 MODES = ("leastLoaded", "prefix")
 PARALLEL = 4  # requests per replica at once: the CRD's default maxInFlightPerReplica
@@ -188,10 +189,94 @@ def bench_prefix_affinity(
     return result
 
 
+# vLLM's own counters of its prefix cache, in prompt tokens.
+PREFIX_QUERIES = re.compile(r"^vllm:prefix_cache_queries_total\{[^}]*\} ([0-9.e+]+)$", re.M)
+PREFIX_HITS = re.compile(r"^vllm:prefix_cache_hits_total\{[^}]*\} ([0-9.e+]+)$", re.M)
+
+
+def vllm_prefix_counters(base_url: str) -> tuple[float, float]:
+    """(prompt tokens looked up in the prefix cache, tokens found there) since the server started."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return (sum(float(m) for m in PREFIX_QUERIES.findall(text)), sum(float(m) for m in PREFIX_HITS.findall(text)))
+
+
+def vllm_replica(work: Path, name: str, core: int) -> Any:
+    """One vLLM CPU server of the converted Gemma on 127.0.0.1, its OpenMP threads on `core` only."""
+    from hack import vllm_model  # the vLLM venv is needed only here
+
+    python = vllm_model.VLLM_PYTHON
+    if not python.exists():
+        raise RuntimeError(f"{python} is missing: `make install-vllm`")
+    model = vllm_model.converted_model()
+    port = free_port()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), "VLLM_TARGET_DEVICE": "cpu",
+           "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(core),
+           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--served-model-name", BENCH_MODEL, "--host", LOOPBACK, "--port", str(port), "--dtype", "float32",
+            "--max-model-len", "4096", "--enforce-eager", "--max-num-seqs", str(PARALLEL)]  # fmt: skip
+    base = f"http://{LOOPBACK}:{port}"
+    return running(name, argv, work, lambda: http_ok(f"{base}/health"), env=env, timeout=600, cpus=str(core)), base
+
+
+def bench_prefix_affinity_vllm(
+    work: Path, rounds: int, users: int, turns: int, think: tuple[float, float], stagger: float, prompts: int = 4
+) -> Result:
+    """The same support desk on two vLLM CPU replicas, one core each. vLLM's prefix cache is paged and
+    holds thousands of tokens; its own counters say how many prompt tokens each mode found there."""
+    result: Result = {"engine": "vllm", "rounds": rounds, "users": users, "turns": turns, "system_prompts": prompts,
+                      "think_seconds": list(think), "stagger_seconds": stagger,
+                      "replicas": 2, "parallel_per_replica": PARALLEL}  # fmt: skip
+    phases: dict[str, list[tuple[list[tuple[int, float]], tuple[float, float]]]] = {mode: [] for mode in MODES}
+    (first_server, first_url), (second_server, second_url) = vllm_replica(work, "vllm-a", 0), vllm_replica(
+        work, "vllm-b", 1)  # fmt: skip
+    with first_server, second_server:
+        urls = (first_url, second_url)
+        for url in urls:
+            first_token(url, [{"role": "user", "content": "hi"}], 2, model=BENCH_MODEL)
+        model = {"replica_urls": [second_url], "max_in_flight": PARALLEL, "cache_enabled": False}
+        for round_ in range(rounds):
+            for index, mode in enumerate(MODES):
+                seed = 100 * round_ + index + 50
+                openings = conversations(seed, prompts=prompts, count=users)
+                before = [vllm_prefix_counters(url) for url in urls]
+                with router(work, first_url, upstream_model=BENCH_MODEL, model_settings={**model, "routing": mode},
+                            cache_size="0") as (base, _):  # fmt: skip
+                    ttfts = run_phase(base, openings, turns, seed, think, stagger)
+                after = [vllm_prefix_counters(url) for url in urls]
+                counted = (sum(a[0] - b[0] for a, b in zip(after, before, strict=True)),
+                           sum(a[1] - b[1] for a, b in zip(after, before, strict=True)))  # fmt: skip
+                phases[mode].append((ttfts, counted))
+                log(f"prefix affinity on vLLM round {round_} {mode}: {summarise_vllm(ttfts, [counted])}")
+    for mode in MODES:
+        result[mode] = summarise_vllm([t for ttfts, _ in phases[mode] for t in ttfts],
+                                      [counted for _, counted in phases[mode]])  # fmt: skip
+    for stat in ("ttft_p50", "ttft_p90", "follow_up_ttft_p50"):
+        result[f"{stat}_ratio"] = round(result["leastLoaded"][f"{stat}_ms"] / result["prefix"][f"{stat}_ms"], 2)
+    return result
+
+
+def summarise_vllm(ttfts: list[tuple[int, float]], counted: list[tuple[float, float]]) -> Result:
+    every = [ttft for _, ttft in ttfts]
+    follow_ups = [ttft for turn, ttft in ttfts if turn > 0]
+    queries, hits = sum(q for q, _ in counted), sum(h for _, h in counted)
+    return {
+        "requests": len(ttfts),
+        "ttft_p50_ms": round(statistics.median(every) * 1000, 1),
+        "ttft_p90_ms": round(p90(every) * 1000, 1),
+        "follow_up_ttft_p50_ms": round(statistics.median(follow_ups) * 1000, 1),
+        "prompt_tokens": int(queries),
+        "prompt_tokens_evaluated": int(queries - hits),
+        "cache_reuse_fraction": round(hits / max(1.0, queries), 3),
+    }
+
+
 def rows(result: dict[str, Any]) -> list[str]:
     """The markdown table of a `prefix_affinity` result."""
     think = "-".join(f"{seconds:g}" for seconds in result["think_seconds"])
-    lines = [f"| routing ({result['users']} users x {result['turns']} turns, {think} s between turns, "
+    engine = "vLLM" if result.get("engine") == "vllm" else "Ollama"
+    lines = [f"| routing on {engine} ({result['users']} users x {result['turns']} turns, {think} s between turns, "
              f"{result['rounds']} rounds) | TTFT p50 ms "
              "| TTFT p90 ms | follow-up TTFT p50 ms | prompt tokens evaluated | of prompt tokens | cache reuse |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -1,7 +1,8 @@
 """`make bench`: the router and the operator measured against baselines taken in the same run.
 
     python -m hack.bench.run [--quick] [--out bench-results.json]
-                             [--only overhead,cache,streams,model,operator,fairness,prefix_affinity,peers]
+                             [--only overhead,cache,streams,model,operator,fairness,prefix_affinity,
+                                     prefix_affinity_vllm,peers]
 
 Each comparison alternates A and B in one invocation and reports ratios. The load generator and
 the fake upstream are Go programs (hack/bench/loadgen, hack/bench/upstream) so that the Python
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from hack import ollama_model
-from hack.bench.affinity import bench_prefix_affinity
+from hack.bench.affinity import bench_prefix_affinity, bench_prefix_affinity_vllm
 from hack.bench.affinity import rows as affinity_rows
 from hack.bench.harness import (
     BENCH_MODEL,
@@ -841,6 +842,8 @@ def markdown(results: Result) -> str:
         ]
     if "prefix_affinity" in results:
         lines += [*affinity_rows(results["prefix_affinity"]), ""]
+    if "prefix_affinity_vllm" in results:
+        lines += [*affinity_rows(results["prefix_affinity_vllm"]), ""]
     if "peers_run" in results:
         lines += [*peers_rows(results["peers_run"]), ""]
     return "\n".join(lines)
@@ -860,7 +863,9 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="short runs, to check the harness")
-    parser.add_argument("--only", default="overhead,cache,streams,model,operator,fairness,prefix_affinity,peers")
+    parser.add_argument(
+        "--only", default="overhead,cache,streams,model,operator,fairness,prefix_affinity,prefix_affinity_vllm,peers"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench-results.json")
     args = parser.parse_args(argv)
     stop_on_sigterm()
@@ -871,6 +876,9 @@ def main(argv: list[str]) -> int:
     results: Result = {"machine": machine(), "quick": args.quick}
     with tempfile.TemporaryDirectory(prefix="modelfleet-bench-") as tmp:
         work = Path(tmp)
+        # The support desk's users, the same on both engines.
+        users: dict[str, Any] = {"rounds": 1 if args.quick else 2, "users": 4 if args.quick else 8,
+                                 "turns": 3 if args.quick else 6, "think": (8.0, 16.0), "stagger": 2.0}  # fmt: skip
         sections: dict[str, Callable[[], Result]] = {
             "overhead": lambda: bench_overhead(work, seconds, rounds),
             "cache": lambda: bench_cache(work, seconds, rounds),
@@ -880,14 +888,9 @@ def main(argv: list[str]) -> int:
             "fairness": lambda: bench_fairness(work, 8 if args.quick else 20),
             # Users read each answer for 8-16 s before the next question: engines kept busy without a
             # pause measure their queues more than their caches (docs/benchmarks.md has both runs).
-            "prefix_affinity": lambda: bench_prefix_affinity(
-                work,
-                rounds=1 if args.quick else 2,
-                users=4 if args.quick else 8,
-                turns=3 if args.quick else 6,
-                think=(8.0, 16.0),
-                stagger=2.0,
-            ),
+            "prefix_affinity": lambda: bench_prefix_affinity(work, **users),
+            # The same users on two vLLM CPU replicas (`make install-vllm`), one core each.
+            "prefix_affinity_vllm": lambda: bench_prefix_affinity_vllm(work, **users),
             # Skips a peer whose venv is missing (`make install-bench-peers`), saying so in the table.
             "peers": lambda: bench_peers(work, args.quick),
         }
