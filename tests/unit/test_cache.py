@@ -137,6 +137,11 @@ def test_a_stream_assembles_into_the_response_it_replays() -> None:
     unfinished = Assembler(chat=True)
     unfinished.add(chunks[0])
     assert unfinished.result() is None, "an interrupted stream is never cached"
+    # A stream that will not be cached keeps only its usage (the token charge needs it).
+    uncached = Assembler(chat=True, rebuild=False)
+    for chunk in chunks:
+        uncached.add(chunk)
+    assert (uncached.usage, uncached.parts, uncached.result()) == (usage, [], None)
 
 
 def test_entries_expire_with_their_own_ttl() -> None:

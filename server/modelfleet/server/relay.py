@@ -249,7 +249,7 @@ async def relay(
     """
     services = generation.services
     metrics = services.metrics
-    assembler = Assembler(chat=generation.kind == "chat")
+    assembler = Assembler(chat=generation.kind == "chat", rebuild=generation.cache_key is not None)
     token_gaps = metrics.child(metrics.inter_token_latency, generation.name)
     first_token_at: float | None = None
     last_token_at = 0.0

@@ -27,8 +27,11 @@ DELTA_FIELDS = frozenset({"role", "content"})
 class Assembler:
     """Rebuilds the non-streamed response from the chunks of a stream, to store it in the cache."""
 
-    def __init__(self, chat: bool) -> None:
+    def __init__(self, chat: bool, rebuild: bool = True) -> None:
         self.chat = chat
+        # False for a stream that will not be cached: only its usage is kept (the token charge and
+        # the tokens/s metric need it), and no chunk is inspected further.
+        self.rebuild = rebuild
         self.parts: list[str] = []
         self.first: dict[str, Any] | None = None
         self.finish_reason: str | None = None
@@ -38,10 +41,12 @@ class Assembler:
         self.lossless = True
 
     def add(self, chunk: dict[str, Any]) -> None:
-        if self.first is None:
-            self.first = chunk
         if chunk.get("usage"):
             self.usage = chunk["usage"]
+        if not self.rebuild:
+            return
+        if self.first is None:
+            self.first = chunk
         if chunk.get("system_fingerprint"):
             self.system_fingerprint = chunk["system_fingerprint"]
         if self.lossless and not self._rebuildable(chunk):
@@ -68,7 +73,7 @@ class Assembler:
     def result(self) -> dict[str, Any] | None:
         """The complete response, or None if the stream did not finish properly or carried what cannot be
         rebuilt (then it is not cached)."""
-        if self.first is None or self.finish_reason is None or not self.lossless:
+        if not self.rebuild or self.first is None or self.finish_reason is None or not self.lossless:
             return None
         text = "".join(self.parts)
         choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason}
