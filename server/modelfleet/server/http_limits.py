@@ -89,8 +89,6 @@ class RefusalLog:
             self.logged_at = now
 
 
-REFUSALS = RefusalLog()
-
 MESSAGES = {
     408: ("The request's headers did not arrive in time.", "request_timeout"),
     431: ("The request's line and headers are larger than the router accepts.", "request_header_fields_too_large"),
@@ -111,6 +109,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a cap on connections, header bytes and header time."""
 
     limits: ClassVar[ConnectionLimits] = ConnectionLimits()
+    # One per server, shared by its connections: limited_protocol makes the class of each server.
+    refusals: ClassVar[RefusalLog]
 
     def __init__(
         self,
@@ -135,7 +135,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.refused = True
             self.transport = transport
             transport.close()
-            REFUSALS.note("connections over MODELFLEET_MAX_CONNECTIONS")
+            self.refusals.note("connections over MODELFLEET_MAX_CONNECTIONS")
             return
         super().connection_made(transport)
         self.header_timer = self.loop.call_later(self.limits.header_timeout_seconds, self.header_timeout)
@@ -217,7 +217,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self.reading_headers or self.header_bytes:
-            REFUSALS.note("requests whose headers took longer than MODELFLEET_HEADER_TIMEOUT_SECONDS (408)")
+            self.refusals.note("requests whose headers took longer than MODELFLEET_HEADER_TIMEOUT_SECONDS (408)")
             self.give_up(408)
         else:
             self.give_up(None)  # idle since it opened: nothing to answer
@@ -225,7 +225,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def give_up(self, status: int | None) -> None:
         """Read nothing more; answer `status` and close, or close once the response in progress is sent."""
         if status == 431:
-            REFUSALS.note("requests over MODELFLEET_MAX_HEADER_BYTES (431)")
+            self.refusals.note("requests over MODELFLEET_MAX_HEADER_BYTES (431)")
         self.given_up = True
         self.cancel_header_timer()
         cycle = self.cycle
@@ -248,5 +248,5 @@ def limited_protocol(limits: ConnectionLimits) -> type[LimitedHttpToolsProtocol]
     """The protocol class to pass as `uvicorn.Config(http=...)`, with these limits."""
     return cast(
         type[LimitedHttpToolsProtocol],
-        type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), {"limits": limits}),
+        type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), {"limits": limits, "refusals": RefusalLog()}),
     )
