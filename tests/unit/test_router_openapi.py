@@ -112,7 +112,7 @@ def test_a_responses_stream_that_fails_sends_openais_error_event() -> None:
         yield StreamFailure(RouterError(502, "The backend failed mid-stream.", type="upstream_error",
                                         code="upstream_stream_broken"))  # fmt: skip
 
-    generation = cast(Generation, SimpleNamespace(name="m", queue_seconds=0.0, backend_seconds=0.0,
+    generation = cast(Generation, SimpleNamespace(name="m", answer_name="m", queue_seconds=0.0, backend_seconds=0.0,
                                                   started=time.monotonic()))  # fmt: skip
     request = ResponsesRequest.model_validate({"model": "m", "input": "hi", "stream": True})
 
