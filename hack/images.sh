@@ -586,11 +586,8 @@ cmd_vllm() {
     key=$(sha256 <<<"$key")
     archive=$CACHE_DIR/vllm-cpu-$key.tar
     started=$(now)
-    if [[ $(image_label "$name" io.modelfleet.inputs) == "$key" ]]; then
-        log "$name: current (inputs $key), not rebuilt"
-    elif [[ -s $archive ]]; then
-        podman load --quiet -i "$archive" >/dev/null
-        log "$name: loaded $archive in $(since "$started")"
+    if [[ -s $archive ]]; then
+        log "$name: current (inputs $key), not rebuilt: $archive"
     else
         local uv_cache=${UV_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/uv}
         mkdir -p "$uv_cache"
@@ -605,12 +602,13 @@ cmd_vllm() {
             die "buildah bud -f Dockerfile.vllm-cpu failed (full log: $OUT_DIR/vllm-cpu/build.log)"
         fi
         log "$name: built in $(since "$started"), $(human "$(image_size "$name")")"
-    fi
-    if [[ ! -s $archive ]]; then
         started=$(now)
         rm -f "$CACHE_DIR"/vllm-cpu-*.tar
         buildah push --quiet "$name" "docker-archive:$archive.partial:$name" >/dev/null
         mv "$archive.partial" "$archive"
+        # The archive is the cache of record, and the node imports from it: a second 4.9 GB copy in
+        # buildah's storage would only take disk (a CI machine ran out of it with both).
+        buildah rmi "$name" >/dev/null
         log "$name: archive $(human "$(stat -c %s "$archive")") in $(since "$started") -> $archive"
     fi
     ln -sfn "$archive" "$OUT_DIR/vllm-cpu/image.tar"

@@ -71,7 +71,10 @@ INVALID_SPECS: list[tuple[str, dict[str, Any], str]] = [
      "insecure applies to a registry"),
     ("registry source with an endpoint",
      {"model": "m", "endpoint": {"url": "http://127.0.0.1:11434"}, "source": {"registry": "reg:5000"}},
-     "remove runtime, image, resources (GPUs), scheduling, cache, engine, autoscaling and source"),
+     "remove runtime, image, resources (GPUs), scheduling, cache, engine, autoscaling, source and adapters"),
+    ("adapters with an endpoint",
+     {"model": "m", "endpoint": {"url": "http://127.0.0.1:11434"}, "adapters": [{"name": "a", "model": "org/a"}]},
+     "remove runtime, image, resources (GPUs), scheduling, cache, engine, autoscaling, source and adapters"),
 ]  # fmt: skip
 
 VALID_SPECS: list[tuple[str, dict[str, Any]]] = [

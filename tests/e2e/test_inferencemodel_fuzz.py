@@ -139,6 +139,11 @@ MANAGED_BASE: Json = {
     "runtime": "vllm",
     "model": "Qwen/Qwen2.5-0.5B-Instruct",
     "image": "docker.io/vllm/vllm-openai:v0.32.0",
+    "source": {
+        "huggingFaceEndpoint": "https://hf-mirror.models.svc:8090",
+        "caConfigMapRef": {"name": "hub-ca", "key": "ca.crt"},
+    },
+    "adapters": [{"name": "qwen-support", "model": "org/qwen-support-lora"}],
     "replicas": 1,
     "resources": {"gpu": 1, "gpuResource": "nvidia.com/gpu", "cpu": "4", "memory": "24Gi"},
     "scheduling": {
@@ -312,6 +317,20 @@ BREAKING: dict[str, st.SearchStrategy[Any]] = {
         ["http://reg:5000", "reg:5000/library", "Registry.Example", "reg:", "reg:abc", "reg host", "-reg", "reg:5:6"]
     ),
     "the registry's port must be a number from 1 to 65535": st.sampled_from(["reg:0", "reg:65536", "r.svc:99999"]),
+    "must be an http:// or https:// URL such as http://hf-mirror.models.svc:8090": st.sampled_from(
+        ["hf-mirror:8090", "ftp://hub", "//hub", "http://", "not a url", "file:///etc/passwd", "http//hub"]
+    ),
+    "set one of registry (an OCI registry for Ollama) or huggingFaceEndpoint (a Hugging Face hub for vLLM)": (
+        st.sampled_from(
+            [
+                {"caConfigMapRef": {"name": "ca", "key": "ca.crt"}},
+                {"registry": "reg:5000", "huggingFaceEndpoint": "http://hub:8090"},
+            ]
+        )
+    ),
+    "insecure applies to a registry; a Hugging Face endpoint says http:// or https:// itself": (
+        st.just({"huggingFaceEndpoint": "http://hub:8090", "insecure": True})
+    ),
     "insecure (plain HTTP) and caConfigMapRef (HTTPS with a private CA) exclude each other: set one of them": (
         st.just({"registry": "reg:5000", "insecure": True, "caConfigMapRef": {"name": "ca", "key": "ca.crt"}})
     ),
@@ -448,10 +467,20 @@ def cross_field_mutations() -> Iterator[Mutation]:
             "endpoint-with-managed-fields",
             [
                 {"model": "m", "endpoint": endpoint_url, key: {**MANAGED_BASE, **OLLAMA_BASE}[key]}
-                for key in ("runtime", "image", "resources", "scheduling", "cache", "engine", "autoscaling", "source")
+                for key in (
+                    "runtime",
+                    "image",
+                    "resources",
+                    "scheduling",
+                    "cache",
+                    "engine",
+                    "autoscaling",
+                    "source",
+                    "adapters",
+                )
             ],
             "spec.endpoint",
-            "remove runtime, image, resources (GPUs), scheduling, cache, engine, autoscaling and source",
+            "remove runtime, image, resources (GPUs), scheduling, cache, engine, autoscaling, source and adapters",
         ),
         (
             "source-on-vllm",

@@ -570,7 +570,7 @@ SPEC_RULES: list[JsonValue] = [
         "|| has(self.adapters))",
         "message": (
             "spec.endpoint is an unmanaged backend: remove runtime, image, resources (GPUs), scheduling, cache, "
-            "engine, autoscaling and source, or remove spec.endpoint to let the operator run the model"
+            "engine, autoscaling, source and adapters, or remove spec.endpoint to let the operator run the model"
         ),
     },
     {
