@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
@@ -16,8 +19,11 @@ from modelfleet.server.engine_load import (
 )
 from modelfleet.server.metrics import RouterMetrics
 from modelfleet.server.model_spec import ModelSpec
+from modelfleet.server.probe import engine_load_forever
 from modelfleet.server.registry import ServedModel
 from modelfleet.server.routing import ranked
+from modelfleet.server.services import Services
+from modelfleet.server.upstream import UpstreamClient
 
 pytestmark = pytest.mark.unit
 
@@ -84,3 +90,54 @@ def test_the_replica_choice_follows_the_engines() -> None:
     # Least loaded by the engines' own queues: other routers keep the first replica busy.
     model.engine_load = {endpoints[0]: reading(4, at=now), endpoints[1]: reading(0, at=now)}
     assert model.pick_endpoint() == endpoints[1]
+
+
+def test_the_poller_reads_every_model_while_one_replica_hangs() -> None:
+    """One replica that never answers /metrics holds up no other model's reading: they are all read at
+    once. Read one model after another, the others wait out its deadline and their readings go stale."""
+    order: list[str] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%s" % (
+            len(METRICS), METRICS))  # fmt: skip
+        await writer.drain()
+        writer.close()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the poller gives up on it and closes
+        order.append("the hanging read given up")
+        writer.close()
+
+    async def scenario() -> None:
+        answering = await asyncio.start_server(answer, "127.0.0.1", 0)
+        hanging = await asyncio.start_server(hang, "127.0.0.1", 0)
+        good = f"http://127.0.0.1:{answering.sockets[0].getsockname()[1]}"
+        silent = f"http://127.0.0.1:{hanging.sockets[0].getsockname()[1]}"
+
+        def served(name: str, *endpoints: str) -> ServedModel:
+            spec = ModelSpec(name=name, api="openai", upstream_model=name, endpoints=endpoints, engine_metrics=True)
+            return ServedModel(spec, RouterMetrics.create())
+
+        # The hanging replica's model comes first, as the registry may list it.
+        models = [served("a", silent, good), served("b", good), served("c", good)]
+        http = UpstreamClient(connect_timeout=1.0, read_timeout=5.0)
+        services = cast(Services, SimpleNamespace(registry=SimpleNamespace(models=lambda: models), http=http))
+        poller = asyncio.create_task(engine_load_forever(services, interval_seconds=0.05))
+        try:
+            # Until the poller gives up on the hanging replica (its 1 s deadline), noting when the
+            # other models' readings arrive.
+            while "the hanging read given up" not in order:
+                if "the others read" not in order and all(good in model.engine_load for model in models[1:]):
+                    order.append("the others read")
+                await asyncio.sleep(0.01)
+        finally:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+            answering.close()
+            hanging.close()
+            await http.aclose()
+        assert order[:2] == ["the others read", "the hanging read given up"], order
+        assert silent not in models[0].engine_load
+
+    asyncio.run(scenario())

@@ -12,6 +12,7 @@ import time
 from modelfleet.server.backends.base import request_headers
 from modelfleet.server.engine_load import POLL_SECONDS, read_engine_load
 from modelfleet.server.model_spec import ModelSpec
+from modelfleet.server.registry import ServedModel
 from modelfleet.server.services import Services
 from modelfleet.server.upstream import UpstreamClient, UpstreamError
 
@@ -54,13 +55,21 @@ def current_probe(services: Services, spec: ModelSpec) -> dict[str, object] | No
 
 async def engine_load_forever(services: Services, interval_seconds: float = POLL_SECONDS) -> None:
     """Read every vLLM replica's /metrics each `interval_seconds` into its model's `engine_load`."""
+
+    async def refresh(model: ServedModel, endpoint: str) -> None:
+        # Each reading lands as soon as it is read: a replica that does not answer (1 s) delays nobody's.
+        reading = await read_engine_load(services.http, endpoint)
+        if reading is None:
+            model.engine_load.pop(endpoint, None)
+        else:
+            model.engine_load[endpoint] = reading
+
     while True:
-        for model in services.registry.models():
-            if not model.spec.engine_metrics:
-                continue
-            endpoints = list(model.spec.endpoints)
-            readings = await asyncio.gather(*(read_engine_load(services.http, endpoint) for endpoint in endpoints))
-            model.engine_load = {e: r for e, r in zip(endpoints, readings, strict=True) if r is not None}
+        models = [model for model in services.registry.models() if model.spec.engine_metrics]
+        for model in models:
+            for gone in model.engine_load.keys() - set(model.spec.endpoints):
+                del model.engine_load[gone]
+        await asyncio.gather(*(refresh(model, endpoint) for model in models for endpoint in model.spec.endpoints))
         await asyncio.sleep(interval_seconds)
 
 
