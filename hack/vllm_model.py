@@ -182,8 +182,7 @@ def converted_model() -> Path:
 
 
 def prepare() -> Path:
-    gguf, gguf_sha256 = assemble_gguf()
-    model = convert(gguf, gguf_sha256)
+    model = converted_model()
     adapter = make_adapter(model)
     mirrors: Path = model.parent.parent / "hf-mirror" / model.name
     lay_out_repository(mirrors, REPO_ID, model)
