@@ -47,13 +47,13 @@ def render() -> str:
                       "config file's `models:`):", "", *models, "", END])  # fmt: skip
 
 
-def rewrite_block(what: str, begin: str, end: str, rendered: str) -> int:
-    """Write `rendered` between the markers `begin` and `end` of the README named on the command line, or with
-    --check exit 1 if it is not what is there."""
+def rewrite_block(what: str, begin: str, end: str, rendered: str, argv: list[str] | None = None) -> int:
+    """Write `rendered` between the markers `begin` and `end` of the Markdown file named on the command line (or in
+    `argv`), or with --check exit 1 if it is not what is there."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("readme", type=Path)
+    parser.add_argument("readme", type=Path, metavar="FILE")
     parser.add_argument("--check", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     text = args.readme.read_text()
     start, stop = text.find(begin), text.find(end)
     if start < 0 or stop < 0:
