@@ -52,6 +52,12 @@ install_chart() {
 
 # The managed model: Ollama on the real node (no GPU), its weights pulled from the registry into a
 # local-path volume by the prefetch Job, Ready once it has answered the operator's warm-up.
+# It is autoscaled from the start, as a user would declare it, rather than patched by `make demo-load`:
+# the HPA then reads the queue before any load comes (its first looks and the adapter's first series
+# are done), `kubectl get hpa` shows it from the start, and demo-load leaves the model as the demo
+# made it. 1 to 2 replicas at one queued request per replica, and a 30 s scale-down window so that
+# demo-load sees it back at 1 within minutes. The per-key limit is raised from the router's 100 a
+# minute so that demo-load's bounded load is queued, not refused.
 apply_model() {
   kubectl_ apply -f - <<EOF
 apiVersion: modelfleet.io/v1alpha1
@@ -66,7 +72,16 @@ spec:
     nodeSelector: {modelfleet.io/real-node: "true"}
     tolerations: [{key: modelfleet.io/real-node, operator: Exists, effect: NoSchedule}]
   cache: {size: 1Gi, storageClassName: local-path}
-  serving: {aliases: [gemma3], maxInFlightPerReplica: 2}
+  serving:
+    aliases: [gemma3]
+    maxInFlightPerReplica: 2
+    rateLimit: {requestsPerMinute: 600}
+  autoscaling:
+    enabled: true
+    minReplicas: 1
+    maxReplicas: 2
+    targetQueueDepthPerReplica: 1
+    scaleDownStabilizationSeconds: 30
 EOF
 }
 
