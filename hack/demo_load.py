@@ -177,13 +177,17 @@ class View:
         self.out.flush()
 
     def note(self, text: str) -> None:
-        """A line that stays, above the live view."""
-        if self.tty and self.drawn:
-            self.out.write(redraw([text], self.drawn))
-            self.drawn = 0  # the next show draws below it, over what is left of the old view
+        """A line that stays, above the live view (which the next show draws again below it)."""
+        if self.tty:
+            self.out.write(redraw([text], self.drawn))  # each line cleared: it may land on the old view's
+            self.drawn = 0
         else:
             self.out.write(text + "\n")
         self.out.flush()
+
+    def close(self) -> None:
+        """Keep the view as it last was: what comes next is written below it."""
+        self.drawn = 0
 
 
 # The cluster --------------------------------------------------------------------------------------
@@ -361,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"replica(s); up to {args.max_requests} requests from {args.workers} clients, {args.timeout:.0f} s at most"
     )
     samples = asyncio.run(drive(pipeline, load, progress, view))
+    view.close()
     for line in progress.figures():
         view.note(line)
     view.note(f"requests: {load.sent} sent, {load.answered} answered, {load.failed} failed")

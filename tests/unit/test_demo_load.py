@@ -111,6 +111,9 @@ def test_view_on_a_terminal_rewrites_its_lines_and_keeps_notes() -> None:
     text = out.getvalue()
     assert text.count("\x1b[3F") == 2  # the second show and the note go back over the three lines
     assert "\x1b[3Fstop\x1b[K\n[    2 s]" in text  # the note stays; the view starts again below it
+    view.close()
+    view.note("done")
+    assert out.getvalue().endswith("failed 0\x1b[K\ndone\x1b[K\n")  # the last view stays above what follows
 
 
 def test_view_off_a_terminal_prints_plain_lines() -> None:
