@@ -116,22 +116,81 @@ wait_ready() {
   done
 }
 
+# The steps of `up`, each timed: step_done NAME closes the step that began at the previous one.
+step_names=()
+step_tenths=()
+step_started=${EPOCHREALTIME/./}
+step_done() {
+  local now=${EPOCHREALTIME/./}
+  step_names+=("$1")
+  step_tenths+=($(((now - step_started) / 100000)))
+  step_started=$now
+}
+
+step_summary() {
+  local i total=0
+  echo "Durations of the demo's steps:"
+  for i in "${!step_names[@]}"; do
+    printf '  %-16s %5d.%d s\n' "${step_names[$i]}" $((step_tenths[i] / 10)) $((step_tenths[i] % 10))
+    total=$((total + step_tenths[i]))
+  done
+  printf '  %-16s %5d.%d s\n' total $((total / 10)) $((total % 10))
+}
+
+# next_steps ROUTER_URL API_KEY PROMPT: what to do next, ready to paste (the real address and user key).
+next_steps() {
+  local url=$1 key=$2 prompt=$3 kubectl_cmd
+  kubectl_cmd="$repo_root/.cache/bin/kubectl --kubeconfig $repo_root/.cache/kubeconfig"
+  cat <<EOF
+== Next: paste any of these (the router's address and the demo's user key are filled in) ==
+
+# A streamed chat through the router, raw SSE:
+curl -sN $url/v1/chat/completions -H 'Authorization: Bearer $key' -H 'Content-Type: application/json' \\
+  -d '{"model":"gemma","stream":true,"messages":[{"role":"user","content":"$prompt"}]}'
+
+# The same with the openai SDK (installed in .venv):
+$python - <<'PY'
+from openai import OpenAI
+
+client = OpenAI(base_url="$url/v1", api_key="$key")
+stream = client.chat.completions.create(
+    model="gemma", stream=True, messages=[{"role": "user", "content": "$prompt"}]
+)
+for chunk in stream:
+    print(chunk.choices[0].delta.content or "" if chunk.choices else "", end="", flush=True)
+print()
+PY
+
+# Watch the model's phase and replicas (in another terminal while demo-load runs):
+$kubectl_cmd -n $models_namespace get inferencemodels -w
+
+# In $repo_root:
+make demo-load   # load gemma until its HPA scales it to 2 replicas on the router's queue, then back to 1
+make demo-vllm   # a vLLM model beside it, served on CPU through the same router
+make demo-down   # stop the cluster and everything it started
+EOF
+}
+
 up() {
+  echo "demo: 6 steps: the cluster (with its real node), the images, gemma3:270m pushed to the cluster's registry, the chart installed, the model Ready, a first streamed answer"
   "$repo_root/hack/cluster.sh" up
   echo
   echo "== Nodes of modelfleet-dev: fake kwok nodes for GPUs and scale, and one real node =="
   kubectl_ get nodes -o wide
   kubectl_ get nodes -o custom-columns='NODE:.metadata.name,GPU:.status.allocatable.nvidia\.com/gpu,CPU:.status.allocatable.cpu,MEMORY:.status.allocatable.memory,TAINTS:.spec.taints[*].key'
+  step_done cluster
 
   echo
   echo "== Images: built from Dockerfile.server and Dockerfile.operator, imported into the real node =="
   "$repo_root/hack/images.sh" build
   local archive
   for archive in "$repo_root"/.cache/images/*.tar; do "$repo_root/hack/node.sh" import "$archive"; done
+  step_done images
 
   echo
   echo "== gemma3:270m in the cluster's OCI registry ($registry), put there with ollama push =="
   "$repo_root/hack/registry.sh" push
+  step_done "registry push"
 
   echo
   echo "== The ModelFleet chart, installed for real on the real node (release $release in $namespace) =="
@@ -141,13 +200,15 @@ up() {
   admin_key=$(kubectl_ -n "$namespace" get secret "$secret" -o jsonpath='{.data.admin-key}' | base64 -d)
   node_port=$(kubectl_ -n "$namespace" get service "$release-modelfleet-router" -o jsonpath='{.spec.ports[0].nodePort}')
   local router_url="http://$bridge_address:$node_port"
+  step_done "chart install"
 
   echo
   echo "== A managed InferenceModel: the operator prefetches the weights, starts Ollama, warms it up =="
   apply_model
   wait_ready 600
+  step_done "model Ready"
   kubectl_ -n "$models_namespace" get inferencemodels.modelfleet.io
-  kubectl_ -n "$models_namespace" get pods,jobs,pvc -o wide
+  kubectl_ -n "$models_namespace" get pods,jobs,pvc,hpa -o wide
   echo "Start-up phases (seconds): $(kubectl_ -n "$models_namespace" get inferencemodel.modelfleet.io gemma -o jsonpath='{.status.timings}')"
   wait_listed "$router_url" "$api_key" gemma
   local model_url
@@ -167,19 +228,16 @@ up() {
   echo "A streamed chat through the router's pods to the model's pod, as it arrives:"
   echo
   "$python" "$repo_root/hack/ollama_model.py" chat "$router_url/v1" "$prompt" gemma "$api_key"
+  step_done "first answer"
   echo
-  echo "Try it yourself (raw SSE through the router), or point the openai SDK at \$ROUTER_URL/v1:"
-  echo "  source .cache/demo/env && export OPENAI_API_KEY=\$API_KEY"
-  echo "  curl -N \$ROUTER_URL/v1/chat/completions -H \"Authorization: Bearer \$OPENAI_API_KEY\" \\"
-  echo "    -H 'Content-Type: application/json' \\"
-  echo "    -d '{\"model\":\"gemma\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"$prompt\"}]}'"
-  echo
-  echo "The router ($router_url, a NodePort on the real node's bridge), the operator and Redis run as pods:"
-  echo "  .cache/bin/kubectl --kubeconfig .cache/kubeconfig -n $namespace get pods"
-  echo "The model's pod, its prefetch Job and its volume:"
-  echo "  .cache/bin/kubectl --kubeconfig .cache/kubeconfig -n $models_namespace get inferencemodels,pods,jobs,pvc"
-  echo "Ollama's own API, from this machine: curl \$MODEL_URL/api/tags. Stop everything with: make demo-down"
+  echo "The router ($router_url, a NodePort on the real node's bridge), the operator and Redis run as pods"
+  echo "in $namespace; the model's pods, its prefetch Job, volume and HPA in $models_namespace. Ollama's own"
+  echo "API, from this machine: curl \$MODEL_URL/api/tags (.cache/demo/env holds these values for \`source\`)."
   echo "Note: the packaged GGUF is Gemma 3 270M's base (pretrained) model: it continues text rather than following instructions, so chat answers are often off-topic. The serving path is what this shows."
+  echo
+  step_summary
+  echo
+  next_steps "$router_url" "$api_key" "$prompt"
 }
 
 # The vLLM model: vLLM's CPU build on the real node, its weights from the cluster's Hugging Face mirror.
