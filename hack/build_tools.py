@@ -19,6 +19,7 @@ we generate a small wrapper module that requires the tool and replaces each loca
 replacement with the published module of the matching version.
 
 Usage: build_tools.py [TOOL ...]        (default: every tool but the optional ones)
+       build_tools.py --for demo        the tools `make demo` needs (DEMO_TOOLS)
        build_tools.py --bin-dir         print the directory of linked binaries
 Stdlib only: this runs before any virtualenv exists.
 """
@@ -46,6 +47,16 @@ CRDS_DIR = REPO_ROOT / ".cache" / "crds"
 
 # Built only on request: kind needs a Docker engine, which these machines do not have.
 OPTIONAL_TOOLS = frozenset({"kind"})
+
+# What `make demo` needs, in build order: the control plane, kwok, the real node (without a NetworkPolicy
+# enforcer), its registry and volumes, Helm 3, the HPAs' metrics pipeline and Ollama. The rest (Helm 4,
+# kube-router, Traefik) only the tests use, and `make test` builds them: about 13 minutes of a first run.
+DEMO_TOOLS = (
+    "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kubelet", "kube-proxy",
+    "kwok", "kwokctl", "coredns", "registry", "local-path-provisioner", "helm", "prometheus",
+    "prometheus-adapter", "prometheus-operator-crds", "ollama",
+)  # fmt: skip
+TOOL_SETS = {"demo": DEMO_TOOLS}
 
 # Seconds each tool took to build from cold Go caches on this workplace's 2-core machines (measured on
 # 2026-12-07). They make a first run's estimate; once this machine has built a tool, its own time
@@ -497,11 +508,91 @@ def fetch_miniaudio_header(version: str, work: Path) -> Path:
     return download_dir / member.name
 
 
+# ggml names each x86 feature as its CMake options do; /proc/cpuinfo names them so.
+GGML_FEATURE_FLAGS = {
+    "SSE42": "sse4_2", "AVX": "avx", "F16C": "f16c", "AVX2": "avx2", "BMI2": "bmi2", "FMA": "fma",
+    "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16",
+    "AVX_VNNI": "avx_vnni",
+}  # fmt: skip
+GGML_CPU_CMAKE = Path("ml/backend/ggml/ggml/src/CMakeLists.txt")
+GGML_X86_VARIANT = re.compile(r"^(\s*)ggml_add_cpu_backend_variant\((\w+)((?:\s+\w+)*)\)\s*$")
+
+
+def x86_cpu_variants(cmake_text: str) -> dict[str, tuple[str, ...]]:
+    """ggml's x86 CPU backend variants, each with the features it is compiled for, as its CMake declares them."""
+    # The last x86 branch of the file is the one that declares the variants (ggml_add_cpu_backend_variant).
+    block = cmake_text.rsplit('GGML_SYSTEM_ARCH STREQUAL "x86"', 1)[-1].split("elseif", 1)[0]
+    variants = {}
+    for line in block.splitlines():
+        if match := GGML_X86_VARIANT.match(line):
+            variants[match.group(2)] = tuple(match.group(3).split())
+    return variants
+
+
+def cpu_variants_for(variants: dict[str, tuple[str, ...]], cpu_flags: set[str]) -> list[str]:
+    """The variants worth building for a machine: the baseline, which runs on any x86-64, and the one ggml
+    would load here (it scores every library it can load and takes the highest, which is the one compiled
+    for the most of this CPU's features). The other five are for other CPUs, and cost minutes of C++."""
+    usable = [
+        name for name, features in variants.items()
+        if all(GGML_FEATURE_FLAGS.get(feature, feature.lower()) in cpu_flags for feature in features)
+    ]  # fmt: skip
+    if not usable:
+        return []
+    best = max(usable, key=lambda name: len(variants[name]))
+    baseline = min(variants, key=lambda name: len(variants[name]))
+    return sorted({baseline, best}, key=list(variants).index)
+
+
+def keep_cpu_variants(cmake_text: str, keep: set[str]) -> str:
+    """ggml's CMake with the x86 variants outside `keep` commented out."""
+    x86 = x86_cpu_variants(cmake_text)
+    lines = []
+    for line in cmake_text.splitlines(keepends=True):
+        match = GGML_X86_VARIANT.match(line.rstrip("\n"))
+        if match and match.group(2) in x86 and match.group(2) not in keep:
+            line = f"{match.group(1)}# not built for this machine (hack/build_tools.py): {line.lstrip()}"
+        lines.append(line)
+    return "".join(lines)
+
+
+def machine_cpu_flags() -> set[str]:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def choose_cpu_variants(src: Path) -> list[str] | None:
+    """The ggml CPU variants to build, or None for all of them (MODELFLEET_OLLAMA_CPU_VARIANTS=all, for a
+    binary that runs well on other CPUs too, or a machine whose features cannot be read)."""
+    cmake_file = src / GGML_CPU_CMAKE
+    variants = x86_cpu_variants(cmake_file.read_text())
+    requested = os.environ.get("MODELFLEET_OLLAMA_CPU_VARIANTS", "").strip()
+    if requested == "all" or not variants:
+        return None
+    chosen = [name.strip() for name in requested.split(",") if name.strip()] or cpu_variants_for(
+        variants, machine_cpu_flags()
+    )
+    if not chosen:
+        return None
+    unknown = [name for name in chosen if name not in variants]
+    if unknown:
+        raise ToolError(f"ollama: no ggml CPU variant {', '.join(unknown)}; known: {', '.join(variants)}")
+    cmake_file.write_text(keep_cpu_variants(cmake_file.read_text(), set(chosen)))
+    return chosen
+
+
 def build_ollama(tool: OllamaTool, dest_dir: Path) -> None:
     """CMake builds ggml's CPU variants as loadable libraries, then cgo builds the binary.
 
-    AMX: Ollama's CMake builds the x64, sse42, sandybridge, haswell, skylakex, icelake and
-    alderlake variants with GGML_NATIVE off (it patches out the AMX "sapphirerapids" one);
+    Variants: of ggml's x64, sse42, sandybridge, haswell, skylakex, icelake and alderlake libraries, only
+    the baseline and the one this machine loads are built (choose_cpu_variants), unless
+    MODELFLEET_OLLAMA_CPU_VARIANTS says otherwise ("all", or names separated by commas).
+
+    AMX: Ollama's CMake builds its variants with GGML_NATIVE off (it patches out the AMX "sapphirerapids" one);
     we also pass GGML_AMX_*=OFF and never set -march=native in CGO_CFLAGS, because the
     binary compiles a fallback CPU backend with the cgo flags.  A disassembly scan then
     refuses any AMX instruction in the result.
@@ -528,6 +619,8 @@ def build_ollama(tool: OllamaTool, dest_dir: Path) -> None:
         shutil.copy2(OLLAMA_SYSTEM_HEADERS["stb/stb_image.h"], vendor / "stb" / "stb_image.h")
         shutil.copy2(fetch_miniaudio_header(tool.miniaudio_version, work), vendor / "miniaudio" / "miniaudio.h")
 
+        chosen = choose_cpu_variants(src)
+        print(f"    ollama: ggml CPU variants: {', '.join(chosen) if chosen else 'all'}", flush=True)
         amx_off = ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
         run_step("cmake configure", ["cmake", "--preset", "CPU", "-DGGML_CCACHE=OFF", *amx_off], src, env)
         jobs = str(os.cpu_count() or 2)
@@ -721,6 +814,10 @@ def main(argv: list[str]) -> int:
         if shutil.which("go") is None:
             raise ToolError("Go is not installed or not on PATH; install Go 1.26+ (https://go.dev/doc/install)")
         catalog = tool_catalog(read_versions())
+        if argv[:1] == ["--for"]:
+            if len(argv) != 2 or argv[1] not in TOOL_SETS:
+                raise ToolError(f"--for takes one of {', '.join(TOOL_SETS)}")
+            argv = list(TOOL_SETS[argv[1]])
         wanted = argv or [name for name in catalog if name not in OPTIONAL_TOOLS]
         unknown = [name for name in wanted if name not in catalog]
         if unknown:

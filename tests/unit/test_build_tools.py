@@ -170,3 +170,87 @@ def test_the_progress_line_says_how_far_a_build_is_and_what_is_left(
     monkeypatch.setenv("MODELFLEET_TOOLS_CACHE", str(tmp_path))
     build_tools.record_duration("traefik", 512.34)
     assert build_tools.recorded_durations() == {"traefik": 512.3}
+
+
+def test_the_demo_builds_every_tool_its_cluster_starts_and_leaves_out_only_the_tests_own() -> None:
+    catalog = build_tools.tool_catalog(build_tools.read_versions())
+    demo = set(build_tools.DEMO_TOOLS)
+    assert demo <= set(catalog)
+    assert set(catalog) - build_tools.OPTIONAL_TOOLS - demo == {"helm4", "kube-router", "traefik"}
+    # What `hack/cluster.sh up demo` and `hack/node.sh up --without-network-policies` build must be in the set,
+    # or the demo would build it anyway, without the plan's estimate.
+    for script in ("cluster.sh", "node.sh"):
+        text = (build_tools.REPO_ROOT / "hack" / script).read_text()
+        started = text.index("local -a tools=(") + len("local -a tools=(")
+        listed = set(text[started : text.index(")", started)].split())
+        assert listed, script
+        assert listed <= demo, (script, listed - demo)
+
+
+GGML_CMAKE_EXCERPT = """
+    if (GGML_SYSTEM_ARCH STREQUAL "x86")
+        set(x 1)
+    endif()
+if (GGML_CPU_ALL_VARIANTS)
+    add_custom_target(ggml-cpu)
+    if (GGML_SYSTEM_ARCH STREQUAL "x86")
+        ggml_add_cpu_backend_variant(x64)
+        ggml_add_cpu_backend_variant(sse42        SSE42)
+        ggml_add_cpu_backend_variant(haswell      SSE42 AVX F16C AVX2 BMI2 FMA)
+        ggml_add_cpu_backend_variant(icelake      SSE42 AVX F16C AVX2 BMI2 FMA AVX512 AVX512_VBMI AVX512_VNNI)
+        ggml_add_cpu_backend_variant(alderlake    SSE42 AVX F16C AVX2 BMI2 FMA AVX_VNNI)
+    elseif(GGML_SYSTEM_ARCH STREQUAL "ARM")
+            ggml_add_cpu_backend_variant(apple_m1             DOTPROD)
+    endif()
+endif()
+"""
+HASWELL_FLAGS = {"sse4_2", "avx", "f16c", "avx2", "bmi2", "fma"}
+
+
+def test_ggml_variants_are_read_from_the_x86_branch_that_declares_them() -> None:
+    variants = build_tools.x86_cpu_variants(GGML_CMAKE_EXCERPT)
+    assert list(variants) == ["x64", "sse42", "haswell", "icelake", "alderlake"]
+    assert variants["x64"] == ()
+    assert variants["alderlake"][-1] == "AVX_VNNI"
+
+
+@pytest.mark.parametrize(
+    ("flags", "chosen"),
+    [
+        # The baseline, and the variant with the most of this CPU's features: the one ggml loads.
+        (HASWELL_FLAGS, ["x64", "haswell"]),
+        (HASWELL_FLAGS | {"avx_vnni"}, ["x64", "alderlake"]),
+        (HASWELL_FLAGS | {"avx_vnni", "avx512f", "avx512vbmi", "avx512_vnni"}, ["x64", "icelake"]),
+        # AVX-512 without VBMI: icelake cannot load, and alderlake needs AVX-VNNI.
+        (HASWELL_FLAGS | {"avx512f"}, ["x64", "haswell"]),
+        ({"sse4_2"}, ["x64", "sse42"]),
+        (set(), ["x64"]),
+    ],
+)
+def test_the_variants_built_are_the_baseline_and_the_best_this_cpu_loads(flags: set[str], chosen: list[str]) -> None:
+    assert build_tools.cpu_variants_for(build_tools.x86_cpu_variants(GGML_CMAKE_EXCERPT), flags) == chosen
+
+
+def test_variants_not_kept_are_commented_out_and_nothing_else_changes() -> None:
+    kept = build_tools.keep_cpu_variants(GGML_CMAKE_EXCERPT, {"x64", "icelake"})
+    assert list(build_tools.x86_cpu_variants(kept)) == ["x64", "icelake"]
+    changed = [line for line in kept.splitlines() if line not in GGML_CMAKE_EXCERPT.splitlines()]
+    assert len(changed) == 3
+    assert all("# not built for this machine" in line for line in changed)
+    assert "ggml_add_cpu_backend_variant(apple_m1             DOTPROD)" in kept
+
+
+def test_the_variants_to_build_can_be_named_or_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cmake = tmp_path / build_tools.GGML_CPU_CMAKE
+    cmake.parent.mkdir(parents=True)
+    cmake.write_text(GGML_CMAKE_EXCERPT)
+    monkeypatch.setenv("MODELFLEET_OLLAMA_CPU_VARIANTS", "all")
+    assert build_tools.choose_cpu_variants(tmp_path) is None
+    assert cmake.read_text() == GGML_CMAKE_EXCERPT
+    monkeypatch.setenv("MODELFLEET_OLLAMA_CPU_VARIANTS", "x64, haswell")
+    assert build_tools.choose_cpu_variants(tmp_path) == ["x64", "haswell"]
+    assert list(build_tools.x86_cpu_variants(cmake.read_text())) == ["x64", "haswell"]
+    cmake.write_text(GGML_CMAKE_EXCERPT)
+    monkeypatch.setenv("MODELFLEET_OLLAMA_CPU_VARIANTS", "x64,zen9")
+    with pytest.raises(build_tools.ToolError, match="no ggml CPU variant zen9"):
+        build_tools.choose_cpu_variants(tmp_path)
