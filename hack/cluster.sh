@@ -7,8 +7,13 @@
 # prometheus-adapter as external.metrics.k8s.io), and an ingress controller (hack/ingress.sh: Traefik).
 #
 #   hack/cluster.sh up       create it, or return at once if it is already running
+#   hack/cluster.sh up demo  the same without what only the tests use: no kube-router (NetworkPolicies
+#                            are accepted, not enforced) and no Traefik, so neither is built; a later
+#                            `up` adds both to the running cluster
 #   hack/cluster.sh down     stop every process it started and delete its state
-#   hack/cluster.sh status   exit 0 if it is running and is the one `up` created
+#   hack/cluster.sh status [demo]
+#                            exit 0 if it is running (with what that profile needs) and is the one
+#                            `up` created
 #
 # The kubeconfig goes to .cache/kubeconfig; .cache/cluster.env records the identity
 # (API server URL and kube-system UID) that the test guard checks before touching it.
@@ -73,13 +78,17 @@ up() {
   local started=$SECONDS
   if is_healthy; then
     log "$cluster_name is already running ($(sed -n 's/^SERVER=//p' "$identity_file"))"
-    "$repo_root/hack/node.sh" status 2>/dev/null || "$repo_root/hack/node.sh" up
+    "$repo_root/hack/node.sh" status "${node_args[@]}" 2>/dev/null || "$repo_root/hack/node.sh" up "${node_args[@]}"
     "$repo_root/hack/monitoring.sh" status 2>/dev/null || "$repo_root/hack/monitoring.sh" start
-    "$repo_root/hack/ingress.sh" status 2>/dev/null || "$repo_root/hack/ingress.sh" start
+    if ((with_ingress)); then
+      "$repo_root/hack/ingress.sh" status 2>/dev/null || "$repo_root/hack/ingress.sh" start
+    fi
     return 0
   fi
-  python3 "$repo_root/hack/build_tools.py" etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwokctl \
-    kubelet kube-proxy kube-router coredns registry local-path-provisioner prometheus prometheus-adapter traefik
+  local -a tools=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwokctl
+    kubelet kube-proxy coredns registry local-path-provisioner prometheus prometheus-adapter)
+  ((with_ingress)) && tools+=(kube-router traefik)
+  python3 "$repo_root/hack/build_tools.py" "${tools[@]}"
   "$repo_root/hack/node.sh" down 2>/dev/null || true
   remove_stale
   mkdir -p "$cache_dir"
@@ -118,9 +127,13 @@ up() {
     printf 'KUBE_SYSTEM_UID=%s\n' "$(kubectl_ get namespace kube-system -o jsonpath='{.metadata.uid}')"
     printf 'CONFIG_DIGEST=%s\n' "$(config_digest)"
   } >"$identity_file"
-  "$repo_root/hack/node.sh" up
+  "$repo_root/hack/node.sh" up "${node_args[@]}"
   "$repo_root/hack/monitoring.sh" start
-  "$repo_root/hack/ingress.sh" start
+  if ((with_ingress)); then
+    "$repo_root/hack/ingress.sh" start
+  else
+    log "profile demo: no NetworkPolicy enforcer and no ingress controller (\`hack/cluster.sh up\` adds them)"
+  fi
   log "$cluster_name is up in $((SECONDS - started))s; kubeconfig: $kubeconfig"
   kubectl_ get nodes -o custom-columns='NAME:.metadata.name,STATUS:.status.conditions[?(@.type=="Ready")].status,RUNTIME:.status.nodeInfo.containerRuntimeVersion,GPU:.status.allocatable.nvidia\.com/gpu,CPU:.status.allocatable.cpu,MEMORY:.status.allocatable.memory' >&2
 }
@@ -140,15 +153,23 @@ down() {
   log "$cluster_name is down"
 }
 
+# The profile: full (what the tests need) unless `demo` follows the command.
+case "${2:-full}" in
+  full) with_ingress=1 node_args=() ;;
+  demo) with_ingress=0 node_args=(--without-network-policies) ;;
+  *) die "unknown profile ${2:-}; use full or demo" ;;
+esac
+
 case "${1:-}" in
   up) up ;;
   down) down ;;
   status)
-    if is_healthy && "$repo_root/hack/node.sh" status 2>/dev/null && "$repo_root/hack/monitoring.sh" status 2>/dev/null &&
-      "$repo_root/hack/ingress.sh" status 2>/dev/null; then log "$cluster_name is running"; else
+    if is_healthy && "$repo_root/hack/node.sh" status "${node_args[@]}" 2>/dev/null &&
+      "$repo_root/hack/monitoring.sh" status 2>/dev/null &&
+      { ((!with_ingress)) || "$repo_root/hack/ingress.sh" status 2>/dev/null; }; then log "$cluster_name is running"; else
       log "$cluster_name is not running"
       exit 1
     fi
     ;;
-  *) die "usage: $0 up|down|status" ;;
+  *) die "usage: $0 up|down|status [full|demo]" ;;
 esac

@@ -7,8 +7,12 @@
 #   hack/node.sh up        start it (the control plane must be up: hack/cluster.sh up calls this)
 #                          with the OCI registry on the bridge (hack/registry.sh) and the
 #                          local-path-provisioner (StorageClass local-path, hack/cluster/local-path.yaml)
+#   hack/node.sh up --without-network-policies
+#                          the same without kube-router (the demo's cluster: NetworkPolicies are
+#                          accepted but not enforced, and kube-router is not built)
 #   hack/node.sh down      delete its pods, stop every process, undo mounts, rules, bridge, cgroups
-#   hack/node.sh status    exit 0 if the node is Ready and its registry and provisioner run
+#   hack/node.sh status [--without-network-policies]
+#                          exit 0 if the node is Ready and its registry, provisioner (and kube-router) run
 #   hack/node.sh import F  import an image archive (docker or OCI) into the node's containerd
 #   hack/node.sh import-once F NAME KEY
 #                          the same, unless NAME is there from an archive of the same KEY
@@ -236,7 +240,9 @@ up() {
   [[ $EUID -eq 0 ]] || die "the real node needs root (network namespaces, mounts, cgroups)"
   [[ -f "$kubeconfig" ]] || die "the control plane is not up (hack/cluster.sh up)"
   local started=$SECONDS
-  python3 "$repo_root/hack/build_tools.py" kubelet kube-proxy kube-router coredns registry local-path-provisioner >/dev/null
+  local -a tools=(kubelet kube-proxy coredns registry local-path-provisioner)
+  ((network_policies)) && tools+=(kube-router)
+  python3 "$repo_root/hack/build_tools.py" "${tools[@]}" >/dev/null
   for tool in containerd runc ctr nft iptables ipset socat buildah gcc; do
     command -v "$tool" >/dev/null || die "$tool is missing (make install-system)"
   done
@@ -265,11 +271,13 @@ up() {
   # cluster, traffic from the node itself (kubelet probes, NodePorts from the host) is admitted.
   # It finds its node by name, so it starts once the kubelet has registered the node. Its health
   # port would listen on every interface: off; readiness is its chains existing.
-  start_process kube-router "$bin_dir/kube-router" --kubeconfig "$kubeconfig" --hostname-override "$node_name" \
-    --run-firewall=true --run-router=false --run-service-proxy=false --run-loadbalancer=false \
-    --enable-ipv4=true --enable-ipv6=false --service-cluster-ip-range="$service_subnet" \
-    --health-port=0 --metrics-port=0 --iptables-sync-period=1m
-  wait_for "kube-router's NetworkPolicy chains" 60 iptables -S KUBE-ROUTER-FORWARD
+  if ((network_policies)); then
+    start_process kube-router "$bin_dir/kube-router" --kubeconfig "$kubeconfig" --hostname-override "$node_name" \
+      --run-firewall=true --run-router=false --run-service-proxy=false --run-loadbalancer=false \
+      --enable-ipv4=true --enable-ipv6=false --service-cluster-ip-range="$service_subnet" \
+      --health-port=0 --metrics-port=0 --iptables-sync-period=1m
+    wait_for "kube-router's NetworkPolicy chains" 60 iptables -S KUBE-ROUTER-FORWARD
+  fi
   wait_for "CoreDNS ready" 60 curl -fsS "http://$bridge_address:$coredns_ready_port/ready"
   kubectl_ apply -f "$repo_root/hack/cluster/local-path.yaml" >/dev/null
   if ! ctr_ images ls -q | grep -qx "$helper_image"; then
@@ -390,7 +398,8 @@ down() {
 status() {
   pid_alive kubelet && kubectl_ get node "$node_name" \
     -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -qx True &&
-    pid_alive kube-proxy && pid_alive kube-router && pid_alive coredns && pid_alive local-path-provisioner &&
+    pid_alive kube-proxy && { ((!network_policies)) || pid_alive kube-router; } && pid_alive coredns &&
+    pid_alive local-path-provisioner &&
     "$repo_root/hack/registry.sh" status 2>/dev/null
 }
 
@@ -411,6 +420,10 @@ import_once() {
   ctr_ images import "$archive" >/dev/null
   printf '%s\n' "$key" >"$marker"
 }
+
+# Whether kube-router enforces NetworkPolicies: yes, unless up or status is told otherwise.
+network_policies=1
+if [[ "${2:-}" == --without-network-policies ]]; then network_policies=0; fi
 
 case "${1:-}" in
   up) up ;;
