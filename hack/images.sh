@@ -47,6 +47,11 @@ PYTHON_IMAGE=docker.io/library/python:3.11-slim-bookworm
 WORKING_CONTAINERS=()
 
 log() { printf '%s\n' "images: $*"; }
+# shellcheck source=progress.sh source-path=SCRIPTDIR
+source "$REPO_ROOT/hack/progress.sh"
+# Seconds the long steps took on a first run here (2 cores): the live line's estimate.
+DEBOOTSTRAP_SECONDS=120
+BUD_SECONDS=60
 die() {
     printf '%s\n' "images: error: $*" >&2
     exit 1
@@ -233,7 +238,8 @@ ensure_rootfs() {
     started=$(now)
     tmp=$(mktemp -d "$CACHE_DIR/debootstrap.XXXXXX")
     log "rootfs: debootstrap --variant=$VARIANT $SUITE from $MIRROR ..."
-    if ! debootstrap --variant="$VARIANT" --arch="$ARCH" "$SUITE" "$tmp/rootfs" "$MIRROR" >"$tmp/debootstrap.log" 2>&1; then
+    if ! with_progress "rootfs: debootstrap" "$DEBOOTSTRAP_SECONDS" \
+        debootstrap --variant="$VARIANT" --arch="$ARCH" "$SUITE" "$tmp/rootfs" "$MIRROR" >"$tmp/debootstrap.log" 2>&1; then
         tail -n 20 "$tmp/debootstrap.log" >&2
         rm -rf "$tmp"
         die "debootstrap failed"
@@ -518,7 +524,8 @@ build_component() {
     fi
     old=$(image_id "$name" || true)
     log "$name: buildah bud --pull=never -f $dockerfile (inputs $key, log: $build_log) ..."
-    if ! buildah bud --layers=false --force-rm --pull=never "${RUN_OPTS[@]}" --label io.modelfleet.inputs="$key" \
+    if ! with_progress "$name: buildah bud" "$BUD_SECONDS" \
+        buildah bud --layers=false --force-rm --pull=never "${RUN_OPTS[@]}" --label io.modelfleet.inputs="$key" \
         -f "$REPO_ROOT/$dockerfile" -t "$name" "$REPO_ROOT" >"$build_log" 2>&1; then
         tail -n 30 "$build_log" >&2
         die "buildah bud -f $dockerfile failed (full log: $build_log)"
