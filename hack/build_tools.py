@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -723,6 +724,12 @@ def expected_seconds(name: str, recorded: dict[str, float], cores: int) -> float
     return MEASURED_BUILD_SECONDS.get(name, UNMEASURED_BUILD_SECONDS) * MEASURED_ON_CORES / max(1, cores)
 
 
+def children_cpu_seconds() -> float:
+    """User and system time of every finished child process so far (go, cmake and the compilers they ran)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def minutes(seconds: float) -> str:
     seconds = round(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
@@ -786,7 +793,7 @@ def ensure(tool: Tool, plan: BuildPlan | None = None) -> Path:
         print(f"  {tool.name:<24} {tool.version:<9} cached   {dest}", flush=True)
     else:
         print(f"  {tool.name:<24} {tool.version:<9} building from {tool.module} ...", flush=True)
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), children_cpu_seconds()
         expected = plan.expected[tool.name] if plan and tool.name in plan.expected else UNMEASURED_BUILD_SECONDS
         after, after_seconds = plan.after(tool.name) if plan and tool.name in plan.missing else (0, 0.0)
         with BuildProgress(tool.name, expected, after, after_seconds):
@@ -794,10 +801,12 @@ def ensure(tool: Tool, plan: BuildPlan | None = None) -> Path:
                 build_ollama(tool, tool_dir)
             else:
                 build_tool(tool, dest)
-        took = time.monotonic() - started
+        took, cpu = time.monotonic() - started, children_cpu_seconds() - cpu_started
         record_duration(tool.name, took)
-        print(f"  {tool.name:<24} {tool.version:<9} built in {took:.1f}s (expected about {minutes(expected)})",
-              flush=True)  # fmt: skip
+        # How busy the cores were says where building two tools at once would pay: a build that keeps
+        # every core busy gains nothing from a neighbour, one that waits on downloads or a linker does.
+        print(f"  {tool.name:<24} {tool.version:<9} built in {took:.1f}s (expected about {minutes(expected)}; "
+              f"{cpu:.0f} CPU-seconds, {cpu / max(took, 0.1):.1f} cores busy)", flush=True)  # fmt: skip
     BIN_DIR.mkdir(parents=True, exist_ok=True)
     link = BIN_DIR / tool.name
     if link.is_symlink() or link.exists():
