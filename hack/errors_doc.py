@@ -1,8 +1,8 @@
-"""Render the router's table of errors into README.md from its error codes (server/modelfleet/server/errors.py),
+"""Render the router's table of errors into docs/router.md from its error codes (server/modelfleet/server/errors.py),
 or check that it is current.
 
-python -m hack.errors_doc README.md          # rewrite the block between the markers
-python -m hack.errors_doc --check README.md  # exit 1 if the block is stale
+python -m hack.errors_doc docs/router.md          # rewrite the block between the markers
+python -m hack.errors_doc --check docs/router.md  # exit 1 if the block is stale
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Render the router's settings tables into README.md from the pydantic models, or check they are current.
+"""Render the router's settings tables into docs/router.md from the pydantic models, or check they are current.
 
-python -m hack.settings_doc README.md          # rewrite the block between the markers
-python -m hack.settings_doc --check README.md  # exit 1 if the block is stale
+python -m hack.settings_doc docs/router.md          # rewrite the block between the markers
+python -m hack.settings_doc --check docs/router.md  # exit 1 if the block is stale
 """
 
 from __future__ import annotations

@@ -270,7 +270,7 @@ def test_the_standby_operator_takes_over_when_the_active_one_is_killed(release: 
 
 def test_uninstall_leaves_nothing_but_the_crds_and_the_kept_key_secret(release: Release, cluster: Cluster) -> None:
     namespace = release.namespace
-    # As the README says: models first, so that the operator releases their finalizer.
+    # As docs/chart.md says: models first, so that the operator releases their finalizer.
     cluster.kubectl("-n", namespace, "delete", "inferencemodels.modelfleet.io", "--all", "--timeout=120s")
     release.run("uninstall", release.name, "--wait", "--timeout", "180s")
     selector = f"app.kubernetes.io/instance={release.name}"

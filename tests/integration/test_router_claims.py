@@ -1,4 +1,4 @@
-"""Claims of the README that no other test proved: fair queueing by key weight and priority, the token
+"""Claims of docs/router.md that no other test proved: fair queueing by key weight and priority, the token
 budget's refunds, Ollama's native fields, Retry-After from recent durations, the per-key cache and the
 Redis cache's memory bound. Real Ollama, real redis-server, the real router process."""
 
@@ -346,7 +346,7 @@ def test_interactive_goes_before_batch_and_the_header_only_lowers_a_keys_priorit
 
 
 def reserved_tokens(content: str, max_tokens: int) -> int:
-    """What the README says a request reserves: its prompt at about 4 characters a token, plus max_tokens."""
+    """What docs/router.md says a request reserves: its prompt at about 4 characters a token, plus max_tokens."""
     return math.ceil(len(content) / 4) + max_tokens
 
 

@@ -1,4 +1,4 @@
-"""The token budget's refund rules, as the README states them: a finished answer is charged its real count
+"""The token budget's refund rules, as docs/router.md states them: a finished answer is charged its real count
 (the rest of its reservation refunded), a cache hit and a failure are refunded in full. Read off the
 router's own `x-ratelimit-remaining-tokens` at each admission, in front of a recording backend that
 reports the usage it wants counted (tests/support/recording_backend.py)."""

@@ -61,7 +61,7 @@ class Release:
 
     def crd_options(self) -> list[str]:
         """Helm 3 leaves existing CRDs alone. Helm 4 server-side applies them, and the CRDs here were
-        applied by `kubectl apply --server-side` (as the README's upgrade step does), whose fields
+        applied by `kubectl apply --server-side` (as docs/chart.md's upgrade step does), whose fields
         conflict: Helm 4 must take them over, as a user who applied them with kubectl must too."""
         return ["--force-conflicts"] if self.helm.name == "helm4" else []
 

@@ -1,4 +1,4 @@
-"""The router's error catalogue (errors.py): every error is one of ERROR_CODES, whose table the README carries."""
+"""The router's error catalogue (errors.py): every error is one of ERROR_CODES, whose table docs/router.md carries."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_an_error_code_builds_the_error_it_names() -> None:
 
 
 def test_no_module_builds_an_error_by_hand() -> None:
-    """Outside errors.py, a RouterError comes from an ErrorCode, so that the README's table is complete."""
+    """Outside errors.py, a RouterError comes from an ErrorCode, so that docs/router.md's table is complete."""
     by_hand = []
     for path in SERVER.rglob("*.py"):
         if path.name == "errors.py" or path.name == "hotpath.py":  # hotpath: the one 500, like errors.py's

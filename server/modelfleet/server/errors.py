@@ -56,8 +56,8 @@ class BackendUnreachable(RouterError):
 @dataclass(frozen=True)
 class ErrorCode:
     """One kind of error the router answers: its `code`, HTTP status and OpenAI `type`, and what it tells a
-    client. Every error is raised through one of these (`MODEL_NOT_FOUND(message)`), and the README's table
-    of errors is generated from ERROR_CODES (`python -m hack.errors_doc`)."""
+    client. Every error is raised through one of these (`MODEL_NOT_FOUND(message)`), and the table
+    of errors in docs/router.md is generated from ERROR_CODES (`python -m hack.errors_doc`)."""
 
     code: str
     status: int

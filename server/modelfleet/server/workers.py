@@ -4,7 +4,7 @@ One router process is one event loop on one core. With N workers, a supervisor s
 `python -m modelfleet.server`, and each binds the same address with SO_REUSEPORT: the kernel spreads
 new connections across their listeners, and no process hands sockets to another.
 
-What stays right, and how (docs/benchmarks.md and the README say the same):
+What stays right, and how (docs/benchmarks.md and docs/router.md say the same):
 
 - **Admission.** Each worker is counted as one more router: it admits its share of a model's cap,
   exactly as router replicas share it (registry.py). N workers in each of R pods make N x R sharers.
