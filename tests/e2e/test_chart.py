@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "modelfleet"
 HELM = BIN_DIR / "helm"
 MONITORING = ["--api-versions", "monitoring.coreos.com/v1"]
+# docs/own-cluster.md's sample values for a GPU cluster: every check of the chart's own values runs on them too.
+GPU_CLUSTER = ("--values", str(REPO / "examples" / "values-gpu-cluster.yaml"))
+VALUES_FILES = [pytest.param((), id="chart-defaults"), pytest.param(GPU_CLUSTER, id="gpu-cluster-sample")]
 
 Rendered = list[dict[str, Any]]
 
@@ -57,8 +60,9 @@ def router_env(objects: Rendered) -> dict[str, str]:
     return {e["name"]: e.get("value", "") for e in container["env"]}
 
 
-def test_lint_is_clean_in_strict_mode() -> None:
-    result = helm("lint", "--strict", str(CHART))
+@pytest.mark.parametrize("values", VALUES_FILES)
+def test_lint_is_clean_in_strict_mode(values: tuple[str, ...]) -> None:
+    result = helm("lint", "--strict", str(CHART), *values)
     assert "0 chart(s) failed" in result.stdout
 
 
@@ -135,6 +139,27 @@ def test_monitoring_when_the_prometheus_operator_crds_exist() -> None:
     assert "PodMonitor" not in kinds(off)
 
 
+def test_the_gpu_cluster_sample_renders_what_its_comments_say() -> None:
+    """examples/values-gpu-cluster.yaml: the user's images and keys, an SSE-ready ingress, the monitoring."""
+    objects = render("modelfleet-system", *GPU_CLUSTER, *MONITORING)
+    router = one(objects, "Deployment", "modelfleet-router")["spec"]["template"]["spec"]
+    operator = one(objects, "StatefulSet", "modelfleet-operator")["spec"]["template"]["spec"]
+    assert router["containers"][0]["image"] == "registry.example.com/modelfleet/router:0.1.0"
+    assert operator["containers"][0]["image"] == "registry.example.com/modelfleet/operator:0.1.0"
+    assert router["imagePullSecrets"] == operator["imagePullSecrets"] == [{"name": "regcred"}]
+    assert "Secret" not in kinds(objects), "the keys come from the user's own Secret"
+    assert {"name": "api-keys", "secret": {"secretName": "modelfleet-api-keys",
+            "items": [{"key": "keys.yaml", "path": "keys.yaml"}]}} in router["volumes"]  # fmt: skip
+    assert router_env(objects)["MODELFLEET_REDIS_URL"] == "redis://modelfleet-redis.modelfleet-system.svc:6379/0"
+    annotations = one(objects, "Ingress", "modelfleet-router")["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "3600"
+    assert annotations["cert-manager.io/cluster-issuer"] == "letsencrypt"
+    assert one(objects, "ServiceMonitor", "modelfleet")["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    rules = yaml.safe_load(one(objects, "ConfigMap", "modelfleet-adapter-rules")["data"]["config.yaml"])
+    assert [rule["name"]["as"] for rule in rules["externalRules"]] == ["modelfleet_queue_depth"]
+
+
 def test_autoscaling_replaces_fixed_replicas() -> None:
     objects = render("modelfleet-system", "--set", "router.autoscaling.enabled=true")
     hpa = one(objects, "HorizontalPodAutoscaler", "modelfleet-router")
@@ -149,21 +174,23 @@ def container_env(objects: Rendered, kind: str, name: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    "options",
+    ("options", "expected"),
     [
-        pytest.param((), id="defaults"),
+        pytest.param((), {}, id="defaults"),
         # Helm renders numbers of a million and more as 1e+06 unless the template says int64.
         pytest.param(
             (
                 *("--set", "router.rateLimit.tokensPerMinute=2000000", "--set", "router.maxBodyBytes=8388608"),
                 *("--set", "router.cache.size=1000000", "--set", "router.cache.ttlSeconds=86400000"),
             ),
+            {"rate_limit_tokens_per_minute": 2_000_000, "max_body_bytes": 8_388_608},
             id="large",
         ),
+        pytest.param(GPU_CLUSTER, {"rate_limit_requests_per_minute": 600}, id="gpu-cluster-sample"),
     ],
 )
 def test_every_rendered_setting_is_accepted_by_the_settings_it_configures(
-    options: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+    options: tuple[str, ...], expected: dict[str, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The chart's env values are read by the real settings classes, as the containers would at start."""
     from modelfleet.operator.settings import OperatorSettings
@@ -175,9 +202,7 @@ def test_every_rendered_setting_is_accepted_by_the_settings_it_configures(
     for name, value in container_env(objects, "Deployment", "modelfleet-router").items():
         monkeypatch.setenv(name, value)
     router = RouterSettings()
-    if options:
-        assert router.rate_limit_tokens_per_minute == 2_000_000
-        assert router.max_body_bytes == 8_388_608
+    assert {name: getattr(router, name) for name in expected} == expected
     for name in [n for n in os.environ if n.startswith("MODELFLEET_")]:
         monkeypatch.delenv(name)
     for name, value in container_env(objects, "StatefulSet", "modelfleet-operator").items():
@@ -248,6 +273,10 @@ def test_the_router_may_not_read_secrets() -> None:
 
 # Against the API server ------------------------------------------------------------------------
 
+# The models' namespace set to the test's own ({namespace}, filled in by the test): a release scoped to a namespace
+# has the operator's Role created there, and the dry run, like an install, needs the namespace to exist.
+MODELS_IN_TEST_NAMESPACE = ["--set-json", 'operator.watchNamespaces=["{namespace}"]',
+                            "--set", "router.discoveryNamespace={namespace}"]  # fmt: skip
 MATRIX = {
     "defaults": [],
     "redis-off": ["--set", "redis.enabled=false"],
@@ -255,6 +284,7 @@ MATRIX = {
     "ingress": ["--set", "ingress.enabled=true", "--set", "ingress.className=nginx"],
     "monitoring": MONITORING,
     "autoscaling": ["--set", "router.autoscaling.enabled=true"],
+    "gpu-cluster-sample": [*GPU_CLUSTER, *MONITORING, *MODELS_IN_TEST_NAMESPACE],
 }
 
 
@@ -273,7 +303,7 @@ def dry_run(cluster: Cluster, objects: Rendered) -> subprocess.CompletedProcess[
 def test_every_rendered_object_is_accepted_by_the_api_server(
     case: str, cluster: Cluster, chart_crds: None, namespace: str
 ) -> None:
-    objects = render(namespace, *MATRIX[case])
+    objects = render(namespace, *(option.format(namespace=namespace) for option in MATRIX[case]))
     result = dry_run(cluster, objects)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("(server dry run)") == len(objects)
@@ -306,8 +336,11 @@ def create_pod_dry_run(cluster: Cluster, namespace: str, spec: dict[str, Any]) -
     return lambda: client.CoreV1Api(cluster.api).create_namespaced_pod(namespace, body, dry_run="All")
 
 
-def test_every_pod_passes_pod_security_restricted(cluster: Cluster, restricted_namespace: str) -> None:
-    objects = render(restricted_namespace, *MONITORING)
+@pytest.mark.parametrize("values", VALUES_FILES)
+def test_every_pod_passes_pod_security_restricted(
+    values: tuple[str, ...], cluster: Cluster, restricted_namespace: str
+) -> None:
+    objects = render(restricted_namespace, *values, *MONITORING)
     templates = pod_templates(objects)
     assert {name for name, _ in templates} >= {"StatefulSet/modelfleet-operator", "Deployment/modelfleet-router",
                                                "Deployment/modelfleet-redis", "Pod/modelfleet-test-health"}  # fmt: skip
