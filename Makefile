@@ -24,7 +24,17 @@ $(VENV_BIN)/python:
 # `make test` and `make demo` start with `install`, so that the README's two commands work on a fresh
 # clone; every step below only checks when its work is already done (a second run takes seconds).
 .PHONY: install
-install: install-system install-python tools ## Install everything: Debian packages, the venv, the pinned Go-built tools
+install: plan-install install-system install-python tools ## Install everything: Debian packages, the venv, the pinned Go-built tools
+
+# What the demo needs and no more: the tests' own tools (Helm 4, kube-router, Traefik) are built by
+# `make test`, not before a newcomer sees a model answer.
+.PHONY: install-demo
+install-demo: plan-demo install-system install-python tools-demo ## Install what `make demo` needs: Debian packages, the venv, the demo's tools
+
+# What is there, what is left and about how long it takes, said before anything is built.
+.PHONY: plan-install plan-demo
+plan-install plan-demo:
+	@$(PYTHON) -m hack.plan $(@:plan-%=%)
 
 .PHONY: install-system
 install-system: ## Debian packages used by the tests (redis-server, prometheus, shellcheck)
@@ -106,6 +116,10 @@ $(HFMIRROR_STAMP): hack/hfmirror/requirements.txt
 tools: ## Build (or reuse) the pinned kube-*, kubectl, etcd, kwok, kwokctl and helm
 	$(PYTHON) hack/build_tools.py
 
+.PHONY: tools-demo
+tools-demo: ## Build (or reuse) only the tools the demo runs (no Helm 4, kube-router or Traefik)
+	$(PYTHON) hack/build_tools.py --for demo
+
 .PHONY: images
 images: ## Build the router and operator images (and their stand-in base images) with buildah; no Docker engine needed
 	hack/images.sh build
@@ -129,12 +143,13 @@ CRD_FILE := crds/modelfleet.io_inferencemodels.yaml
 CHART_CRD_FILE := charts/modelfleet/crds/modelfleet.io_inferencemodels.yaml
 
 .PHONY: generate
-generate: ## Write the CRD from modelfleet.api (crds/ and the chart's crds/) the README's router settings and errors tables, the chart's values.schema.json and manifests/install.yaml
+generate: ## Write the CRD from modelfleet.api (crds/ and the chart's crds/), its reference (docs/inferencemodel.md), the router's settings and errors tables (docs/router.md), the chart's values.schema.json and manifests/install.yaml
 	@mkdir -p $(dir $(CRD_FILE)) $(dir $(CHART_CRD_FILE))
 	$(PY) -m modelfleet.api.crd $(CRD_FILE)
 	cp $(CRD_FILE) $(CHART_CRD_FILE)
-	$(PY) -m hack.settings_doc README.md
-	$(PY) -m hack.errors_doc README.md
+	$(PY) -m hack.api_reference docs/inferencemodel.md
+	$(PY) -m hack.settings_doc docs/router.md
+	$(PY) -m hack.errors_doc docs/router.md
 	$(PY) -m hack.chart generate
 
 .PHONY: verify-generated
@@ -146,8 +161,9 @@ verify-generated: ## Fail if a generated file is stale (CI runs this)
 	    cat "$$tmp/diff"; echo "error: $$f is stale; run 'make generate' and commit the result" >&2; exit 1; \
 	  fi; \
 	done; \
-	$(PY) -m hack.settings_doc --check README.md || exit 1; \
-	$(PY) -m hack.errors_doc --check README.md || exit 1; \
+	$(PY) -m hack.api_reference --check docs/inferencemodel.md || exit 1; \
+	$(PY) -m hack.settings_doc --check docs/router.md || exit 1; \
+	$(PY) -m hack.errors_doc --check docs/router.md || exit 1; \
 	$(PY) -m hack.chart check || exit 1; \
 	echo "generated files are current"
 
@@ -205,12 +221,16 @@ cluster-down: ## Stop the local cluster and every process it started
 	hack/cluster.sh down
 
 .PHONY: demo
-demo: install ## The local cluster (GPU nodes and a real node), the chart running on it, a managed Gemma 3 270M model deployed by the operator and a real streamed answer
+demo: install-demo ## The local cluster (GPU nodes and a real node), the chart running on it, a managed Gemma 3 270M model deployed by the operator and a real streamed answer
 	hack/demo.sh up
 
 .PHONY: demo-vllm
 demo-vllm: demo install-vllm install-hfmirror ## After the demo: a vLLM model (vLLM's CPU build) beside the Ollama one, its weights from the cluster's Hugging Face mirror, streaming through the same router
 	hack/demo.sh vllm
+
+.PHONY: demo-load
+demo-load: ## After the demo: enough traffic to scale the model from 1 to 2 replicas and back, with a live view; stops by itself
+	$(PY) -m hack.demo_load
 
 .PHONY: demo-down
 demo-down: ## Stop the local cluster (and its real node, registry and volumes)

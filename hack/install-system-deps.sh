@@ -41,6 +41,11 @@ for entry in "${wanted[@]}"; do
   packages+=("${entry%%:*}")
   [[ -e "${entry#*:}" ]] || missing+=("${entry%%:*}")
 done
+# --missing: only name what is missing, one per line (hack/plan.py reads it), and install nothing.
+if [[ "${1:-}" == --missing ]]; then
+  ((${#missing[@]} == 0)) || printf '%s\n' "${missing[@]}"
+  exit 0
+fi
 if ((${#missing[@]} == 0)); then
   echo "system deps: all present (${packages[*]})"
   exit 0
