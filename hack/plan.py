@@ -65,7 +65,9 @@ def tools_step(names: list[str]) -> Step:
     missing = [name for name in names if not build_tools.is_cached(catalog[name])]
     if not missing:
         return Step("Go-built tools", f"all {len(names)} built", 0)
-    seconds = sum(build_tools.expected_seconds(name, recorded, cores) for name in missing)
+    expected = {name: build_tools.expected_seconds(name, recorded, cores) for name in missing}
+    chains = build_tools.build_chains(missing, catalog, expected)
+    seconds = build_tools.wall_seconds(chains, expected, build_tools.build_jobs())
     return Step("Go-built tools", f"{len(missing)} of {len(names)} to build from source", seconds)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 
 import pytest
@@ -158,18 +159,81 @@ def test_every_tool_of_the_catalog_has_a_measured_build_time() -> None:
     assert set(catalog) - build_tools.OPTIONAL_TOOLS <= set(build_tools.MEASURED_BUILD_SECONDS)
 
 
-def test_the_progress_line_says_how_far_a_build_is_and_what_is_left(
+def test_the_progress_line_says_how_far_each_build_is_and_what_is_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    line = build_tools.progress_line("traefik", 65, 531, after=2, after_seconds=798)
-    assert line == "  traefik                  building: 1m05s of about 8m51s; then 2 more, about 13m18s"
-    assert build_tools.progress_line("ollama", 5, 398, after=0, after_seconds=0).endswith("5s of about 6m38s")
-    plan = build_tools.BuildPlan(["a", "b", "c"], {"a": 10.0, "b": 20.0, "c": 30.0})
-    assert (plan.after("a"), plan.after("c")) == ((2, 50.0), (0, 0.0))
+    active = {"traefik": (100.0, 531.0), "ollama": (160.0, 398.0)}
+    line = build_tools.progress_line(active, 165.0, left=2, left_seconds=798)
+    assert line == "  building traefik 1m05s of about 8m51s, ollama 5s of about 6m38s; then 2 more, about 13m18s"
+    assert build_tools.progress_line({"ollama": (0.0, 398.0)}, 5.0, 0, 0).endswith("ollama 5s of about 6m38s")
     # This machine's times are kept by the cache, and read back.
     monkeypatch.setenv("MODELFLEET_TOOLS_CACHE", str(tmp_path))
     build_tools.record_duration("traefik", 512.34)
     assert build_tools.recorded_durations() == {"traefik": 512.3}
+
+
+def test_tools_of_one_module_build_in_one_chain_and_the_longest_chain_goes_first() -> None:
+    catalog = build_tools.tool_catalog(build_tools.read_versions())
+    missing = ["kubectl", "coredns", "kube-apiserver", "kwok", "ollama", "kwokctl", "helm"]
+    expected = {"kubectl": 30.0, "coredns": 150.0, "kube-apiserver": 240.0, "kwok": 110.0, "ollama": 300.0,
+                "kwokctl": 20.0, "helm": 90.0}  # fmt: skip
+    assert build_tools.build_chains(missing, catalog, expected) == [
+        ["ollama"],
+        ["kubectl", "kube-apiserver"],  # 270 s, in the order asked
+        ["coredns"],
+        ["kwok", "kwokctl"],
+        ["helm"],
+    ]
+
+
+def test_two_chains_build_at_once_and_a_chain_one_tool_after_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    catalog = build_tools.tool_catalog(build_tools.read_versions())
+    events: list[str] = []
+    lock = threading.Lock()
+    both_running = threading.Barrier(2, timeout=10)
+
+    def fake_ensure(tool: build_tools.Tool, board: object = None) -> Path:
+        with lock:
+            events.append(f"start {tool.name}")
+        if tool.name in ("kube-apiserver", "ollama"):
+            both_running.wait()  # each waits for the other: only two builds at once get past it
+        with lock:
+            events.append(f"end {tool.name}")
+        return Path("/nonexistent")
+
+    monkeypatch.setattr(build_tools, "ensure", fake_ensure)
+    chains = [["kube-apiserver", "kubectl"], ["ollama"]]
+    board = build_tools.BuildBoard({}, ["kube-apiserver", "kubectl", "ollama"], jobs=2)
+    build_tools.build_all(chains, catalog, board, jobs=2)
+    assert events.index("end kube-apiserver") < events.index("start kubectl")
+    assert sorted(events) == sorted(f"{what} {name}" for name in ("kube-apiserver", "kubectl", "ollama")
+                                    for what in ("start", "end"))  # fmt: skip
+
+
+def test_after_a_failure_no_new_build_starts_and_the_failure_is_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    catalog = build_tools.tool_catalog(build_tools.read_versions())
+    started: list[str] = []
+
+    def fake_ensure(tool: build_tools.Tool, board: object = None) -> Path:
+        started.append(tool.name)
+        if tool.name == "kube-apiserver":
+            raise build_tools.ToolError("failed to build kube-apiserver@v1")
+        return Path("/nonexistent")
+
+    monkeypatch.setattr(build_tools, "ensure", fake_ensure)
+    board = build_tools.BuildBoard({}, [], jobs=1)
+    with pytest.raises(build_tools.ToolError, match="failed to build kube-apiserver"):
+        build_tools.build_all([["kube-apiserver", "kubectl"], ["coredns"]], catalog, board, jobs=1)
+    assert started == ["kube-apiserver"]
+
+
+def test_the_number_of_builds_at_once_can_be_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert build_tools.build_jobs() == build_tools.DEFAULT_BUILD_JOBS
+    monkeypatch.setenv("MODELFLEET_BUILD_JOBS", "1")
+    assert build_tools.build_jobs() == 1
+    monkeypatch.setenv("MODELFLEET_BUILD_JOBS", "two")
+    with pytest.raises(build_tools.ToolError, match="whole number"):
+        build_tools.build_jobs()
 
 
 def test_the_demo_builds_every_tool_its_cluster_starts_and_leaves_out_only_the_tests_own() -> None:
