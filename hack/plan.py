@@ -100,7 +100,9 @@ def images_step() -> Step:
 
 
 def model_step() -> Step:
-    gguf = Path.home() / ".cache" / "modelfleet" / "models" / "gguf"
+    # Where hack/ollama_model.py keeps it (it cannot be imported here: it needs the venv's packages).
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    gguf = Path(os.environ.get("MODELFLEET_MODEL_CACHE") or xdg / "modelfleet" / "models") / "gguf"
     if any(gguf.glob("*.gguf")):
         return Step("Gemma 3 270M", "assembled", 0)
     return Step("Gemma 3 270M", "to assemble from its PyPI package", STEP_SECONDS["model"])
