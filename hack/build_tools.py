@@ -477,6 +477,11 @@ def amx_instruction_count(disassembly: str) -> int:
     return len(AMX_MNEMONICS.findall(disassembly))
 
 
+def say(line: str) -> None:
+    """A whole line; on a terminal it first clears the live line of the builds (BuildBoard redraws it)."""
+    print(f"\r\033[K{line}" if sys.stdout.isatty() else line, flush=True)
+
+
 def run_step(label: str, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
     started = time.monotonic()
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
@@ -485,7 +490,7 @@ def run_step(label: str, argv: list[str], cwd: Path, env: dict[str, str]) -> Non
         log.write_text(proc.stdout + proc.stderr)
         last = ([line for line in proc.stderr.splitlines() if line.strip()] or [f"exit {proc.returncode}"])[-1]
         raise ToolError(f"ollama: {label} failed: {last} (full log: {log})")
-    print(f"    ollama: {label:<28} {time.monotonic() - started:6.1f}s", flush=True)
+    say(f"    ollama: {label:<28} {time.monotonic() - started:6.1f}s")
 
 
 def fetch_miniaudio_header(version: str, work: Path) -> Path:
@@ -621,7 +626,7 @@ def build_ollama(tool: OllamaTool, dest_dir: Path) -> None:
         shutil.copy2(fetch_miniaudio_header(tool.miniaudio_version, work), vendor / "miniaudio" / "miniaudio.h")
 
         chosen = choose_cpu_variants(src)
-        print(f"    ollama: ggml CPU variants: {', '.join(chosen) if chosen else 'all'}", flush=True)
+        say(f"    ollama: ggml CPU variants: {', '.join(chosen) if chosen else 'all'}")
         amx_off = ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
         run_step("cmake configure", ["cmake", "--preset", "CPU", "-DGGML_CCACHE=OFF", *amx_off], src, env)
         jobs = str(os.cpu_count() or 2)
@@ -646,7 +651,7 @@ def build_ollama(tool: OllamaTool, dest_dir: Path) -> None:
             ).stdout
             if (count := amx_instruction_count(disassembly)) > 0:
                 raise ToolError(f"ollama: {artefact.name} contains {count} AMX instructions; refusing this build")
-        print("    ollama: AMX scan: no AMX instructions in the binary or its ggml libraries", flush=True)
+        say("    ollama: AMX scan: no AMX instructions in the binary or its ggml libraries")
 
         partial = dest_dir.with_name(dest_dir.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -680,12 +685,12 @@ def copy_crds(bundle: CrdBundle, dest_dir: Path) -> None:
 def ensure_crds(bundle: CrdBundle) -> Path:
     bundle_dir = cache_root() / bundle.name / bundle.version
     if bundle_dir.is_dir() and all((bundle_dir / name).is_file() for name in bundle.required):
-        print(f"  {bundle.name:<24} {bundle.version:<9} cached   {bundle_dir}", flush=True)
+        say(f"  {bundle.name:<24} {bundle.version:<9} cached   {bundle_dir}")
     else:
-        print(f"  {bundle.name:<24} {bundle.version:<9} fetching from {bundle.module} ...", flush=True)
+        say(f"  {bundle.name:<24} {bundle.version:<9} fetching from {bundle.module} ...")
         started = time.monotonic()
         copy_crds(bundle, bundle_dir)
-        print(f"  {bundle.name:<24} {bundle.version:<9} fetched in {time.monotonic() - started:.1f}s", flush=True)
+        say(f"  {bundle.name:<24} {bundle.version:<9} fetched in {time.monotonic() - started:.1f}s")
     CRDS_DIR.mkdir(parents=True, exist_ok=True)
     link = CRDS_DIR / bundle.link_name
     if link.is_symlink() or link.exists():
@@ -804,7 +809,7 @@ class BuildBoard:
 
     def say(self, line: str) -> None:
         with self._lock:
-            print(f"\r\033[K{line}" if self.tty else line, flush=True)
+            say(line)
 
     def started(self, name: str) -> None:
         with self._lock:
@@ -836,13 +841,13 @@ class BuildBoard:
 def ensure(tool: Tool, board: BuildBoard | None = None) -> Path:
     if isinstance(tool, CrdBundle):
         return ensure_crds(tool)
-    say = board.say if board else lambda line: print(line, flush=True)
+    tell = board.say if board else say
     tool_dir = cache_root() / tool.name / tool.version
     dest = tool_dir / tool.binary_path
     if dest.is_file() and os.access(dest, os.X_OK):
-        say(f"  {tool.name:<24} {tool.version:<9} cached   {dest}")
+        tell(f"  {tool.name:<24} {tool.version:<9} cached   {dest}")
     else:
-        say(f"  {tool.name:<24} {tool.version:<9} building from {tool.module} ...")
+        tell(f"  {tool.name:<24} {tool.version:<9} building from {tool.module} ...")
         started = time.monotonic()
         if board:
             board.started(tool.name)
@@ -856,7 +861,7 @@ def ensure(tool: Tool, board: BuildBoard | None = None) -> Path:
                 board.finished(tool.name)
         took = time.monotonic() - started
         record_duration(tool.name, took)
-        say(f"  {tool.name:<24} {tool.version:<9} built in {took:.1f}s")
+        tell(f"  {tool.name:<24} {tool.version:<9} built in {took:.1f}s")
     BIN_DIR.mkdir(parents=True, exist_ok=True)
     link = BIN_DIR / tool.name
     if link.is_symlink() or link.exists():
