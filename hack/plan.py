@@ -23,17 +23,20 @@ from hack import build_tools
 
 REPO_ROOT = build_tools.REPO_ROOT
 
-# Seconds each step took on the first run of a fresh clone on a 2-core machine here, caches empty.
+# Seconds each step took on the first run of a fresh clone on a 2-core machine here, caches empty
+# (2026-12-07: `make demo` in 1,143 s, of which the tools 962 s). The Debian packages were already
+# installed on that machine: their figure is a guess.
 STEP_SECONDS = {
     "debian": 120,
-    "venv": 90,
-    "base-images": 150,
-    "images": 120,
-    "model": 30,
-    "cluster": 120,
+    "venv": 30,
+    "base-images": 60,
+    "images": 40,
+    "model": 5,
+    # The images' import into the node, the cluster, the chart, the model Ready and a first answer.
+    "cluster": 70,
 }
-# What a second `make demo` takes once everything is cached: the cluster, the chart and the model.
-WARM_DEMO_SECONDS = 180
+# What a second `make demo` takes once everything is cached (58 s measured): the cluster, the chart, the model.
+WARM_DEMO_SECONDS = 60
 
 
 @dataclass(frozen=True)

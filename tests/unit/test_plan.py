@@ -35,7 +35,7 @@ def test_a_first_run_names_what_is_left_and_the_total() -> None:
     assert lines[4].split()[:2] == ["in", "all"]
     assert lines[4].endswith("about 27m00s")
     assert "builds Kubernetes, Helm, Prometheus and Ollama from source" in lines[5]
-    assert lines[6] == "  A second `make demo` takes about 3m00s."
+    assert lines[6] == f"  A second `make demo` takes about {build_tools.minutes(plan.WARM_DEMO_SECONDS)}."
 
 
 def test_tools_missing_from_an_empty_cache_are_all_estimated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
