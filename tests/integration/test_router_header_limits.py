@@ -86,6 +86,26 @@ def test_headers_past_the_limit_get_431_and_the_connection_ends(small_router: Ro
         assert read_until_eof(sock) == b""
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /livez HTTP/1.1\r\nHost router\r\n\r\n",  # a header line without its colon
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 32,  # TLS spoken to the plain port
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # a bad chunk
+    ],
+    ids=["header-without-colon", "tls-client-hello", "bad-chunk-size"],
+)
+def test_bytes_that_are_not_http_get_400_in_the_error_format(small_router: RouterServer, request_bytes: bytes) -> None:
+    with connect(port_of(small_router)) as sock:
+        sock.sendall(request_bytes)
+        refused = answered(sock, 400)
+        assert refused.headers["content-type"] == "application/json"
+        assert refused.headers["connection"] == "close"
+        error = json.loads(refused.body)["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_http_request")
+        assert read_until_eof(sock) == b""
+
+
 def test_a_header_sent_in_pieces_is_counted_across_reads(small_router: RouterServer) -> None:
     with connect(port_of(small_router)) as sock:
         sock.sendall(b"GET /livez HTTP/1.1\r\nHost: router\r\nX-Pad: ")

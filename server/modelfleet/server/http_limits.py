@@ -26,6 +26,8 @@ nginx (`large_client_header_buffers`, `client_header_timeout`, `worker_connectio
    also counts in-flight requests, which admission (per-model caps and queues, 429) already governs.
    A closed connection is what a balancer or client retries elsewhere, as with Envoy's overflow.
 
+Bytes that are not HTTP/1.1 (the parser refuses them) get 400 in the same error format, then a close.
+
 Each worker process (MODELFLEET_WORKERS) builds its own server in `__main__.main`, so each applies the
 limits to its own connections: the cap is per process.
 """
@@ -90,6 +92,7 @@ class RefusalLog:
 
 
 MESSAGES = {
+    400: ("The request is not valid HTTP/1.1.", "invalid_http_request"),
     408: ("The request's headers did not arrive in time.", "request_timeout"),
     431: ("The request's line and headers are larger than the router accepts.", "request_header_fields_too_large"),
 }
@@ -236,6 +239,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         if status is not None:
             self.transport.write(error_bytes(status, self.server_state.default_headers))
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """Bytes the parser refuses (a malformed request line, header or chunk): 400 in the one error
+        format, not uvicorn's text/plain, and nothing more is read from the connection."""
+        self.given_up = True
+        self.cancel_header_timer()
+        self.transport.write(error_bytes(400, self.server_state.default_headers))
         self.transport.close()
 
     def cancel_header_timer(self) -> None:
