@@ -32,7 +32,7 @@ from modelfleet.server.queue import BANDS, Claim
 from modelfleet.server.ratelimit import Decision, Limits, RateLimiterUnavailable, Reservation
 from modelfleet.server.registry import ServedModel
 from modelfleet.server.routing import affinity_key
-from modelfleet.server.schemas import SamplingFields
+from modelfleet.server.schemas import CountTokensRequest, MessagesRequest, SamplingFields
 from modelfleet.server.services import Services
 
 
@@ -77,7 +77,7 @@ class Generation:
         return self.rate_limit.headers() if self.rate_limit is not None else {}
 
 
-def upstream_body(request: SamplingFields, model: ServedModel, services: Services) -> dict[str, Any]:
+def upstream_body(request: SamplingFields | MessagesRequest, model: ServedModel, services: Services) -> dict[str, Any]:
     """The request as the backend should see it: its model name, and max_tokens bounded by policy."""
     body = request.model_dump(exclude_none=True, exclude={"n", "stream", "stream_options", "use_cache",
                                                           "allow_remote"})  # fmt: skip
@@ -94,7 +94,7 @@ def upstream_body(request: SamplingFields, model: ServedModel, services: Service
     # An adapter is asked for by its own name; any other name the model answers to, by the model's.
     body["model"] = request.model if request.model in model.spec.adapters else model.spec.upstream_model
     field = "messages" if "messages" in body else "prompt"
-    length, limit = prompt_chars(body.get(field)), services.settings.max_prompt_chars
+    length, limit = prompt_chars(body.get(field)) + prompt_chars(body.get("system")), services.settings.max_prompt_chars
     if length > limit:
         # Characters, not tokens: the router has no tokenizer, and a backend would truncate silently.
         raise PROMPT_TOO_LONG(f"The prompt has {length} characters, above this server's limit of {limit}.", param=field)
@@ -143,7 +143,7 @@ def wants_cache(http_request: Request, services: Services, model: ServedModel, b
 async def prepare(
     services: Services,
     http_request: Request,
-    request: SamplingFields,
+    request: SamplingFields | MessagesRequest,
     kind: Kind,
     route: str,
     use_cache: bool = True,
@@ -175,6 +175,22 @@ async def prepare(
     return generation
 
 
+def prepare_count(
+    services: Services, http_request: Request, request: CountTokensRequest
+) -> tuple[ServedModel, dict[str, Any]]:
+    """A token count's model and upstream body: the caller's key, the model by name or alias, and the remote policy.
+
+    Counting generates nothing, so it takes no queue slot and no token budget."""
+    authenticated(http_request, services.keys)
+    model = services.registry.resolve(request.model)
+    if model.spec.remote and not request.allow_remote:
+        raise REMOTE_NOT_ALLOWED(f"`{model.name}` is served by a remote provider; set `allow_remote: true` in the "
+                                 "request to allow sending it there.", param="allow_remote")  # fmt: skip
+    body = request.model_dump(exclude_none=True, exclude={"allow_remote"})
+    body["model"] = request.model if request.model in model.spec.adapters else model.spec.upstream_model
+    return model, body
+
+
 def first_set(*values: int | None) -> int | None:
     """The first configured value; 0 means "no limit"."""
     for value in values:
@@ -190,7 +206,8 @@ CHARS_PER_TOKEN = 4
 
 def prompt_tokens_estimate(body: dict[str, Any]) -> int:
     field_name = "messages" if "messages" in body else "prompt"
-    return -(-prompt_chars(body.get(field_name)) // CHARS_PER_TOKEN)
+    # Anthropic's system prompt is a field of its own.
+    return -(-(prompt_chars(body.get(field_name)) + prompt_chars(body.get("system"))) // CHARS_PER_TOKEN)
 
 
 def tokens_to_reserve(body: dict[str, Any]) -> int:
@@ -236,7 +253,7 @@ async def account(generation: Generation, usage: dict[str, Any] | None) -> None:
     if not usage:
         return
     services = generation.services
-    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    prompt, completion = tokens_used(usage)
     metrics = services.metrics
     metrics.child(metrics.prompt_tokens, generation.name).inc(prompt)
     metrics.child(metrics.completion_tokens, generation.name).inc(completion)
@@ -245,6 +262,16 @@ async def account(generation: Generation, usage: dict[str, Any] | None) -> None:
     elif generation.limits.tokens is not None and prompt + completion:
         subject = f"{generation.principal.subject}|{generation.name}"
         await services.limiter.charge_tokens(subject, generation.limits, prompt + completion)
+
+
+def tokens_used(usage: dict[str, Any]) -> tuple[int, int]:
+    """Prompt and completion tokens of OpenAI's usage, or of Anthropic's (whose input is split in three when a
+    prompt cache is used: uncached, written to it, read from it)."""
+    if "input_tokens" in usage or "output_tokens" in usage:
+        prompt = sum(int(usage.get(name) or 0) for name in ("input_tokens", "cache_creation_input_tokens",
+                                                            "cache_read_input_tokens"))  # fmt: skip
+        return prompt, int(usage.get("output_tokens") or 0)
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
 
 
 async def settle(generation: Generation, used: int) -> None:

@@ -15,7 +15,7 @@ from redis.backoff import NoBackoff
 from starlette.requests import Request
 from starlette.types import ASGIApp
 
-from modelfleet.server.api import admin, compat, health, openai, responses
+from modelfleet.server.api import admin, compat, health, messages, openai, responses
 from modelfleet.server.auth import PRINCIPAL_STATE, KeyRing
 from modelfleet.server.backends.ollama import OllamaBackend
 from modelfleet.server.backends.openai_compat import OpenAICompatBackend
@@ -140,7 +140,7 @@ def create_app(settings: RouterSettings, drain: Drain | None = None, worker: Wor
                 if redis is not None:
                     await redis.aclose()
 
-    apis = (openai, responses, compat, admin, health)
+    apis = (openai, responses, messages, compat, admin, health)
     routes = hot_routes(api.router for api in apis)
     app_drain = drain if drain is not None else Drain(seconds=0)
 

@@ -1,11 +1,12 @@
-"""The one error format of the router: OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
+"""The router's error format: OpenAI's `{"error": {"message", "type", "param", "code"}}`, and on the Anthropic
+Messages API's paths (/v1/messages...) Anthropic's `{"type": "error", "error": {"type", "message"}}`."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from fastapi import FastAPI, Request
@@ -51,6 +52,10 @@ class RouterError(Exception):
 
 class BackendUnreachable(RouterError):
     """The connection to one replica failed, so it never saw the request: another replica may take it."""
+
+
+class PlainRefusal(RouterError):
+    """A backend's 4xx without a JSON error body: its web server's own, such as a 404 for a path it lacks."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,12 @@ KUBERNETES_UNAVAILABLE = ErrorCode("kubernetes_unavailable", 503, "server_error"
                                    "cannot be reached for a load or unload.")  # fmt: skip
 QUEUE_TIMEOUT = ErrorCode("queue_timeout", 504, "timeout_error", "No slot within the model's "
                           "`requestTimeoutSeconds`.")  # fmt: skip
+MESSAGES_UNSUPPORTED = ErrorCode("messages_unsupported", 400, INVALID, "The model's backend does not serve the "
+                                 "Anthropic Messages API (`/v1/messages`); the router does not translate it to chat "
+                                 "completions: use `/v1/chat/completions` for this model.")  # fmt: skip
+COUNT_TOKENS_UNSUPPORTED = ErrorCode("count_tokens_unsupported", 404, "not_found_error", "The model's backend does "
+                                     "not count tokens (`/v1/messages/count_tokens`; Ollama has no such endpoint), "
+                                     "and the router does not guess a count.")  # fmt: skip
 UPSTREAM_TIMEOUT = ErrorCode("upstream_timeout", 504, "upstream_error", "The model server was silent for "
                              "`MODELFLEET_UPSTREAM_TIMEOUT_SECONDS` (mid-stream: an SSE error event).")  # fmt: skip
 
@@ -143,7 +154,7 @@ ERROR_CODES = (
     MODEL_NOT_FOUND, MODEL_NOT_MANAGED, SCALE_REFUSED, RATE_LIMIT_REQUESTS, RATE_LIMIT_TOKENS, QUEUE_FULL,
     QUEUE_DEADLINE, UPSTREAM_REJECTED, UPSTREAM_ERROR, UPSTREAM_UNAVAILABLE, KUBERNETES_FORBIDDEN, KUBERNETES_ERROR,
     NO_READY_REPLICA, MODEL_UNLOADED, RATE_LIMITER_UNAVAILABLE, KUBERNETES_UNAVAILABLE, QUEUE_TIMEOUT,
-    UPSTREAM_TIMEOUT,
+    UPSTREAM_TIMEOUT, MESSAGES_UNSUPPORTED, COUNT_TOKENS_UNSUPPORTED,
 )  # fmt: skip
 
 
@@ -162,6 +173,22 @@ class ErrorBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     error: ErrorDetail
+
+
+class AnthropicErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    message: str
+
+
+class AnthropicErrorBody(BaseModel):
+    """The body of every error on the Anthropic Messages API's paths (documentation only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
 
 
 ERROR_STATUSES: dict[int | str, str] = {
@@ -183,11 +210,11 @@ ERROR_STATUSES: dict[int | str, str] = {
 RETRY_AFTER = {"retry-after": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"}}}
 
 
-def error_responses(*statuses: int | str) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` entries documenting `statuses` with the one error body."""
+def error_responses(*statuses: int | str, body: type[BaseModel] = ErrorBody) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting `statuses` with the error body (OpenAI's by default)."""
     responses: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
-        responses[status] = {"model": ErrorBody, "description": ERROR_STATUSES[status]}
+        responses[status] = {"model": body, "description": ERROR_STATUSES[status]}
         if status == 429:
             responses[status]["headers"] = RETRY_AFTER
     return responses
@@ -195,16 +222,60 @@ def error_responses(*statuses: int | str) -> dict[int | str, dict[str, Any]]:
 
 # Every route that runs a generation: request validation, auth, model lookup, limits, queue and backend.
 GENERATION_ERRORS = error_responses(400, 401, 403, 404, 413, 429, 502, 503, 504, "4XX")
+# The same, in Anthropic's shape, on /v1/messages.
+MESSAGES_ERRORS = error_responses(400, 401, 403, 404, 413, 429, 502, 503, 504, "4XX", body=AnthropicErrorBody)
 
 
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def error_response(error: RouterError) -> OrjsonResponse:
-    return OrjsonResponse(
-        error_body(error.message, error.type, error.code, error.param), status_code=error.status, headers=error.headers
-    )
+def error_response(error: RouterError, path: str = "") -> OrjsonResponse:
+    """The error as a response, in the shape of the API its path belongs to."""
+    body = anthropic_error_body(error) if anthropic_path(path) else error_body(error.message, error.type, error.code,
+                                                                               error.param)  # fmt: skip
+    return OrjsonResponse(body, status_code=error.status, headers=error.headers)
+
+
+# The Anthropic Messages API's paths: their errors have Anthropic's shape, which its clients parse.
+ANTHROPIC_PATH = "/v1/messages"
+
+
+def anthropic_path(path: str) -> bool:
+    return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
+
+
+# Anthropic's error `type` by HTTP status (its documented pairs); any other 4xx is an invalid request,
+# any other 5xx an api_error.
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_type(status: int) -> str:
+    return ANTHROPIC_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
+
+
+def anthropic_error_body(error: RouterError) -> dict[str, Any]:
+    """Anthropic's error shape; the router's own `code` is kept in the message, where a person reads it."""
+    message = f"{error.message} ({error.code})" if error.code else error.message
+    return {"type": "error", "error": {"type": anthropic_error_type(error.status), "message": message}}
+
+
+def path_error_body(path: str, status: int, message: str, type: str, code: str | None = None) -> dict[str, Any]:
+    """An error body in the shape of the API `path` belongs to (for the ASGI layers, below FastAPI's handlers)."""
+    if anthropic_path(path):
+        return {"type": "error", "error": {"type": anthropic_error_type(status),
+                                           "message": f"{message} ({code})" if code else message}}  # fmt: skip
+    return error_body(message, type, code)
 
 
 def invalid_request(errors: Sequence[Any]) -> RouterError:
@@ -228,22 +299,23 @@ FRAMEWORK_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_al
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RouterError)
-    async def router_error(_: Request, exc: RouterError) -> OrjsonResponse:
-        return error_response(exc)
+    async def router_error(request: Request, exc: RouterError) -> OrjsonResponse:
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> OrjsonResponse:
-        return error_response(invalid_request(exc.errors()))
+    async def validation_error(request: Request, exc: RequestValidationError) -> OrjsonResponse:
+        return error_response(invalid_request(exc.errors()), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> OrjsonResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> OrjsonResponse:
         # The framework's own refusals: an unknown path, a wrong method, a body it could not parse
         # (e.g. an integer of more than 4300 digits).
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         code = FRAMEWORK_CODES.get(exc.status_code)
-        return error_response(RouterError(exc.status_code, str(exc.detail), type=kind, code=code))
+        return error_response(RouterError(exc.status_code, str(exc.detail), type=kind, code=code), request.url.path)
 
     @app.exception_handler(Exception)
-    async def unexpected_error(_: Request, exc: Exception) -> OrjsonResponse:
+    async def unexpected_error(request: Request, exc: Exception) -> OrjsonResponse:
         logger.exception("unhandled error", exc_info=exc)
-        return error_response(RouterError(500, "The router failed to handle the request.", type="server_error"))
+        error = RouterError(500, "The router failed to handle the request.", type="server_error")
+        return error_response(error, request.url.path)

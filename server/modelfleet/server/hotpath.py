@@ -100,11 +100,12 @@ class HotRoutes:
             result = await route.endpoint(request, http_request)
             response = result if isinstance(result, Response) else OrjsonResponse(result)
         except RouterError as exc:
-            response = error_response(exc)
+            response = error_response(exc, scope["path"])
         except Exception:
             # This layer sits outside FastAPI's error middleware (see RouterApp): the one error format here too.
             logger.exception("unhandled error on %s", scope["path"])
-            response = error_response(RouterError(500, "The router failed to handle the request.", type="server_error"))
+            error = RouterError(500, "The router failed to handle the request.", type="server_error")
+            response = error_response(error, scope["path"])
         if isinstance(response, StreamingResponse):
             # Straight to the server. Starlette's own `__call__` would run each stream in a task group
             # with a second task listening for the disconnect, which CancelOnDisconnect already does.

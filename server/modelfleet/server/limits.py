@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from modelfleet.server.errors import error_body
+from modelfleet.server.errors import path_error_body
 
 
 class BodySizeLimit:
@@ -19,7 +19,7 @@ class BodySizeLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self.refuse(send)
+            await self.refuse(scope, send)
             return
         # A chunked body has no length to check up front: read it here, within the limit, and hand
         # the app one message. Raising from inside the app's receive() would surface as the
@@ -33,7 +33,7 @@ class BodySizeLimit:
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > self.max_bytes:
-                await self.refuse(send)
+                await self.refuse(scope, send)
                 return
             parts.append(chunk)
             if not message.get("more_body", False):
@@ -49,10 +49,9 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def refuse(self, send: Send) -> None:
-        body = orjson.dumps(
-            error_body(f"The request body exceeds {self.max_bytes} bytes.", "invalid_request_error", "body_too_large")
-        )
+    async def refuse(self, scope: Scope, send: Send) -> None:
+        message = f"The request body exceeds {self.max_bytes} bytes."
+        body = orjson.dumps(path_error_body(scope["path"], 413, message, "invalid_request_error", "body_too_large"))
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -24,6 +24,7 @@ from modelfleet.server.admission import (
     prompt_tokens_estimate,
     settle,
     status_class_of,
+    tokens_used,
 )
 from modelfleet.server.backends.base import Backend, Chunk, StreamBroken
 from modelfleet.server.cache import Lookup
@@ -31,7 +32,7 @@ from modelfleet.server.errors import UPSTREAM_ERROR, UPSTREAM_TIMEOUT, BackendUn
 from modelfleet.server.queue import Ticket
 from modelfleet.server.registry import ServedModel
 from modelfleet.server.services import Services
-from modelfleet.server.streaming import Assembler, replay_chunks, replayable
+from modelfleet.server.streaming import Assembler, MessagesAssembler, messages_text, replay_chunks, replayable
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,17 @@ async def complete(generation: Generation) -> tuple[dict[str, Any], Lookup]:
         await settle(generation, 0)
     observe(generation, "2xx", lookup)
     return {**result, "model": generation.answer_name}, lookup
+
+
+async def count_tokens(services: Services, model: ServedModel, body: dict[str, Any]) -> dict[str, Any]:
+    """The backend's count of a Messages request's input tokens, from one of the model's replicas (no queue slot:
+    counting generates nothing)."""
+    backend = pick_backend(services, model)
+    endpoint = model.pick_endpoint()
+    try:
+        return await backend.count_tokens(endpoint, model.spec, body)
+    finally:
+        model.release_endpoint(endpoint)
 
 
 def record_upstream_error(generation: Generation, exc: BaseException) -> None:
@@ -249,7 +261,9 @@ async def relay(
     """
     services = generation.services
     metrics = services.metrics
-    assembler = Assembler(chat=generation.kind == "chat", rebuild=generation.cache_key is not None)
+    messages = generation.kind == "messages"
+    assembler = (MessagesAssembler() if messages
+                 else Assembler(chat=generation.kind == "chat", rebuild=generation.cache_key is not None))  # fmt: skip
     token_gaps = metrics.child(metrics.inter_token_latency, generation.name)
     first_token_at: float | None = None
     last_token_at = 0.0
@@ -257,9 +271,9 @@ async def relay(
     started = time.monotonic()
     try:
         async for chunk in chunks:
-            chunk["model"] = generation.answer_name
+            name_chunk(chunk, generation.answer_name, messages)
             assembler.add(chunk)
-            if has_text(chunk):
+            if messages_text(chunk) if messages else has_text(chunk):
                 generation.relayed_text_chunks += 1
                 now = time.monotonic()
                 if first_token_at is None:
@@ -301,7 +315,7 @@ async def relay(
         observe(generation, status_class, "miss" if generation.cache_key else "bypass")
     usage = assembler.usage
     if usage and first_token_at is not None and last_token_at > first_token_at:
-        completion = int(usage.get("completion_tokens") or 0)
+        _, completion = tokens_used(usage)
         metrics.child(metrics.tokens_per_second, generation.name).observe(
             max(0, completion - 1) / (last_token_at - first_token_at)
         )
@@ -309,6 +323,14 @@ async def relay(
     complete_answer = assembler.result()
     if generation.cache_key is not None and services.cache is not None and complete_answer is not None:
         await services.cache.put(generation.cache_key, complete_answer, generation.model.spec.cache_ttl_seconds)
+
+
+def name_chunk(chunk: Chunk, name: str, messages: bool) -> None:
+    """The model's name as the router serves it: on every OpenAI chunk, on Anthropic's message_start."""
+    if not messages:
+        chunk["model"] = name
+    elif chunk.get("type") == "message_start" and isinstance(chunk.get("message"), dict):
+        chunk["message"]["model"] = name
 
 
 def has_text(chunk: Chunk) -> bool:

@@ -53,13 +53,15 @@ def _text(content: Any) -> str:
 def stable_prefix(body: Mapping[str, Any], limit: int = AFFINITY_CHARS) -> str:
     """The part of a request's prompt that later turns of its conversation keep, cut at `limit`.
 
-    Chat: the messages up to and including the first user message, each as role and text.
+    Chat: the messages up to and including the first user message, each as role and text (Anthropic's
+    Messages API: its `system` field first, as a system message).
     Completions: the prompt (the first one, if there are several).
     """
     messages = body.get("messages")
     if isinstance(messages, list):
-        pieces: list[str] = []
-        size = 0
+        system = _text(body.get("system"))
+        pieces: list[str] = [f"system\x1f{system}\x1e"] if system else []
+        size = len(pieces[0]) if pieces else 0
         for message in messages:
             if not isinstance(message, dict):
                 continue

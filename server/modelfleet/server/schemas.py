@@ -138,6 +138,60 @@ class CompletionRequest(SamplingFields):
         return prompt
 
 
+class AnthropicMessage(BaseModel):
+    """One turn of an Anthropic conversation: text, or content blocks (text, image, tool_use, tool_result...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class MessagesRequest(ForwardedBody):
+    """Anthropic's Messages API (POST /v1/messages), passed through to the backend.
+
+    The fields typed here are the ones the router acts on (model, max_tokens, stream) or that a client
+    gets wrong most often; every other field (tool_choice, thinking, metadata, top_k...) reaches the
+    backend unchanged, which serves the API itself.
+    """
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=examples(
+        {"model": "gemma", "max_tokens": 8, "messages": [{"role": "user", "content": "Say hello."}]},
+        {"model": "gemma", "max_tokens": 8, "system": "Answer in one word.",
+         "messages": [{"role": "user", "content": "Name a colour."}], "stream": True, "temperature": 0},
+    ))  # fmt: skip
+
+    model: str = Field(min_length=1)
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    max_tokens: StrictInt = Field(ge=1)
+    system: str | list[dict[str, Any]] | None = None
+    stop_sequences: list[str] | None = None
+    stream: StrictBool = False
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: StrictInt | None = Field(None, ge=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    # ModelFleet extensions, not sent on.
+    allow_remote: StrictBool = Field(False, description="Allow a model served by a remote provider.")
+    use_cache: StrictBool = Field(True, description="false: neither read nor write the response cache.")
+
+
+class CountTokensRequest(ForwardedBody):
+    """POST /v1/messages/count_tokens: a Messages request without max_tokens, counted by the backend."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=examples(
+        {"model": "gemma", "messages": [{"role": "user", "content": "Say hello."}]},
+    ))  # fmt: skip
+
+    model: str = Field(min_length=1)
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    allow_remote: StrictBool = Field(False, description="Allow a model served by a remote provider.")
+
+
 class ResponsesInputMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -256,6 +310,27 @@ class TextCompletion(Answer):
     model: str
     choices: list[TextChoice]
     usage: Usage | None = None
+
+
+class MessagesUsage(Answer):
+    input_tokens: int
+    output_tokens: int
+
+
+class MessageAnswer(Answer):
+    """An Anthropic message, as the backend answered it (`model` is the name the router serves)."""
+
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: str | None
+    usage: MessagesUsage
+
+
+class TokenCount(Answer):
+    input_tokens: int
 
 
 class ModelCard(Answer):
@@ -399,6 +474,29 @@ OPENAI_STREAM = event_stream(
                 "if": {"const": "[DONE]"},
                 "else": json_data({"anyOf": [CHUNK_SCHEMA, ERROR_BODY_REF]}),
             },
+        },
+    },
+)
+
+
+ANTHROPIC_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {"type": "object", "required": ["type", "message"],
+                  "properties": {"type": {"type": "string"}, "message": {"type": "string"}}},
+    },
+}  # fmt: skip
+MESSAGES_STREAM = event_stream(
+    "`stream: true`: Anthropic's events (message_start, content_block_start, content_block_delta, content_block_stop, "
+    "message_delta, message_stop, ping) as the backend sent them, or an `error` event if it fails mid-stream.",
+    {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "event": {"type": "string"},
+            "data": json_data({"anyOf": [{"type": "object", "required": ["type"]}, ANTHROPIC_ERROR_SCHEMA]}),
         },
     },
 )

@@ -130,3 +130,34 @@ def replay_chunks(response: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield {**base, "choices": [{"index": 0, "text": "", "finish_reason": choice.get("finish_reason")}]}
     if response.get("usage"):
         yield {**base, "choices": [], "usage": response["usage"]}
+
+
+class MessagesAssembler:
+    """The usage of an Anthropic Messages stream, for the token charge and the metrics.
+
+    message_start carries the input tokens (Ollama's there are an estimate, made before the prompt is
+    evaluated), message_delta the output tokens and, with Ollama and vLLM, the real input tokens: later
+    counts replace earlier ones. A stream is not rebuilt for the cache (streamed messages are not cached).
+    """
+
+    def __init__(self) -> None:
+        self.usage: dict[str, Any] | None = None
+
+    def add(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "message_start":
+            usage = (event.get("message") or {}).get("usage")
+        elif kind == "message_delta":
+            usage = event.get("usage")
+        else:
+            return
+        if isinstance(usage, dict):
+            self.usage = {**(self.usage or {}), **{key: value for key, value in usage.items() if value is not None}}
+
+    def result(self) -> dict[str, Any] | None:
+        return None
+
+
+def messages_text(event: dict[str, Any]) -> bool:
+    """Whether an Anthropic stream event carries generated tokens (text, thinking, a tool call's input)."""
+    return event.get("type") == "content_block_delta"

@@ -18,6 +18,7 @@ from modelfleet.server.errors import (
     UPSTREAM_TIMEOUT,
     UPSTREAM_UNAVAILABLE,
     BackendUnreachable,
+    PlainRefusal,
     RouterError,
 )
 from modelfleet.server.model_spec import ModelSpec
@@ -29,7 +30,7 @@ from modelfleet.server.upstream import (
     UpstreamUnreachable,
 )
 
-Kind = Literal["chat", "completion"]
+Kind = Literal["chat", "completion", "messages"]  # messages: Anthropic's, passed through (backends/messages.py)
 Chunk = dict[str, Any]
 
 
@@ -51,20 +52,26 @@ class Backend(Protocol):
     ) -> AsyncIterator[Chunk]:
         """Send the request and wait for the backend's headers, so that a refusal raises RouterError here,
         before the client got a status.  The iterator yields OpenAI chunks, ends with a usage chunk
-        (choices []), raises StreamBroken on a failure mid-stream, and closing it stops the generation."""
+        (choices []), raises StreamBroken on a failure mid-stream, and closing it stops the generation.
+        Kind "messages" is Anthropic's Messages API: its events, passed through (backends/messages.py)."""
+        ...
+
+    async def count_tokens(self, endpoint: str, model: ModelSpec, body: dict[str, Any]) -> dict[str, Any]:
+        """Anthropic's `{"input_tokens": N}` for a Messages request, as the backend counts them."""
         ...
 
 
 def upstream_error(model: ModelSpec, status: int, reason: str, body: bytes) -> RouterError:
     """A backend's refusal in our error shape: its 4xx keep their status, its 5xx become 502."""
+    kind: type[RouterError] = RouterError
     try:
         error = orjson.loads(body)["error"]
         message = error["message"] if isinstance(error, dict) else str(error)
     except (orjson.JSONDecodeError, KeyError, TypeError):
-        message = body.decode(errors="replace")[:500] or reason
+        message, kind = body.decode(errors="replace")[:500] or reason, PlainRefusal
     if status >= 500:
         return UPSTREAM_ERROR(f"The backend for `{model.name}` failed: {message}")
-    return UPSTREAM_REJECTED(message, status=status)
+    return UPSTREAM_REJECTED(message, status=status, kind=kind)
 
 
 def unreachable(model: ModelSpec, exc: UpstreamError) -> RouterError:

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from modelfleet.server.backends import messages
 from modelfleet.server.backends.base import (
     Chunk,
     Kind,
@@ -202,7 +203,12 @@ class OllamaBackend:
     def __init__(self, http: UpstreamClient) -> None:
         self.http = http
 
+    async def count_tokens(self, endpoint: str, model: ModelSpec, body: dict[str, Any]) -> dict[str, Any]:
+        return await messages.count_tokens(self.http, endpoint, model, body)
+
     async def complete(self, endpoint: str, model: ModelSpec, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
+        if kind == "messages":  # Ollama serves Anthropic's API itself (since 0.14)
+            return await messages.complete(self.http, endpoint, model, body)
         path, request = native_request(kind, body, stream=False)
         answer = await post_json(self.http, model, f"{endpoint}{path}", request)
         base = {"created": int(time.time()), "model": body["model"], "usage": usage_of(answer)}
@@ -223,6 +229,8 @@ class OllamaBackend:
     async def open_stream(
         self, endpoint: str, model: ModelSpec, kind: Kind, body: dict[str, Any]
     ) -> AsyncIterator[Chunk]:
+        if kind == "messages":
+            return await messages.open_stream(self.http, endpoint, model, body)
         path, request = native_request(kind, body, stream=True)
         response = await send_streaming(self.http, model, f"{endpoint}{path}", request, "application/x-ndjson")
         return self._chunks(response, kind, body["model"])

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from modelfleet.server.backends import messages
 from modelfleet.server.backends.base import (
     Chunk,
     Kind,
@@ -18,19 +19,27 @@ from modelfleet.server.backends.base import (
 from modelfleet.server.model_spec import ModelSpec
 from modelfleet.server.upstream import UpstreamClient, UpstreamResponse
 
-PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions",
+                          "messages": messages.MESSAGES_PATH}  # fmt: skip
 
 
 class OpenAICompatBackend:
     def __init__(self, http: UpstreamClient) -> None:
         self.http = http
 
+    async def count_tokens(self, endpoint: str, model: ModelSpec, body: dict[str, Any]) -> dict[str, Any]:
+        return await messages.count_tokens(self.http, endpoint, model, body)
+
     async def complete(self, endpoint: str, model: ModelSpec, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
+        if kind == "messages":  # vLLM and Ollama's /v1 serve Anthropic's API themselves
+            return await messages.complete(self.http, endpoint, model, body)
         return await post_json(self.http, model, f"{endpoint}{PATHS[kind]}", {**body, "stream": False})
 
     async def open_stream(
         self, endpoint: str, model: ModelSpec, kind: Kind, body: dict[str, Any]
     ) -> AsyncIterator[Chunk]:
+        if kind == "messages":
+            return await messages.open_stream(self.http, endpoint, model, body)
         # Usage is always asked for: the router needs it for metrics, token limits and the cache.
         upstream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         response = await send_streaming(self.http, model, f"{endpoint}{PATHS[kind]}", upstream_body,
