@@ -18,6 +18,7 @@ from tests.support.recording_backend import recording_backend
 pytestmark = pytest.mark.integration
 
 KEY = "sk-anthropic-test"
+SERVED = "coder-model"
 BUDGET = 100_000
 SYSTEM = "You are a terse assistant."
 ASK = [{"role": "user", "content": "Name three colours."}]
@@ -27,17 +28,18 @@ ASK = [{"role": "user", "content": "Name three colours."}]
 def router(ollama_server: OllamaServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterServer]:
     work_dir = tmp_path_factory.mktemp("anthropic-router")
     keys = write_keys_file(work_dir, hashed_key("coder", KEY, tokens_per_minute=BUDGET))
-    models: list[dict[str, object]] = [
-        {"name": ollama_server.model, "url": ollama_server.base_url, "aliases": ["gemma"]}
-    ]
+    # A name of the router's own, so that answers show which name they carry (Ollama's is the upstream one).
+    models: list[dict[str, object]] = [{"name": SERVED, "url": ollama_server.base_url, "aliases": ["gemma"],
+                                        "upstream_model": ollama_server.model}]  # fmt: skip
     with running_router(work_dir, models, api_keys_file=str(keys), auth_required="true") as server:
         yield server
 
 
 @pytest.fixture
 def client(router: RouterServer) -> anthropic.Anthropic:
-    # api_key: the SDK sends it as x-api-key.
-    return anthropic.Anthropic(base_url=router.base_url, api_key=KEY, max_retries=0, timeout=120)
+    # This SDK sends `api_key` as a bearer token; x-api-key (what Claude Code and older SDKs send) is set by hand.
+    return anthropic.Anthropic(base_url=router.base_url, api_key=None, default_headers={"x-api-key": KEY},
+                               max_retries=0, timeout=120)  # fmt: skip
 
 
 def text_of(message: anthropic.types.Message) -> str:
@@ -48,15 +50,22 @@ def test_create_with_a_system_prompt_sent_with_x_api_key(client: anthropic.Anthr
     message = client.messages.create(model="gemma", max_tokens=12, system=SYSTEM, messages=ASK)  # type: ignore[arg-type]
     assert message.type == "message"
     assert message.role == "assistant"
-    assert message.model == "gemma3:270m"  # the model the alias resolves to, as chat answers name it
+    assert message.model == SERVED  # the model the alias resolves to, as chat answers name it
     assert text_of(message)
     assert message.usage.input_tokens > 0
     assert 0 < message.usage.output_tokens <= 12
     assert message.stop_reason in ("end_turn", "max_tokens")
 
 
+def test_create_sends_x_api_key(client: anthropic.Anthropic) -> None:
+    response = client.messages.with_raw_response.create(model="gemma", max_tokens=4, messages=ASK)  # type: ignore[arg-type]
+    assert response.http_request.headers["x-api-key"] == KEY
+    assert "authorization" not in response.http_request.headers
+    assert response.parse().usage.output_tokens > 0
+
+
 def test_a_bearer_token_is_accepted_too(router: RouterServer) -> None:
-    bearer = anthropic.Anthropic(base_url=router.base_url, auth_token=KEY, max_retries=0, timeout=120)
+    bearer = anthropic.Anthropic(base_url=router.base_url, api_key=KEY, max_retries=0, timeout=120)
     response = bearer.messages.with_raw_response.create(model="gemma", max_tokens=4, messages=ASK)  # type: ignore[arg-type]
     assert "x-api-key" not in response.http_request.headers
     assert response.http_request.headers["authorization"] == f"Bearer {KEY}"
@@ -69,7 +78,7 @@ def test_stream_with_the_sdk_helpers(client: anthropic.Anthropic) -> None:
         final = stream.get_final_message()
     assert len(pieces) > 1, "the text arrives in pieces, as it is generated"
     assert "".join(pieces) == text_of(final)
-    assert final.model == "gemma3:270m"
+    assert final.model == SERVED
     assert 0 < final.usage.output_tokens <= 16
     assert final.stop_reason in ("end_turn", "max_tokens")
 
