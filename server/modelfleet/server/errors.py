@@ -264,18 +264,19 @@ def anthropic_error_type(status: int) -> str:
     return ANTHROPIC_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
 
 
-def anthropic_error_body(error: RouterError) -> dict[str, Any]:
+def anthropic_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
     """Anthropic's error shape; the router's own `code` is kept in the message, where a person reads it."""
-    message = f"{error.message} ({error.code})" if error.code else error.message
-    return {"type": "error", "error": {"type": anthropic_error_type(error.status), "message": message}}
+    detail = f"{message} ({code})" if code else message
+    return {"type": "error", "error": {"type": anthropic_error_type(status), "message": detail}}
+
+
+def anthropic_error_body(error: RouterError) -> dict[str, Any]:
+    return anthropic_body(error.status, error.message, error.code)
 
 
 def path_error_body(path: str, status: int, message: str, type: str, code: str | None = None) -> dict[str, Any]:
     """An error body in the shape of the API `path` belongs to (for the ASGI layers, below FastAPI's handlers)."""
-    if anthropic_path(path):
-        return {"type": "error", "error": {"type": anthropic_error_type(status),
-                                           "message": f"{message} ({code})" if code else message}}  # fmt: skip
-    return error_body(message, type, code)
+    return anthropic_body(status, message, code) if anthropic_path(path) else error_body(message, type, code)
 
 
 def invalid_request(errors: Sequence[Any]) -> RouterError:
