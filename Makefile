@@ -113,7 +113,7 @@ $(HFMIRROR_STAMP): hack/hfmirror/requirements.txt
 	touch $@
 
 .PHONY: tools
-tools: ## Build (or reuse) the pinned kube-*, kubectl, etcd, kwok, kwokctl and helm
+tools: ## Build (or reuse) every pinned tool (hack/versions.env): Kubernetes, etcd, kwok, Helm 3 and 4, Prometheus, Ollama, ...
 	$(PYTHON) hack/build_tools.py
 
 .PHONY: tools-demo

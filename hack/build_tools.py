@@ -845,7 +845,7 @@ def ensure(tool: Tool, board: BuildBoard | None = None) -> Path:
     tell = board.say if board else say
     tool_dir = cache_root() / tool.name / tool.version
     dest = tool_dir / tool.binary_path
-    if dest.is_file() and os.access(dest, os.X_OK):
+    if is_cached(tool):
         tell(f"  {tool.name:<24} {tool.version:<9} cached   {dest}")
     else:
         tell(f"  {tool.name:<24} {tool.version:<9} building from {tool.module} ...")
